@@ -1,0 +1,12 @@
+"""liteattn: temporal sparse attention for video diffusion transformers.
+
+Key tiles that carry negligible softmax mass at one denoising step stay
+negligible later; liteattn marks them while computing attention and never
+computes them again in that generation (no QK, no softmax, no PV).
+"""
+from .attention import LiteAttention, lite_attention
+from .state import SkipState
+
+__version__ = "0.1.0"
+
+__all__ = ["LiteAttention", "SkipState", "lite_attention", "__version__"]

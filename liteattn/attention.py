@@ -1,0 +1,268 @@
+"""Public API: the functional :func:`lite_attention` and the stateful :class:`LiteAttention`.
+
+Why a stateful module: the skip set is carried from one denoising step to the
+next, per attention layer and per generation. :class:`LiteAttention` owns that
+state (one instance per layer), counts steps for per-step thresholds, and
+records how much each call skipped. :func:`lite_attention` is the same
+computation with the state passed in and out explicitly.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import _validation as V
+from .kernels import TRITON_AVAILABLE, default_block_sizes
+from .reference import lite_attention_reference
+from .state import SkipState, tile_protection
+
+__all__ = ["LiteAttention", "lite_attention"]
+
+
+def _to_bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    x = x.transpose(1, 2) if layout == "bshd" else x
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _kernel_ready(x: torch.Tensor) -> torch.Tensor:
+    """Unit head_dim stride and 16-byte aligned rows, as the kernel's tile loads need."""
+    aligned = x.stride(-1) == 1 and all((s * x.element_size()) % 16 == 0 for s in x.stride()[:-1])
+    aligned = aligned and x.data_ptr() % 16 == 0
+    return x if aligned else x.contiguous()
+
+
+def _prepare_state(state, bsz, nheads, seq_q, seq_k, block_size, device) -> SkipState:
+    bm, bn = block_size
+    if state is not None:
+        if not isinstance(state, SkipState):
+            raise ValueError(f"state: expected a liteattn.SkipState or None, got {type(state).__name__}")
+        if state.matches(bsz, nheads, seq_q, seq_k, bm, bn, device):
+            return state
+        warnings.warn(
+            f"liteattn: the skip state was built for {state!r} but the inputs are B={bsz}, H={nheads}, "
+            f"seq_len=({seq_q}, {seq_k}), tiles=({bm}, {bn}) on {device}; starting a fresh state "
+            "(nothing skipped). Call reset() when a new generation starts to silence this.",
+            stacklevel=3,
+        )
+    return SkipState.full(bsz, nheads, seq_q, seq_k, bm, bn, device)
+
+
+def lite_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: SkipState | None = None,
+    *,
+    threshold: float = -10.0,
+    scale: float | None = None,
+    must_do: Sequence[tuple[int, int]] | None = None,
+    layout: str = "bshd",
+    return_lse: bool = False,
+    enabled: bool = True,
+    block_size: tuple[int, int] | None = None,
+    backend: str = "auto",
+):
+    """Attention over the key tiles ``state`` keeps active; marks new negligible tiles.
+
+    Args:
+        q: ``(B, S_q, H, D)`` for ``layout="bshd"`` (FlashAttention/Wan) or
+            ``(B, H, S_q, D)`` for ``"bhsd"`` (SDPA); bf16/fp16 on GPU (the
+            PyTorch path also takes fp32/fp64).
+        k, v: same layout, ``H_kv`` heads with ``H % H_kv == 0`` (GQA/MQA).
+        state: the :class:`SkipState` from the previous step of this layer, or
+            None for the first step (everything active). A state built for
+            other shapes is replaced by a fresh one, with a warning.
+        threshold: negative, log2 units. A key tile is marked when, for every
+            query row of the tile, ``(max_j s_rj - m_r) * log2(e) < threshold``
+            with ``m_r`` the running max before the tile. ``-inf`` marks nothing.
+        scale: softmax scale, default ``D ** -0.5``.
+        must_do: token ranges ``[(start, end), ...]`` (end exclusive) that are
+            never skipped: no key tile overlapping one is marked, and no tile of
+            a query tile overlapping one (e.g. text tokens in joint attention).
+        layout: ``"bshd"`` (default) or ``"bhsd"``.
+        return_lse: also return the log-sum-exp ``(B, H, S_q)`` float32 (natural
+            log), for merging partial attentions (ring attention).
+        enabled: False runs dense attention over all tiles and returns ``state``
+            unchanged.
+        block_size: ``(block_m, block_n)`` tiles; default per head_dim
+            (:func:`liteattn.kernels.default_block_sizes`). Ignored when a
+            matching state is given.
+        backend: ``"auto"`` (Triton on GPU, PyTorch elsewhere), ``"triton"`` or
+            ``"torch"``.
+
+    Returns:
+        ``(out, next_state)``, or ``(out, lse, next_state)`` with ``return_lse``.
+        ``out`` has q's shape and layout. ``next_state`` reuses ``state``'s spare
+        buffers: keep ``state.clone()`` if you need the old one after the next call.
+    """
+    layout = V.validate_layout(layout)
+    backend = V.validate_backend(backend, q.device, TRITON_AVAILABLE) if isinstance(q, torch.Tensor) else backend
+    bsz, nheads, _, seq_q, seq_k, dim = V.validate_qkv(q, k, v, layout, kernel=backend == "triton")
+    threshold = V.validate_threshold(threshold)
+    scale = V.validate_scale(scale)
+    ranges = V.validate_must_do(must_do, seq_k)
+    if state is not None and block_size is None and isinstance(state, SkipState):
+        block_size = (state.block_m, state.block_n)
+    block_size = V.validate_block_size(block_size) or default_block_sizes(dim)
+    state = _prepare_state(state, bsz, nheads, seq_q, seq_k, block_size, q.device)
+    scale = dim ** -0.5 if scale is None else scale
+
+    qh, kh, vh = (_to_bhsd(x, layout) for x in (q, k, v))
+    write = enabled and threshold > -math.inf
+    if backend == "torch":
+        out, lse, (counts, indices) = lite_attention_reference(
+            qh, kh, vh, state, threshold, scale, ranges,
+            compute_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+            write_state=write,
+        ) if enabled else _dense_reference(qh, kh, vh, state, scale)
+    else:
+        from .kernels.op import lite_attention_op
+
+        qh, kh, vh = (_kernel_ready(x) for x in (qh, kh, vh))
+        counts, indices = state.next_buffers() if write else (state.kv_num_blocks, state.kv_indices)
+        out, lse = lite_attention_op(
+            qh, kh, vh, state.kv_num_blocks, state.kv_indices, counts, indices,
+            tile_protection(ranges, seq_q, state.block_m, q.device),
+            tile_protection(ranges, seq_k, state.block_n, q.device),
+            scale, threshold, state.block_m, state.block_n,
+            not enabled, write, return_lse,
+        )
+    next_state = state.advanced(counts, indices) if write else state
+    out = out.transpose(1, 2) if layout == "bshd" else out
+    return (out, lse, next_state) if return_lse else (out, next_state)
+
+
+def _dense_reference(qh, kh, vh, state: SkipState, scale: float):
+    full = SkipState.full(*state.shape[:2], state.seq_len_q, state.seq_len_k, state.block_m, state.block_n, qh.device)
+    out, lse, _ = lite_attention_reference(
+        qh, kh, vh, full, float("-inf"), scale,
+        compute_dtype=torch.float64 if qh.dtype == torch.float64 else torch.float32, write_state=False)
+    return out, lse, (state.kv_num_blocks, state.kv_indices)
+
+
+class LiteAttention(nn.Module):
+    """Temporal sparse attention for one attention layer of a diffusion transformer.
+
+    Create one instance per attention layer; call it once per denoising step.
+    Each call computes only the key tiles still active, marks newly negligible
+    tiles, and carries the skip set to the next call. Call :meth:`reset` when a
+    new generation starts.
+
+    Args:
+        threshold: negative log2 threshold (e.g. ``-10.0``; ``-inf`` = never
+            mark), or a per-step schedule (sequence indexed by the call number
+            since :meth:`reset`; the last value repeats).
+        enabled: False computes dense attention and keeps the state.
+        must_do: token ranges never skipped (see :func:`lite_attention`).
+        layout: ``"bshd"`` (default) or ``"bhsd"``.
+        block_size: ``(block_m, block_n)`` tile sizes, default per head_dim.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    Example::
+
+        attn = LiteAttention(threshold=-10.0)
+        for step in range(num_steps):
+            out = attn(q, k, v)          # (B, S, H, D)
+        print(attn.history)              # skipped fraction per call
+        attn.reset()                     # next generation
+    """
+
+    def __init__(self, threshold: float | Sequence[float] = -10.0, *, enabled: bool = True,
+                 must_do: Sequence[tuple[int, int]] | None = None, layout: str = "bshd",
+                 block_size: tuple[int, int] | None = None, backend: str = "auto"):
+        super().__init__()
+        self.set_threshold(threshold)
+        self.enabled = bool(enabled)
+        self.must_do = list(must_do) if must_do is not None else None
+        self.layout = V.validate_layout(layout)
+        self.block_size = V.validate_block_size(block_size)
+        self.backend = backend
+        self.state: SkipState | None = None
+        self.step = 0
+        self._history: list[torch.Tensor | float] = []
+
+    # -- configuration -------------------------------------------------------------
+    def set_threshold(self, threshold: float | Sequence[float]) -> None:
+        """A negative float, or a per-step sequence of them."""
+        if isinstance(threshold, (list, tuple)):
+            if not threshold:
+                raise ValueError("threshold: a per-step schedule must not be empty")
+            self._thresholds = [V.validate_threshold(t) for t in threshold]
+        else:
+            self._thresholds = [V.validate_threshold(threshold)]
+
+    @property
+    def threshold(self) -> float:
+        """The threshold the next call uses."""
+        return self._thresholds[min(self.step, len(self._thresholds) - 1)]
+
+    @threshold.setter
+    def threshold(self, value) -> None:
+        self.set_threshold(value)
+
+    def enable_skip_optimization(self, enable: bool = True) -> None:
+        """Alias of ``self.enabled = enable`` (LiteAttention's name)."""
+        self.enabled = bool(enable)
+
+    # -- state -----------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the skip state and step counter: a new generation starts."""
+        self.state = None
+        self.step = 0
+        self._history = []
+
+    reset_skip_state = reset  # LiteAttention's name
+
+    @property
+    def history(self) -> list[float]:
+        """Fraction of tiles skipped (not computed) in each call since :meth:`reset`."""
+        self._history = [float(h) for h in self._history]
+        return list(self._history)
+
+    @property
+    def last_sparsity(self) -> float | None:
+        """Fraction of tiles skipped in the last call, None before the first."""
+        return self.history[-1] if self._history else None
+
+    # -- forward ---------------------------------------------------------------------
+    def forward(self, q, k, v, scale: float | None = None, return_lse: bool = False,
+                must_do: Sequence[tuple[int, int]] | None = None, *,
+                return_softmax_lse: bool | None = None, must_do_list: Sequence[int] | None = None):
+        """``out`` (like q), or ``(out, lse)`` with ``return_lse`` / ``return_softmax_lse``.
+
+        ``must_do`` overrides the instance's ranges for this call;
+        ``must_do_list`` takes LiteAttention's flat ``[start0, end0, ...]`` form.
+        """
+        if return_softmax_lse is not None:
+            return_lse = return_softmax_lse
+        if must_do_list is not None:
+            if must_do is not None:
+                raise ValueError("must_do and must_do_list: pass one of them, not both")
+            must_do = V.flat_to_ranges(must_do_list)
+        if must_do is None:
+            must_do = self.must_do
+        threshold = self.threshold
+        result = lite_attention(
+            q, k, v, self.state, threshold=threshold, scale=scale, must_do=must_do, layout=self.layout,
+            return_lse=return_lse, enabled=self.enabled, block_size=self.block_size, backend=self.backend,
+        )
+        next_state = result[-1]
+        if self.enabled:
+            # The counts this call read: the returned state's spare pair when it wrote a new one.
+            wrote = threshold > -math.inf
+            read_counts = next_state._spare[0] if wrote else next_state.kv_num_blocks
+            # Kept as a device tensor: no sync until history is read.
+            self._history.append(1.0 - read_counts.sum(dtype=torch.int64) / float(math.prod(next_state.shape)))
+        else:
+            self._history.append(0.0)
+        self.state = next_state
+        self.step += 1
+        return result[:2] if return_lse else result[0]
+
+    def extra_repr(self) -> str:
+        return (f"threshold={self.threshold}, enabled={self.enabled}, layout={self.layout!r}, "
+                f"step={self.step}, must_do={self.must_do}")

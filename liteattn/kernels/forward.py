@@ -1,0 +1,197 @@
+"""Triton forward kernel: FlashAttention over each query tile's active key tiles.
+
+One program owns one (query tile, batch*head). It walks its active list
+(see :class:`liteattn.SkipState`), and for every key tile:
+
+- computes ``qk = q kᵀ · scale · log2(e)`` (log2 domain, so ``exp2`` is used and
+  the threshold compares directly),
+- scores the tile against the running row max *before* it; a tile whose every
+  valid row falls more than ``|threshold|`` below is marked (never the first
+  tile visited, never a must-do tile) and left out of the next list,
+- updates the online softmax with the tile anyway.
+
+K/V tiles are read either through device-side TMA tensor descriptors (Hopper
+and newer: the copy engine moves whole tiles, which is what closes most of the
+gap to cuDNN) or with plain pointer loads (every other GPU and the CPU
+interpreter). Block sizes come from the skip state, never from autotuning,
+because they define the state's tiles.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _autotune_configs():
+    if _interpreting():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+
+
+@triton.jit
+def _load_kv_tile(desc, ptr, start_n, offs_n, offs_d, stride_s, SEQ_K, HEAD_DIM: tl.constexpr,
+                  USE_TMA: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """One ``[BLOCK_N, BLOCK_D]`` tile (``[BLOCK_D, BLOCK_N]`` if TRANSPOSE), zero outside the tensor."""
+    if USE_TMA:
+        tile = desc.load([start_n, 0])
+        if TRANSPOSE:
+            tile = tl.trans(tile)
+    else:
+        if TRANSPOSE:
+            p = ptr + (start_n + offs_n)[None, :] * stride_s + offs_d[:, None]
+            m = ((start_n + offs_n) < SEQ_K)[None, :] & (offs_d < HEAD_DIM)[:, None]
+        else:
+            p = ptr + (start_n + offs_n)[:, None] * stride_s + offs_d[None, :]
+            m = ((start_n + offs_n) < SEQ_K)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        tile = tl.load(p, mask=m, other=0.0)
+    return tile
+
+
+@triton.autotune(configs=_autotune_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "DENSE", "USE_TMA"])
+@triton.jit
+def _lite_attention_fwd(
+    Q, K, V, O, LSE,
+    KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    H, GROUP, SEQ_Q, SEQ_K, QT, KT,
+    qk_scale, threshold,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DENSE: tl.constexpr, WRITE_STATE: tl.constexpr, RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    offs_n = tl.arange(0, BLOCK_N)  # [BN]
+    offs_d = tl.arange(0, BLOCK_D)  # [BD]
+    row_valid = offs_m < SEQ_Q  # [BM]
+
+    q_ptr = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    b_q = tl.load(q_ptr + offs_m[:, None] * stride_qs + offs_d[None, :],
+                  mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)  # [BM, BD]
+
+    k_ptr = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_ptr = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_ptr, shape=[SEQ_K, HEAD_DIM], strides=[stride_ks, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_ptr, shape=[SEQ_K, HEAD_DIM], strides=[stride_vs, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        k_desc = k_ptr
+        v_desc = v_ptr
+
+    state_off = pid_bh.to(tl.int64) * QT + pid_m
+    if DENSE:
+        n_active = KT
+    else:
+        n_active = tl.load(KV_COUNT + state_off)
+    idx_ptr = KV_IDX + state_off * KT
+    next_idx_ptr = NEXT_IDX + state_off * KT
+    q_markable = tl.load(Q_PROT + pid_m) == 0
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 units)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_keep = 0
+
+    for t in range(0, n_active):
+        if DENSE:
+            j = t
+        else:
+            j = tl.load(idx_ptr + t)
+        start_n = j * BLOCK_N
+        b_kt = _load_kv_tile(k_desc, k_ptr, start_n, offs_n, offs_d, stride_ks, SEQ_K, HEAD_DIM, USE_TMA, True)
+        qk = tl.dot(b_q, b_kt) * qk_scale  # [BM, BN]
+        qk = tl.where(((start_n + offs_n) < SEQ_K)[None, :], qk, float("-inf"))
+        tile_max = tl.max(qk, 1)  # [BM]
+        if WRITE_STATE:
+            score = tl.max(tl.where(row_valid, tile_max - m_i, float("-inf")), 0)
+            k_markable = tl.load(K_PROT + j) == 0
+            keep = 1 - ((score < threshold) & (t > 0) & q_markable & k_markable).to(tl.int32)
+            tl.store(next_idx_ptr + n_keep, j, mask=keep != 0)
+            n_keep += keep
+        m_new = tl.maximum(m_i, tile_max)
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        b_v = _load_kv_tile(v_desc, v_ptr, start_n, offs_n, offs_d, stride_vs, SEQ_K, HEAD_DIM, USE_TMA, False)
+        acc = acc * alpha[:, None] + tl.dot(p.to(b_v.dtype), b_v)
+        m_i = m_new
+
+    if WRITE_STATE:
+        tl.store(NEXT_COUNT + state_off, n_keep)
+    has_mass = l_i > 0
+    safe_l = tl.where(has_mass, l_i, 1.0)
+    out = tl.where(has_mass[:, None], acc / safe_l[:, None], 0.0)
+    o_ptr = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_ptr + offs_m[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :])
+    if RETURN_LSE:
+        lse = tl.where(has_mass, (m_i + tl.math.log2(safe_l)) * 0.6931471805599453, float("-inf"))
+        tl.store(LSE + pid_bh.to(tl.int64) * SEQ_Q + offs_m, lse, mask=row_valid)
+
+
+def _tma_allocator(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def tma_supported(device: torch.device) -> bool:
+    """Device-side tensor descriptors need a Hopper (sm90) or newer NVIDIA GPU."""
+    if _interpreting() or device.type != "cuda" or torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def lite_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+    next_num_blocks: torch.Tensor, next_indices: torch.Tensor,
+    q_protect: torch.Tensor, k_protect: torch.Tensor,
+    scale: float, threshold: float, block_m: int, block_n: int,
+    dense: bool, write_state: bool, return_lse: bool, use_tma: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch on BHSD-strided views (any strides with unit head_dim stride).
+
+    Inputs must already be validated (see :mod:`liteattn.attention`). Returns
+    ``out`` with q's strides order (BHSD view) and ``lse (B, H, S_q)`` float32
+    (an empty tensor when ``return_lse`` is False).
+    """
+    bsz, nheads, seq_q, dim = q.shape
+    seq_k = k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((bsz, nheads, seq_q) if return_lse else (0,), dtype=torch.float32, device=q.device)
+    qt, kt = triton.cdiv(seq_q, block_m), triton.cdiv(seq_k, block_n)
+    if use_tma is None:
+        use_tma = tma_supported(q.device)
+    if use_tma:
+        triton.set_allocator(_tma_allocator)
+    grid = (qt, bsz * nheads)
+    _lite_attention_fwd[grid](
+        q, k, v, out, lse,
+        kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect, k_protect,
+        q.stride(0), q.stride(2), q.stride(1),
+        k.stride(0), k.stride(2), k.stride(1),
+        v.stride(0), v.stride(2), v.stride(1),
+        out.stride(0), out.stride(2), out.stride(1),
+        nheads, nheads // k.shape[1], seq_q, seq_k, qt, kt,
+        scale * LOG2E, threshold,
+        HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_M=block_m, BLOCK_N=block_n,
+        DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse, USE_TMA=use_tma,
+    )
+    return out, lse
