@@ -69,6 +69,7 @@ def _lite_attention_fwd(
     qk_scale, threshold,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DENSE: tl.constexpr, WRITE_STATE: tl.constexpr, RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr,
+    RAGGED_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -80,6 +81,7 @@ def _lite_attention_fwd(
     offs_n = tl.arange(0, BLOCK_N)  # [BN]
     offs_d = tl.arange(0, BLOCK_D)  # [BD]
     row_valid = offs_m < SEQ_Q  # [BM]
+    q_protected = tl.load(Q_PROT + pid_m) != 0
 
     q_ptr = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     b_q = tl.load(q_ptr + offs_m[:, None] * stride_qs + offs_d[None, :],
@@ -103,12 +105,19 @@ def _lite_attention_fwd(
         n_active = tl.load(KV_COUNT + state_off)
     idx_ptr = KV_IDX + state_off * KT
     next_idx_ptr = NEXT_IDX + state_off * KT
-    q_markable = tl.load(Q_PROT + pid_m) == 0
+    if WRITE_STATE:
+        # The next list doubles as a scratch row of "some row was not negligible" flags,
+        # one per visited position; zero it first (barrier: the flag stores must land after).
+        for c in range(0, n_active, BLOCK_C):
+            offs_c = c + tl.arange(0, BLOCK_C)
+            tl.store(next_idx_ptr + offs_c, tl.zeros([BLOCK_C], dtype=tl.int32), mask=offs_c < n_active)
+        tl.debug_barrier()
+    flag_ptrs = next_idx_ptr + tl.zeros([BLOCK_M], dtype=tl.int32)  # [BM], all the same address
+    ones = tl.full([BLOCK_M], 1, dtype=tl.int32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_keep = 0
 
     for t in range(0, n_active):
         if DENSE:
@@ -117,24 +126,44 @@ def _lite_attention_fwd(
             j = tl.load(idx_ptr + t)
         start_n = j * BLOCK_N
         b_kt = _load_kv_tile(k_desc, k_ptr, start_n, offs_n, offs_d, stride_ks, SEQ_K, HEAD_DIM, USE_TMA, True)
-        qk = tl.dot(b_q, b_kt) * qk_scale  # [BM, BN]
-        qk = tl.where(((start_n + offs_n) < SEQ_K)[None, :], qk, float("-inf"))
-        tile_max = tl.max(qk, 1)  # [BM]
+        qk = tl.dot(b_q, b_kt)  # [BM, BN], unscaled
+        if RAGGED_K:
+            if j == KT - 1:  # only the last key tile has columns past SEQ_K
+                qk = tl.where(((start_n + offs_n) < SEQ_K)[None, :], qk, float("-inf"))
+        tile_max = tl.max(qk, 1) * qk_scale  # [BM]
         if WRITE_STATE:
-            score = tl.max(tl.where(row_valid, tile_max - m_i, float("-inf")), 0)
-            k_markable = tl.load(K_PROT + j) == 0
-            keep = 1 - ((score < threshold) & (t > 0) & q_markable & k_markable).to(tl.int32)
-            tl.store(next_idx_ptr + n_keep, j, mask=keep != 0)
-            n_keep += keep
+            # Rows for which this tile is NOT negligible raise the flag of position t. No
+            # cross-warp reduction here: the per-tile "all rows" test is resolved after the loop.
+            row_keep = ((tile_max - m_i) >= threshold) & row_valid
+            tl.store(flag_ptrs + t, ones, mask=row_keep)
         m_new = tl.maximum(m_i, tile_max)
-        p = tl.math.exp2(qk - m_new[:, None])
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         b_v = _load_kv_tile(v_desc, v_ptr, start_n, offs_n, offs_d, stride_vs, SEQ_K, HEAD_DIM, USE_TMA, False)
-        acc = acc * alpha[:, None] + tl.dot(p.to(b_v.dtype), b_v)
+        acc = tl.dot(p.to(b_v.dtype), b_v, acc * alpha[:, None])
         m_i = m_new
 
     if WRITE_STATE:
+        # Compact the survivors in visiting order, in place over the flags (write position <= read
+        # position, and each chunk is fully read before it is written).
+        tl.debug_barrier()
+        n_keep = 0
+        for c in range(0, n_active, BLOCK_C):
+            offs_c = c + tl.arange(0, BLOCK_C)
+            in_range = offs_c < n_active
+            flag = tl.load(next_idx_ptr + offs_c, mask=in_range, other=0)
+            if DENSE:
+                ids = offs_c
+            else:
+                ids = tl.load(idx_ptr + offs_c, mask=in_range, other=0)
+            k_protected = tl.load(K_PROT + ids, mask=in_range, other=0) != 0
+            keep = in_range & ((flag != 0) | (offs_c == 0) | k_protected | q_protected)
+            keep_i = keep.to(tl.int32)
+            pos = n_keep + tl.cumsum(keep_i, 0) - keep_i
+            tl.debug_barrier()
+            tl.store(next_idx_ptr + pos, ids, mask=keep)
+            n_keep += tl.sum(keep_i, 0)
         tl.store(NEXT_COUNT + state_off, n_keep)
     has_mass = l_i > 0
     safe_l = tl.where(has_mass, l_i, 1.0)
@@ -193,5 +222,6 @@ def lite_attention_fwd(
         scale * LOG2E, threshold,
         HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_M=block_m, BLOCK_N=block_n,
         DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse, USE_TMA=use_tma,
+        RAGGED_K=seq_k % block_n != 0, BLOCK_C=128,
     )
     return out, lse
