@@ -97,6 +97,16 @@ def timings(rows, shapes, block_sizes):
         res["dense_ms"] = bench(lambda: lite_attention(q, k, v, enabled=False, block_size=(bm, bn)))
         full = SkipState.full(b, h, s, s, bm, bn, "cuda")
         res["detect_ms"] = bench(lambda: lite_attention(q, k, v, full, threshold=-1e4))
+        res["list_ms"] = bench(lambda: lite_attention(q, k, v, full, threshold=float("-inf")))
+        for frac in (0.5, 0.9):  # banded: every query tile keeps the same number of tiles around its diagonal
+            width = max(1, round((1 - frac) * kt))
+            centre = (torch.arange(qt, device="cuda") * kt) // qt
+            lo = (centre - width // 2).clamp(0, kt - width)
+            cols = torch.arange(kt, device="cuda")
+            keep = ((cols[None] >= lo[:, None]) & (cols[None] < lo[:, None] + width)).expand(b, h, qt, kt)
+            st = SkipState.from_dense(keep.contiguous(), s, s, bm, bn)
+            res[f"band{frac}_ms"] = bench(lambda: lite_attention(q, k, v, st, threshold=float("-inf")))
+            res[f"band{frac}_over_own_linear"] = res[f"band{frac}_ms"] / ((1 - st.sparsity()) * res["dense_ms"])
         for frac in (0.5, 0.9):
             keep = torch.rand(b, h, qt, kt, device="cuda") >= frac
             keep[..., 0] = True
@@ -109,6 +119,7 @@ def timings(rows, shapes, block_sizes):
         res["detect_over_dense"] = res["detect_ms"] / res["dense_ms"]
         for frac in (0.5, 0.9):
             res[f"sparse{frac}_over_linear"] = res[f"sparse{frac}_ms"] / ((1 - res[f"sparse{frac}_actual"]) * res["cudnn_ms"])
+            res[f"sparse{frac}_over_own_linear"] = res[f"sparse{frac}_ms"] / ((1 - res[f"sparse{frac}_actual"]) * res["dense_ms"])
         from liteattn.kernels.forward import _lite_attention_fwd
         res["best_config"] = str(getattr(_lite_attention_fwd, "best_config", None))
         rows.append(res)

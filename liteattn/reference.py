@@ -67,7 +67,7 @@ def lite_attention_reference(
 
     Returns:
         ``out (B, H, S_q, D)`` in q's dtype, ``lse (B, H, S_q)`` float32,
-        ``(next_counts, next_indices)`` int32, and the scores if asked.
+        ``(next_counts, next_indices)`` int32 / int16, and the scores if asked.
     """
     bsz, nheads, seq_q, dim = q.shape
     seq_k = k.shape[2]
@@ -128,7 +128,7 @@ def lite_attention_reference(
     out = out.reshape(bsz, nheads, qt * bm, dim)[:, :, :seq_q].to(q.dtype)
     lse = lse.reshape(bsz, nheads, qt * bm)[:, :, :seq_q].float()
     if write_state:
-        nxt = (next_counts.to(torch.int32), next_indices.to(torch.int32))
+        nxt = (next_counts.to(torch.int32), next_indices.to(torch.int16))
     else:
         nxt = (state.kv_num_blocks.clone(), state.kv_indices.clone())
     if return_scores:

@@ -22,6 +22,8 @@ import torch
 
 __all__ = ["SkipState", "num_tiles"]
 
+MAX_KEY_TILES = 32767  # kv_indices are int16
+
 
 def num_tiles(seq_len: int, block: int) -> int:
     """Number of tiles of ``block`` tokens covering ``seq_len`` (last one ragged)."""
@@ -35,7 +37,8 @@ class SkipState:
     Format (BCSR-like, as FlexAttention's ``BlockMask``):
 
     - ``kv_num_blocks``: int32 ``(B, H, QT)``, how many key tiles are active.
-    - ``kv_indices``: int32 ``(B, H, QT, KT)``; entries ``[..., :kv_num_blocks]``
+    - ``kv_indices``: int16 ``(B, H, QT, KT)`` (int16 halves the memory of a state,
+      which matters with one state per layer and CFG branch: ``KT < 32768``); entries ``[..., :kv_num_blocks]``
       are the active key-tile indices **in visiting order**; entries after the
       count are undefined.
 
@@ -62,8 +65,9 @@ class SkipState:
     _spare: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.kv_num_blocks.dtype != torch.int32 or self.kv_indices.dtype != torch.int32:
-            raise ValueError("SkipState: kv_num_blocks and kv_indices must be int32")
+        if self.kv_num_blocks.dtype != torch.int32 or self.kv_indices.dtype != torch.int16:
+            raise ValueError("SkipState: kv_num_blocks must be int32 and kv_indices int16, got "
+                             f"{self.kv_num_blocks.dtype} and {self.kv_indices.dtype}")
         if self.kv_num_blocks.dim() != 3 or self.kv_indices.dim() != 4:
             raise ValueError(
                 "SkipState: expected kv_num_blocks (B, H, QT) and kv_indices (B, H, QT, KT), got "
@@ -91,8 +95,11 @@ class SkipState:
     ) -> "SkipState":
         """A fresh state: every key tile active, visited in ascending order."""
         qt, kt = num_tiles(seq_len_q, block_m), num_tiles(seq_len_k, block_n)
+        if kt > MAX_KEY_TILES:
+            raise ValueError(f"seq_len_k={seq_len_k} with block_n={block_n} gives {kt} key tiles; at most "
+                             f"{MAX_KEY_TILES} are supported (use a larger block_n)")
         counts = torch.full((batch, heads, qt), kt, dtype=torch.int32, device=device)
-        order = torch.arange(kt, dtype=torch.int32, device=device)
+        order = torch.arange(kt, dtype=torch.int16, device=device)
         indices = order.expand(batch, heads, qt, kt).contiguous()
         return cls(counts, indices, seq_len_q, seq_len_k, block_m, block_n)
 
@@ -110,7 +117,7 @@ class SkipState:
         counts = active.sum(-1, dtype=torch.int32)
         # Stable sort puts active tiles first, in ascending order.
         key = (~active).to(torch.int8)
-        order = torch.sort(key, dim=-1, stable=True).indices.to(torch.int32)
+        order = torch.sort(key, dim=-1, stable=True).indices.to(torch.int16)
         indices = torch.where(
             torch.arange(kt, device=active.device) < counts[..., None].long(), order, torch.zeros_like(order)
         ).contiguous()

@@ -110,10 +110,10 @@ def _lite_attention_fwd(
         # one per visited position; zero it first (barrier: the flag stores must land after).
         for c in range(0, n_active, BLOCK_C):
             offs_c = c + tl.arange(0, BLOCK_C)
-            tl.store(next_idx_ptr + offs_c, tl.zeros([BLOCK_C], dtype=tl.int32), mask=offs_c < n_active)
+            tl.store(next_idx_ptr + offs_c, tl.zeros([BLOCK_C], dtype=tl.int16), mask=offs_c < n_active)
         tl.debug_barrier()
     flag_ptrs = next_idx_ptr + tl.zeros([BLOCK_M], dtype=tl.int32)  # [BM], all the same address
-    ones = tl.full([BLOCK_M], 1, dtype=tl.int32)
+    ones = tl.full([BLOCK_M], 1, dtype=tl.int16)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum
@@ -123,7 +123,7 @@ def _lite_attention_fwd(
         if DENSE:
             j = t
         else:
-            j = tl.load(idx_ptr + t)
+            j = tl.load(idx_ptr + t).to(tl.int32)
         start_n = j * BLOCK_N
         b_kt = _load_kv_tile(k_desc, k_ptr, start_n, offs_n, offs_d, stride_ks, SEQ_K, HEAD_DIM, USE_TMA, True)
         qk = tl.dot(b_q, b_kt)  # [BM, BN], unscaled
@@ -156,13 +156,13 @@ def _lite_attention_fwd(
             if DENSE:
                 ids = offs_c
             else:
-                ids = tl.load(idx_ptr + offs_c, mask=in_range, other=0)
+                ids = tl.load(idx_ptr + offs_c, mask=in_range, other=0).to(tl.int32)
             k_protected = tl.load(K_PROT + ids, mask=in_range, other=0) != 0
             keep = in_range & ((flag != 0) | (offs_c == 0) | k_protected | q_protected)
             keep_i = keep.to(tl.int32)
             pos = n_keep + tl.cumsum(keep_i, 0) - keep_i
             tl.debug_barrier()
-            tl.store(next_idx_ptr + pos, ids, mask=keep)
+            tl.store(next_idx_ptr + pos, ids.to(tl.int16), mask=keep)
             n_keep += tl.sum(keep_i, 0)
         tl.store(NEXT_COUNT + state_off, n_keep)
     has_mass = l_i > 0
