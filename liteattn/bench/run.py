@@ -1,0 +1,139 @@
+"""Time liteattn against cuDNN / FlashAttention SDPA and FlexAttention on video-DiT shapes.
+
+For each shape: first a correctness gate (liteattn dense vs SDPA, liteattn
+with a skip mask vs FlexAttention on the same mask), then every method is
+timed with CUDA events (L2 flushed, median/p20/p80), dense methods once and
+sparse methods for each skip pattern and skipped fraction s. Prints a table
+and the ratios that matter (targets: dense <= 1.00 x cuDNN, detection
+<= 1.03 x dense, sparse <= 1.10 x the ideal (1-s) x dense), and writes
+bench.json, bench.txt and bench.png into --out.
+
+Needs an NVIDIA GPU; the default run takes a few minutes on an H100.
+Examples:
+  liteattn bench --quick                      # smoke run, small shapes
+  liteattn bench --shapes wan1.3b-480p --fractions 0.5,0.9
+  liteattn bench --shapes all --out results/h100
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .registry import (DEFAULT_FRACTIONS, DEFAULT_SHAPES, METHODS, PATTERNS, QUICK_SHAPES, Method, Pattern, Shape,
+                       parse_fractions, parse_methods, parse_patterns, parse_shapes)
+
+__all__ = ["NO_CUDA_MESSAGE", "BenchConfig", "add_arguments", "resolve_config", "run"]
+
+NO_CUDA_MESSAGE = (
+    "liteattn bench needs a CUDA GPU: it times liteattn's Triton kernel against cuDNN and FlashAttention "
+    "(torch SDPA) and against compiled FlexAttention with CUDA events, so it needs an NVIDIA GPU (Hopper, "
+    "e.g. an H100, for the numbers it was designed around), a CUDA build of PyTorch and Triton. No CUDA device "
+    "is visible here (torch {torch}, torch.cuda.is_available() is False). On a CPU liteattn runs its PyTorch "
+    "reference implementation, which has the same semantics but exists for correctness and testing: it is not "
+    "a performance path, so there is nothing meaningful to time. Run this command on a GPU machine; "
+    "'liteattn bench --quick' is a smoke run of a minute or two."
+)
+
+SPARSE_CHECK_FRACTION = 0.5  # the gate's mask: random pattern, half the tiles skipped
+
+
+@dataclass
+class BenchConfig:
+    """Everything a run depends on, resolved from the command line."""
+
+    shapes: list[Shape]
+    methods: list[Method]
+    patterns: list[Pattern]
+    fractions: list[float]
+    layout: str
+    out: Path
+    seed: int
+    max_minutes: float
+    budget_ms: float  # timing budget per case; the rep count is clamped to [min_reps, max_reps]
+    min_reps: int
+    max_reps: int
+    quick: bool
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(shapes=[asdict(s) for s in self.shapes], methods=[m.name for m in self.methods],
+                 patterns=[p.name for p in self.patterns], out=str(self.out))
+        return d
+
+
+def _argtype(parse):
+    """Turn a parser's ValueError into argparse's usage error, keeping its message."""
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _positive(kind):
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    return convert
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    known = ", ".join(list(DEFAULT_SHAPES) + ["hunyuan-720p"] + list(QUICK_SHAPES))
+    parser.add_argument("--shapes", type=_argtype(parse_shapes), default=None,
+                        help=f"comma-separated shapes, or 'all' (known: {known}); default: "
+                             f"{','.join(DEFAULT_SHAPES)} (with --quick: {','.join(QUICK_SHAPES)})")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: small shapes (unless --shapes is given) and few repetitions")
+    parser.add_argument("--fractions", type=_argtype(parse_fractions), default=list(DEFAULT_FRACTIONS),
+                        help="skipped fractions s for the sparse methods (default: "
+                             f"{','.join(str(f) for f in DEFAULT_FRACTIONS)})")
+    parser.add_argument("--methods", type=_argtype(parse_methods), default=list(METHODS.values()),
+                        help=f"comma-separated methods, or 'all' (default; known: {', '.join(METHODS)})")
+    parser.add_argument("--patterns", type=_argtype(parse_patterns), default=list(PATTERNS.values()),
+                        help=f"comma-separated skip patterns, or 'all' (default; known: {', '.join(PATTERNS)})")
+    parser.add_argument("--layout", choices=("shared", "native"), default="shared",
+                        help="shared (default): one (B,S,H,D) allocation, SDPA/flex see it as a (B,H,S,D) view; "
+                             "native: a contiguous copy in each method's own layout")
+    parser.add_argument("--out", type=Path, default=Path("liteattn-bench"),
+                        help="output folder for bench.json, bench.txt, bench.png (default: liteattn-bench)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs and masks (default 0)")
+    parser.add_argument("--max-minutes", type=_positive(float), default=8.0,
+                        help="stop timing new cases after this long; the rest are recorded as skipped (default 8)")
+    parser.add_argument("--budget-ms", type=_positive(float), default=None,
+                        help="timing budget per case in ms (default 300, with --quick 50); "
+                             "at least --min-reps runs are timed whatever the budget")
+    parser.add_argument("--min-reps", type=_positive(int), default=None, help="default 5 (with --quick 3)")
+
+
+def resolve_config(args: argparse.Namespace) -> BenchConfig:
+    """Defaults that depend on --quick, and cross-argument checks."""
+    quick = bool(args.quick)
+    shapes = args.shapes or list((QUICK_SHAPES if quick else {n: parse_shapes(n)[0] for n in DEFAULT_SHAPES}).values())
+    min_reps = args.min_reps or (3 if quick else 5)
+    return BenchConfig(
+        shapes=shapes, methods=list(args.methods), patterns=list(args.patterns), fractions=list(args.fractions),
+        layout=args.layout, out=Path(args.out), seed=args.seed, max_minutes=args.max_minutes,
+        budget_ms=args.budget_ms or (50.0 if quick else 300.0), min_reps=min_reps,
+        max_reps=max(min_reps, 20 if quick else 50), quick=quick,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit code: 0 passed (or incomplete for time), 1 no CUDA, 2 a correctness check failed or could not run."""
+    if not torch.cuda.is_available():
+        print(NO_CUDA_MESSAGE.format(torch=torch.__version__), file=sys.stderr, flush=True)
+        return 1
+    from .runner import BenchRun
+
+    return BenchRun(resolve_config(args)).run()

@@ -1,0 +1,270 @@
+"""The GPU run: correctness gate, timing of every case, incremental output.
+
+Why failures are rows and not exceptions: a method that is unavailable on a
+GPU (an SDPA backend, a Triton feature) or runs out of memory is a result
+worth reporting next to the others, with its error text; one broken method
+must not take the whole comparison down. Outputs are rewritten after every
+shape, so a run stopped by a time limit still leaves its finished shapes.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from typing import Callable
+
+import torch
+
+from . import methods as M
+from .masks import achieved_fraction, build_mask
+from .plot import plot_rows
+from .registry import Shape
+from .report import environment, format_checks, format_ratios, format_rows, write_json, write_text
+from .results import RATIO_TARGETS, Check, Row, compute_ratios, failed_row, judge_errors, run_status, timed_row
+from .run import SPARSE_CHECK_FRACTION, BenchConfig
+from .timing import time_cuda
+
+__all__ = ["BenchRun"]
+
+
+class BenchRun:
+    def __init__(self, config: BenchConfig):
+        self.config = config
+        self.rows: list[Row] = []
+        self.checks: list[Check] = []
+        self.notes: list[str] = []
+        self.start = time.monotonic()
+        self.deadline = self.start + 60.0 * config.max_minutes
+        self.env = environment()
+        self.selected = {m.name for m in config.methods}
+
+    # ------------------------------------------------------------------ top level
+    def run(self) -> int:
+        c = self.config
+        self._say(f"liteattn bench on {self.env['device']} | torch {self.env['torch']} | triton {self.env['triton']} "
+                  f"| liteattn {self.env['liteattn']}")
+        self._say(f"layout: {c.layout}: {M.LAYOUT_NOTES[c.layout]}")
+        self._say(f"shapes: {', '.join(s.name for s in c.shapes)} | methods: {', '.join(sorted(self.selected))} | "
+                  f"patterns: {', '.join(p.name for p in c.patterns)} | s: {c.fractions} | bf16, non-causal")
+        for i, shape in enumerate(c.shapes):
+            self._say(f"== shape {i + 1}/{len(c.shapes)}: {shape.name} (B, S, H, D) = {shape.bshd}, "
+                      f"{shape.flops / 1e12:.1f} TFLOP dense")
+            try:
+                self._shape(shape)
+            except Exception as exc:  # inputs or masks could not even be built (e.g. out of memory)
+                self.notes.append(f"{shape.name}: {_describe(exc)}")
+                self.rows.append(failed_row(shape.name, "*", _describe(exc)))
+                self._say(f"   shape failed: {_describe(exc)}")
+            _release()
+            self._write(final=False)
+        return self._finish()
+
+    def _shape(self, shape: Shape) -> None:
+        c = self.config
+        inputs = M.make_inputs(shape, c.layout, "cuda", c.seed)
+        self._gate(inputs)
+        dense = {
+            "sdpa-cudnn": lambda: (M.sdpa(inputs, "cudnn"), None),
+            "sdpa-flash": lambda: (M.sdpa(inputs, "flash"), None),
+            "liteattn-dense": lambda: (M.liteattn_dense(inputs), None),
+            "liteattn-detect": lambda: _with_detect_check(*M.liteattn_detect(inputs)),
+        }
+        for name, build in dense.items():
+            if name in self.selected:
+                self._case(shape, name, build)
+        sparse = [m for m in ("flex", "liteattn-sparse") if m in self.selected]
+        if not sparse:
+            return
+        gen = torch.Generator(device="cuda").manual_seed(c.seed + 1)
+        for pattern in c.patterns:
+            for fraction in c.fractions:
+                mask = build_mask(pattern.name, inputs.tiles, fraction, generator=gen, device="cuda")
+                got = achieved_fraction(mask)
+                builders = {
+                    "flex": lambda: (M.flex(inputs, mask), None),
+                    "liteattn-sparse": lambda: _with_sparse_check(*M.liteattn_sparse(inputs, mask), mask),
+                }
+                for name in sparse:
+                    self._case(shape, name, builders[name], pattern=pattern.name, fraction=fraction, skipped=got)
+
+    # ------------------------------------------------------------------ correctness gate
+    def _gate(self, inputs: M.Inputs) -> None:
+        """liteattn dense vs SDPA, liteattn-sparse vs flex; failures are recorded, never raised."""
+        name = inputs.shape.name
+        reference, ref_name, errors = None, None, []
+        for method, backend in (("sdpa-cudnn", "cudnn"), ("sdpa-flash", "flash")):
+            try:
+                reference, ref_name = _quiet(M.sdpa(inputs, backend)), method
+                break
+            except Exception as exc:
+                errors.append(f"{method}: {_describe(exc)}")
+        if reference is None:
+            self._add_check(Check(name, "liteattn-dense vs sdpa", "error", detail="; ".join(errors)))
+        else:
+            self._add_check(self._compare(name, f"liteattn-dense vs {ref_name}",
+                                          lambda: _quiet(M.liteattn_dense(inputs)).transpose(1, 2), reference))
+        del reference
+        gen = torch.Generator(device="cuda").manual_seed(self.config.seed + 2)
+        mask = build_mask("random", inputs.tiles, SPARSE_CHECK_FRACTION, generator=gen, device="cuda")
+        check_name = f"liteattn-sparse vs flex (random, s={achieved_fraction(mask):.3f})"
+        try:
+            flex_fn = M.flex(inputs, mask)
+            self._note(name, flex_fn.note)
+            flex_out = _quiet(flex_fn)
+        except Exception as exc:
+            self._add_check(Check(name, check_name, "error", detail=f"flex: {_describe(exc)}"))
+            return
+        self._add_check(self._compare(name, check_name,
+                                      lambda: _quiet(M.liteattn_sparse(inputs, mask)[0]).transpose(1, 2), flex_out))
+
+    def _compare(self, shape: str, check_name: str, actual: Callable[[], torch.Tensor],
+                 reference: torch.Tensor) -> Check:
+        try:
+            max_abs, rel_l2, ref_max = M.compare(actual(), reference)
+        except Exception as exc:
+            return Check(shape, check_name, "error", detail=_describe(exc))
+        status = "passed" if judge_errors(max_abs, rel_l2, ref_max) else "failed"
+        return Check(shape, check_name, status, max_abs, rel_l2, ref_max)
+
+    def _note(self, shape: str, note: str) -> None:
+        if note and f"{shape}: {note}" not in self.notes:
+            self.notes.append(f"{shape}: {note}")
+            self._say(f"   note: {note}")
+
+    def _add_check(self, check: Check) -> None:
+        self.checks.append(check)
+        errs = "" if check.rel_l2 is None else (f" max abs {check.max_abs:.2e} (max |ref| {check.ref_max_abs:.2e}), "
+                                                f"rel L2 {check.rel_l2:.2e}")
+        self._say(f"   check {check.name}:{errs} -> {check.status.upper()} {check.detail}".rstrip())
+
+    # ------------------------------------------------------------------ timing one case
+    def _case(self, shape: Shape, method: str, build: Callable, *, pattern: str | None = None,
+              fraction: float = 0.0, skipped: float = 0.0) -> None:
+        c = self.config
+        where = f"{method}" + (f" {pattern} s={fraction:.2f} (got {skipped:.3f})" if pattern else "")
+        if time.monotonic() > self.deadline:
+            row = failed_row(shape.name, method, f"not run: --max-minutes {c.max_minutes} used up",
+                             pattern=pattern, fraction=fraction, skipped=skipped, status="skipped")
+        else:
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    try:
+                        fn, after = build()
+                        self._note(shape.name, getattr(fn, "note", ""))
+                        timing = time_cuda(fn, budget_ms=c.budget_ms, min_reps=c.min_reps, max_reps=c.max_reps)
+                        if after is not None:
+                            after()
+                    except Exception as exc:
+                        raise _Failure(_describe(exc, caught)) from exc
+                row = timed_row(shape.name, shape.flops, method, timing, pattern=pattern, fraction=fraction,
+                                skipped=skipped)
+            except _Failure as exc:
+                row = failed_row(shape.name, method, str(exc), pattern=pattern, fraction=fraction, skipped=skipped)
+                _release()
+        self.rows.append(row)
+        if row.status == "ok":
+            self._say(f"   {where:<44} {row.median_ms:9.3f} ms  p20 {row.p20_ms:.3f}  p80 {row.p80_ms:.3f}  "
+                      f"{row.tflops:6.1f} TFLOP/s  ({row.reps} reps)")
+        else:
+            error = row.error if len(row.error) <= 300 else row.error[:297] + "..."
+            self._say(f"   {where:<44} {row.status.upper()}: {error}")
+
+    # ------------------------------------------------------------------ output
+    def _payload(self) -> dict:
+        return {
+            "status": run_status(self.checks, self.rows),
+            "environment": self.env,
+            "config": self.config.to_dict(),
+            "layout": M.LAYOUT_NOTES[self.config.layout],
+            "elapsed_s": round(time.monotonic() - self.start, 1),
+            "targets": RATIO_TARGETS,
+            "checks": self.checks,
+            "rows": self.rows,
+            "ratios": compute_ratios(self.rows),
+            "notes": self.notes,
+        }
+
+    def _text(self, payload: dict) -> str:
+        return "\n\n".join([
+            f"liteattn bench: {payload['status'].upper()} | {self.env['device']} | {self.env['date']}",
+            f"layout: {payload['layout']}",
+            "correctness gate:\n" + format_checks(self.checks),
+            "timings (TFLOP/s = 4 B H S^2 D / median; eff = x (1 - s got)):\n" + format_rows(self.rows),
+            "ratios (s = achieved skipped fraction):\n" + format_ratios(payload["ratios"]),
+        ] + (["notes:\n" + "\n".join(self.notes)] if self.notes else []))
+
+    def _write(self, final: bool) -> str:
+        out = self.config.out
+        payload = self._payload()
+        write_json(out / "bench.json", payload)
+        text = self._text(payload)
+        write_text(out / "bench.txt", text)
+        try:
+            plot_rows(self.rows, out / "bench.png", title=f"liteattn bench, {self.env['device']}, bf16, "
+                                                           f"layout {self.config.layout}")
+        except ImportError as exc:
+            if final:
+                self._say(f"plot not written: {exc} (pip install 'liteattn[viz]')")
+        except Exception as exc:  # a plot problem must not lose the numbers already written
+            if final:
+                self._say(f"plot not written: {_describe(exc)}")
+        return text
+
+    def _finish(self) -> int:
+        text = self._write(final=True)
+        status = run_status(self.checks, self.rows)
+        print("\n" + text, flush=True)
+        self._say(f"wrote {self.config.out / 'bench.json'}, bench.txt, bench.png in "
+                  f"{time.monotonic() - self.start:.0f} s; status {status.upper()}")
+        return 2 if status in ("failed", "unchecked") else 0
+
+    def _say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.start:6.1f}s] {text}", flush=True)
+
+
+class _Failure(Exception):
+    """A case failed; the message already holds the error text and any warnings explaining it."""
+
+
+def _with_detect_check(call, marked):
+    def after():
+        n = marked()
+        if n:
+            raise RuntimeError(f"{n} tiles were marked at threshold {M.DETECT_THRESHOLD}: the time includes skipped "
+                               "work, so it is not the detection overhead")
+    return call, after
+
+
+def _with_sparse_check(call, state, mask):
+    expected = int(mask.sum())
+
+    def after():
+        active = int(state.kv_num_blocks.sum(dtype=torch.int64))
+        if active != expected:
+            raise RuntimeError(f"the skip state holds {active} active tiles after timing, the mask {expected}")
+    return call, after
+
+
+def _quiet(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Run once with warnings silenced (eager-fallback and backend notices are irrelevant for a check)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = fn()
+        torch.cuda.synchronize()
+    return out
+
+
+def _describe(exc: BaseException, caught: list | None = None) -> str:
+    """Error type and message, plus the warnings that explain it (SDPA says why a backend was refused)."""
+    text = f"{type(exc).__name__}: {str(exc).strip()}"
+    notes = list(dict.fromkeys(str(w.message).strip() for w in caught or ()))
+    return text + ("" if not notes else " | warnings: " + " | ".join(notes))
+
+
+def _release() -> None:
+    try:
+        torch.cuda.synchronize()
+    except Exception as exc:  # a sticky CUDA error: every later case fails too, and says so itself
+        print(f"CUDA error after a failure: {exc}", file=sys.stderr, flush=True)
+    torch.cuda.empty_cache()

@@ -1,0 +1,364 @@
+"""``liteattn bench`` on a CPU: everything but the GPU timing itself.
+
+The GPU part needs CUDA; here we test what decides whether its numbers mean
+anything: the masks (fractions, >= 1 tile per query tile), the FlexAttention
+BlockMask built from them, the ratio and TFLOP/s arithmetic, the writers,
+argument parsing, and the clear message (no traceback) on a CPU machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from liteattn import cli
+from liteattn.bench import masks, methods, registry, report, results, run, timing
+from liteattn.bench.plot import plot_rows
+from liteattn.bench.results import Row
+
+# ---------------------------------------------------------------- CPU message path
+
+
+def test_cpu_machine_gets_a_clear_message_and_exit_code_1(monkeypatch, capsys):
+    # Only the bench subcommand: this test is about bench, not about importing every other subcommand.
+    monkeypatch.setattr(cli, "_SUBCOMMANDS", {"bench": cli._SUBCOMMANDS["bench"]})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["bench", "--quick"]) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    assert "needs a CUDA GPU" in captured.err
+    assert "not a performance path" in captured.err
+    assert torch.__version__ in captured.err
+
+
+# ---------------------------------------------------------------- argument parsing
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    run.add_arguments(parser)
+    return run.resolve_config(parser.parse_args(argv))
+
+
+def test_quick_uses_small_shapes_and_few_reps():
+    quick, full = _parse(["--quick"]), _parse([])
+    assert quick.quick and not full.quick
+    assert [s.name for s in quick.shapes] == list(registry.QUICK_SHAPES)
+    assert [s.name for s in full.shapes] == list(registry.DEFAULT_SHAPES)
+    assert "hunyuan-720p" not in [s.name for s in full.shapes]
+    assert max(s.flops for s in quick.shapes) < min(s.flops for s in full.shapes) / 50
+    assert quick.budget_ms < full.budget_ms and quick.max_reps < full.max_reps
+    assert quick.fractions == full.fractions == list(registry.DEFAULT_FRACTIONS)
+    assert {m.name for m in quick.methods} == set(registry.METHODS)
+
+
+def test_explicit_arguments_override_quick_defaults(tmp_path):
+    cfg = _parse(["--quick", "--shapes", "hdim64-16k,quick-d64", "--fractions", "0.1,0.9", "--methods",
+                  "flex,liteattn-sparse", "--patterns", "banded", "--budget-ms", "20", "--min-reps", "7",
+                  "--layout", "native", "--out", str(tmp_path)])
+    assert [s.name for s in cfg.shapes] == ["hdim64-16k", "quick-d64"]
+    assert cfg.fractions == [0.1, 0.9]
+    assert [m.name for m in cfg.methods] == ["flex", "liteattn-sparse"]
+    assert [p.name for p in cfg.patterns] == ["banded"]
+    assert (cfg.budget_ms, cfg.min_reps, cfg.layout, cfg.out) == (20.0, 7, "native", tmp_path)
+    assert cfg.max_reps >= cfg.min_reps
+    assert [s.name for s in _parse(["--shapes", "all"]).shapes] == list(registry.SHAPES)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--shapes", "wan2b"], "--shapes: unknown name"),
+    (["--fractions", "0.5,1.0"], "--fractions: each skipped fraction must be in [0, 1)"),
+    (["--fractions", "half"], "--fractions: expected comma-separated numbers"),
+    (["--methods", "sdpa"], "--methods: unknown name"),
+    (["--budget-ms", "0"], "expected a positive float"),
+])
+def test_bad_arguments_are_usage_errors_naming_the_argument(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _parse(argv)
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_parsers_raise_value_error():
+    with pytest.raises(ValueError, match="--patterns"):
+        registry.parse_patterns("diagonal")
+    with pytest.raises(ValueError, match="--shapes"):
+        registry.parse_shapes(" , ")
+
+
+def test_preset_shapes_and_flops():
+    wan = registry.SHAPES["wan1.3b-480p"]
+    assert wan.bshd == (1, 32760, 12, 128)
+    assert registry.SHAPES["wan14b-720p"].bshd == (1, 75600, 40, 128)
+    assert registry.SHAPES["hdim64-16k"].bshd == (1, 16384, 24, 64)
+    assert registry.SHAPES["hunyuan-720p"].bshd == (1, 118800, 24, 128)
+    assert wan.flops == 4 * 12 * 32760 ** 2 * 128
+
+
+# ---------------------------------------------------------------- masks
+
+
+def _fresh() -> torch.Generator:
+    """A generator with a non-deterministic seed: the properties must hold for any draw."""
+    gen = torch.Generator()
+    gen.seed()
+    return gen
+
+
+_SEED = _fresh().initial_seed() % 2**31  # fresh inputs per test session
+
+
+def _tiles(seq, heads=6, block=128, batch=2):
+    n = math.ceil(seq / block)
+    return batch, heads, n, n
+
+
+@pytest.mark.parametrize("pattern", ["random", "banded", "per-head"])
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 0.75, 0.9])
+def test_masks_hit_the_fraction_and_keep_a_tile_per_query_tile(pattern, fraction):
+    shape = _tiles(32760)  # 256 tiles a side, last one ragged, as Wan 1.3B
+    mask = masks.build_mask(pattern, shape, fraction, generator=_fresh())
+    assert mask.dtype == torch.bool and mask.shape == shape
+    assert mask.sum(-1).min() >= 1
+    assert abs(masks.achieved_fraction(mask) - fraction) <= 1.0 / shape[-1]
+
+
+@pytest.mark.parametrize("pattern", ["random", "banded", "per-head"])
+def test_masks_keep_one_tile_even_when_almost_everything_is_skipped(pattern):
+    mask = masks.build_mask(pattern, (1, 3, 5, 4), 0.99, generator=_fresh())
+    assert (mask.sum(-1) == 1).all()
+
+
+def test_random_masks_differ_between_rows_and_follow_the_seed():
+    shape = (1, 2, 40, 40)
+    seed = _fresh().initial_seed()
+    a = masks.random_mask(shape, 0.5, generator=torch.Generator().manual_seed(seed))
+    b = masks.random_mask(shape, 0.5, generator=torch.Generator().manual_seed(seed))
+    c = masks.random_mask(shape, 0.5, generator=torch.Generator().manual_seed(seed + 1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert (a.sum(-1) == 20).all()  # the same count per query tile ...
+    assert len({tuple(row.tolist()) for row in a.reshape(-1, 40)}) > 70  # ... at different places
+    # every key tile is used somewhere: uniform, not a fixed subset
+    assert a.any(dim=(0, 1, 2)).all()
+
+
+def test_banded_mask_is_a_contiguous_window_around_the_diagonal():
+    mask = masks.banded_mask((1, 1, 30, 30), 0.8)
+    keep = masks.keep_count(0.8, 30)
+    for i, row in enumerate(mask[0, 0]):
+        cols = row.nonzero().flatten()
+        assert len(cols) == keep
+        assert cols[-1] - cols[0] == keep - 1  # contiguous
+        assert cols[0] <= i <= cols[-1]  # covers the diagonal
+
+
+def test_per_head_masks_differ_between_heads_with_mean_fraction():
+    mask = masks.per_head_mask((2, 8, 64, 64), 0.6, generator=_fresh())
+    per_head = 1.0 - mask.float().mean(dim=(0, 2, 3))
+    assert len(set(per_head.tolist())) == 8  # every head its own fraction
+    assert per_head.max() - per_head.min() > 0.2
+    assert abs(per_head.mean().item() - 0.6) <= 1.0 / 64
+    assert torch.equal(mask[0], mask[1])  # batch entries share the heads' pattern
+    fractions = masks.per_head_fractions(0.9, 5)
+    assert abs(sum(fractions) / 5 - 0.9) < 1e-12 and all(0 <= f < 1 for f in fractions)
+
+
+@pytest.mark.parametrize("builder, kwargs, needle", [
+    (masks.random_mask, dict(shape=(1, 1, 4, 4), fraction=1.0), "fraction"),
+    (masks.banded_mask, dict(shape=(1, 0, 4, 4), fraction=0.5), "shape"),
+    (masks.build_mask, dict(pattern="stripes", shape=(1, 1, 4, 4), fraction=0.5), "pattern"),
+])
+def test_mask_builders_reject_bad_input(builder, kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        builder(**kwargs)
+
+
+# ---------------------------------------------------------------- the methods' inputs and masks
+
+
+def test_flex_block_mask_covers_exactly_the_tile_mask():
+    mask = masks.random_mask((1, 3, 7, 7), 0.5, generator=_fresh())
+    block_mask = methods.flex_block_mask(mask, 200, (32, 32))
+    assert torch.equal(block_mask.to_dense().bool(), mask)
+    assert block_mask.seq_lengths == (200, 200)
+    assert int(block_mask.kv_num_blocks.sum()) == 0  # every tile is a full block: no mask_mod evaluated
+    assert torch.equal(block_mask.full_kv_num_blocks, mask.sum(-1, dtype=torch.int32))
+
+
+def test_sparse_and_detect_methods_on_the_reference_backend():
+    shape = registry.Shape("tiny", 1, 100, 2, 32)
+    inputs = methods.make_inputs(shape, "shared", "cpu", seed=_SEED, dtype=torch.float32)
+    assert inputs.qh.data_ptr() == inputs.q.data_ptr()  # shared: one allocation, two views
+    assert inputs.q.std() > 0.5
+    mask = masks.banded_mask(inputs.tiles, 0.0)
+    # With nothing skipped, the sparse and detect paths equal SDPA.
+    ref = torch.nn.functional.scaled_dot_product_attention(inputs.qh, inputs.kh, inputs.vh)
+    sparse, state = methods.liteattn_sparse(inputs, mask)
+    detect, marked = methods.liteattn_detect(inputs)
+    for out in (sparse(), detect(), methods.liteattn_dense(inputs)()):
+        max_abs, rel_l2, ref_max = methods.compare(out.transpose(1, 2), ref)
+        assert results.judge_errors(max_abs, rel_l2, ref_max) and rel_l2 < 1e-5
+    assert marked() == 0
+    assert state.sparsity() == 0.0
+    native = methods.make_inputs(shape, "native", "cpu", seed=_SEED, dtype=torch.float32)
+    assert native.qh.is_contiguous() and torch.equal(native.qh, inputs.qh)
+
+
+def test_sparse_method_skips_the_mask_tiles():
+    shape = registry.Shape("tiny", 1, 64, 2, 16)
+    inputs = methods.make_inputs(shape, "shared", "cpu", seed=_SEED, dtype=torch.float32)
+    inputs.block = (16, 16)  # 4 x 4 tiles
+    mask = masks.random_mask(inputs.tiles, 0.5, generator=_fresh())
+    call, state = methods.liteattn_sparse(inputs, mask)
+    assert torch.equal(state.to_dense(), mask)
+    out = call().transpose(1, 2)
+    token_mask = mask.repeat_interleave(16, -1).repeat_interleave(16, -2)
+    ref = torch.nn.functional.scaled_dot_product_attention(inputs.qh, inputs.kh, inputs.vh, attn_mask=token_mask)
+    assert methods.compare(out, ref)[1] < 1e-5
+    full = torch.nn.functional.scaled_dot_product_attention(inputs.qh, inputs.kh, inputs.vh)
+    assert methods.compare(out, full)[1] > 1e-2  # skipping changed the result: the mask was applied
+
+
+def test_compare_and_tolerances():
+    ref = torch.randn(2, 3, 50, 16)
+    assert methods.compare(ref, ref)[:2] == (0.0, 0.0)
+    noisy = ref + 1e-3 * torch.randn_like(ref)
+    assert results.judge_errors(*methods.compare(noisy, ref))
+    wrong = ref.clone()
+    wrong[:, :, :10] = torch.randn(2, 3, 10, 16)
+    assert not results.judge_errors(*methods.compare(wrong, ref))
+    assert not results.judge_errors(float("nan"), float("nan"), 1.0)
+    with pytest.raises(ValueError, match="actual"):
+        methods.compare(ref[:1], ref)
+
+
+# ---------------------------------------------------------------- timing statistics and ratios
+
+
+def test_summarize_percentiles():
+    t = timing.summarize([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (t.median_ms, t.reps) == (3.0, 5)
+    assert t.p20_ms == pytest.approx(1.8) and t.p80_ms == pytest.approx(4.2)  # numpy's linear interpolation
+    assert timing.summarize([7.5]).p80_ms == 7.5
+    with pytest.raises(ValueError, match="samples_ms"):
+        timing.summarize([])
+    with pytest.raises(ValueError, match="samples_ms"):
+        timing.summarize([1.0, float("nan")])
+
+
+def test_reps_for_budget_and_tflops():
+    assert timing.reps_for_budget(10.0, 300.0, 5, 50) == 30
+    assert timing.reps_for_budget(200.0, 300.0, 5, 50) == 5  # slow calls still get min_reps
+    assert timing.reps_for_budget(0.01, 300.0, 5, 50) == 50
+    with pytest.raises(ValueError, match="min_reps"):
+        timing.reps_for_budget(1.0, 10.0, 0, 5)
+    assert timing.tflops(2e12, 1000.0) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="ms"):
+        timing.tflops(1.0, 0.0)
+
+
+def _fake_rows():
+    shape = registry.SHAPES["wan1.3b-480p"]
+    t = lambda ms: timing.Timing(ms, ms * 0.98, ms * 1.03, 20)  # noqa: E731
+    rows = [
+        results.timed_row(shape.name, shape.flops, "sdpa-cudnn", t(10.0)),
+        results.timed_row(shape.name, shape.flops, "liteattn-dense", t(9.5)),
+        results.timed_row(shape.name, shape.flops, "liteattn-detect", t(9.9)),
+        results.failed_row(shape.name, "sdpa-flash", "RuntimeError: No available kernel"),
+    ]
+    for pattern, skipped, lite_ms, flex_ms in (("random", 0.5, 5.0, 6.0), ("random", 0.9, 1.2, 1.0),
+                                               ("banded", 0.5, 4.9, 5.5)):
+        rows.append(results.timed_row(shape.name, shape.flops, "liteattn-sparse", t(lite_ms), pattern=pattern,
+                                      fraction=skipped, skipped=skipped))
+        rows.append(results.timed_row(shape.name, shape.flops, "flex", t(flex_ms), pattern=pattern,
+                                      fraction=skipped, skipped=skipped))
+    return rows
+
+
+def test_rows_carry_tflops_and_effective_tflops():
+    rows = _fake_rows()
+    flops = registry.SHAPES["wan1.3b-480p"].flops
+    cudnn = rows[0]
+    assert cudnn.tflops == pytest.approx(flops / 10e-3 / 1e12) == pytest.approx(cudnn.effective_tflops)
+    sparse = rows[4]  # liteattn-sparse, random, s=0.5, 5 ms
+    assert sparse.tflops == pytest.approx(flops / 5e-3 / 1e12)
+    assert sparse.effective_tflops == pytest.approx(0.5 * flops / 5e-3 / 1e12)
+
+
+def test_ratios_from_hand_made_rows():
+    ratios = {(r.name, r.pattern, r.fraction): r for r in results.compute_ratios(_fake_rows())}
+    dense = ratios[("liteattn-dense / sdpa-cudnn", None, 0.0)]
+    assert dense.value == pytest.approx(0.95) and dense.target == 1.00 and dense.ok
+    detect = ratios[("liteattn-detect / liteattn-dense", None, 0.0)]
+    assert detect.value == pytest.approx(9.9 / 9.5) and not detect.ok  # 4.2% > the 3% target
+    sparse = ratios[("liteattn-sparse / ((1-s) sdpa-cudnn)", "random", 0.5)]
+    assert sparse.value == pytest.approx(5.0 / (0.5 * 10.0)) and sparse.ok
+    sparse_own = ratios[("liteattn-sparse / ((1-s) liteattn-dense)", "random", 0.9)]
+    assert sparse_own.value == pytest.approx(1.2 / (0.1 * 9.5)) and not sparse_own.ok
+    flex = ratios[("flex / ((1-s) sdpa-cudnn)", "banded", 0.5)]
+    assert flex.value == pytest.approx(5.5 / 5.0) and flex.ok
+    assert len(ratios) == 2 + 3 * 2 * 2
+    # A failed denominator drops the ratios that need it instead of inventing them.
+    rows = [r for r in _fake_rows() if r.method != "sdpa-cudnn"]
+    names = {r.name for r in results.compute_ratios(rows)}
+    assert not any("sdpa-cudnn" in n for n in names) and "liteattn-detect / liteattn-dense" in names
+
+
+def test_run_status_verdicts():
+    ok = results.Check("s", "c", "passed", 1e-3, 1e-3, 1.0)
+    rows = _fake_rows()
+    assert results.run_status([ok], rows) == "passed"  # a failed method row is a platform fact, not a failure
+    assert results.run_status([ok, results.Check("s", "c", "failed", 1.0, 1.0, 1.0)], rows) == "failed"
+    assert results.run_status([ok, results.Check("s", "c", "error", detail="flex")], rows) == "unchecked"
+    skipped = results.failed_row("s", "flex", "time", status="skipped")
+    assert results.run_status([ok], rows + [skipped]) == "incomplete"
+
+
+# ---------------------------------------------------------------- writers
+
+
+def test_table_json_and_png_writers(tmp_path):
+    rows = _fake_rows()
+    checks = [results.Check("wan1.3b-480p", "liteattn-dense vs sdpa-cudnn", "passed", 2e-4, 3e-3, 0.05),
+              results.Check("wan1.3b-480p", "liteattn-sparse vs flex", "failed", float("nan"), float("nan"), 0.05)]
+    ratios = results.compute_ratios(rows)
+    table = report.format_rows(rows)
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(rows)
+    assert len({line.index("  ") for line in lines[2:]}) == 1  # aligned: the first column ends at the same place
+    assert "failed: RuntimeError: No available kernel" in table
+    assert "MISSED" in report.format_ratios(ratios) and "1.100" in report.format_ratios(ratios)
+    assert "nan" in report.format_checks(checks)
+
+    payload = {"status": results.run_status(checks, rows), "environment": report.environment(["liteattn", "bench"]),
+               "checks": checks, "rows": rows, "ratios": ratios}
+    path = report.write_json(tmp_path / "out" / "bench.json", payload)
+    data = json.loads(path.read_text())
+    assert data["status"] == "failed"
+    assert data["environment"]["command"] == "liteattn bench"
+    assert {"torch", "triton", "liteattn", "device", "date"} <= set(data["environment"])
+    assert len(data["rows"]) == len(rows) and data["rows"][0]["method"] == "sdpa-cudnn"
+    assert data["checks"][1]["max_abs"] == "nan"  # strict JSON even with NaN errors
+    assert {"name", "value", "target", "ok"} <= set(data["ratios"][0])
+
+    png = plot_rows(rows, tmp_path / "out" / "bench.png", title="test")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert plot_rows([results.failed_row("s", "flex", "x")], tmp_path / "none.png") is None
+
+
+def test_cli_imports_no_heavy_optional_dependency():
+    import subprocess
+    import sys
+
+    code = ("import sys, liteattn.bench.run, liteattn.bench.runner; "
+            "print(sorted(m for m in ('matplotlib', 'diffusers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_row_round_trips_as_dict():
+    row = Row("s", "flex", "random", 0.5, 0.49, "ok", "", 1.0, 0.9, 1.1, 10, 3.0, 1.5)
+    assert Row(**row.to_dict()) == row
