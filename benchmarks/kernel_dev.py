@@ -98,6 +98,12 @@ def timings(rows, shapes, block_sizes):
         full = SkipState.full(b, h, s, s, bm, bn, "cuda")
         res["detect_ms"] = bench(lambda: lite_attention(q, k, v, full, threshold=-1e4))
         res["list_ms"] = bench(lambda: lite_attention(q, k, v, full, threshold=float("-inf")))
+        import liteattn.kernels.forward as fwd
+        for variant, (pf, tma) in {"prefetch": (True, True), "ptr": (False, False), "ptr_prefetch": (True, False)}.items():
+            fwd.PREFETCH_INDEX, fwd.LIST_USE_TMA = pf, tma
+            res[f"list_{variant}_ms"] = bench(lambda: lite_attention(q, k, v, full, threshold=float("-inf")))
+            res[f"detect_{variant}_ms"] = bench(lambda: lite_attention(q, k, v, full, threshold=-1e4))
+        fwd.PREFETCH_INDEX, fwd.LIST_USE_TMA = False, True
         for frac in (0.5, 0.9):  # banded: every query tile keeps the same number of tiles around its diagonal
             width = max(1, round((1 - frac) * kt))
             centre = (torch.arange(qt, device="cuda") * kt) // qt
@@ -120,6 +126,10 @@ def timings(rows, shapes, block_sizes):
         for frac in (0.5, 0.9):
             res[f"sparse{frac}_over_linear"] = res[f"sparse{frac}_ms"] / ((1 - res[f"sparse{frac}_actual"]) * res["cudnn_ms"])
             res[f"sparse{frac}_over_own_linear"] = res[f"sparse{frac}_ms"] / ((1 - res[f"sparse{frac}_actual"]) * res["dense_ms"])
+        import liteattn.kernels.forward as fwd
+        fwd.SCHEDULE_BY_WORK = False
+        res["sparse0.9_unordered_ms"] = bench(lambda: lite_attention(q, k, v, st, threshold=float("-inf")))
+        fwd.SCHEDULE_BY_WORK = True
         from liteattn.kernels.forward import _lite_attention_fwd
         res["best_config"] = str(getattr(_lite_attention_fwd, "best_config", None))
         rows.append(res)

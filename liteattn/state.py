@@ -15,6 +15,7 @@ per call.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -219,9 +220,18 @@ class SkipState:
 
 def tile_protection(ranges: list[tuple[int, int]] | None, seq_len: int, block: int,
                     device: torch.device) -> torch.Tensor:
-    """int8 per tile: 1 where the tile overlaps a must-do token range."""
-    n = num_tiles(seq_len, block)
-    prot = torch.zeros(n, dtype=torch.int8)
-    for start, end in ranges or ():
+    """int8 per tile: 1 where the tile overlaps a must-do token range.
+
+    Cached per (ranges, seq_len, block, device): a layer calls this every step with the
+    same arguments, and building it means a host-to-device copy.
+    """
+    return _tile_protection(tuple(tuple(r) for r in ranges or ()), seq_len, block, torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _tile_protection(ranges: tuple[tuple[int, int], ...], seq_len: int, block: int,
+                     device: torch.device) -> torch.Tensor:
+    prot = torch.zeros(num_tiles(seq_len, block), dtype=torch.int8)
+    for start, end in ranges:
         prot[start // block: math.ceil(end / block)] = 1
     return prot.to(device)

@@ -26,6 +26,12 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 
+# Launch query tiles of each head in decreasing order of active key tiles (longest first).
+SCHEDULE_BY_WORK = True
+# Experiment switches (see KERNEL_NOTES.md).
+PREFETCH_INDEX = True
+LIST_USE_TMA = True
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -56,11 +62,11 @@ def _load_kv_tile(desc, ptr, start_n, offs_n, offs_d, stride_s, SEQ_K, HEAD_DIM:
     return tile
 
 
-@triton.autotune(configs=_autotune_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "DENSE", "USE_TMA"])
+@triton.autotune(configs=_autotune_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "DENSE", "WRITE_STATE", "USE_TMA", "PREFETCH_IDX"])
 @triton.jit
 def _lite_attention_fwd(
     Q, K, V, O, LSE,
-    KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT,
+    KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, ORDER,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -69,10 +75,13 @@ def _lite_attention_fwd(
     qk_scale, threshold,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DENSE: tl.constexpr, WRITE_STATE: tl.constexpr, RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr,
-    RAGGED_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    RAGGED_K: tl.constexpr, BLOCK_C: tl.constexpr, USE_ORDER: tl.constexpr, PREFETCH_IDX: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    if USE_ORDER:  # heaviest query tiles of a head first, so short ones fill the tail
+        pid_m = tl.load(ORDER + pid_bh.to(tl.int64) * QT + tl.program_id(0))
+    else:
+        pid_m = tl.program_id(0)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
@@ -119,9 +128,13 @@ def _lite_attention_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    j_next = tl.load(idx_ptr).to(tl.int32)
     for t in range(0, n_active):
         if DENSE:
             j = t
+        elif PREFETCH_IDX:  # the next tile's index is known one iteration ahead
+            j = j_next
+            j_next = tl.load(idx_ptr + tl.minimum(t + 1, n_active - 1)).to(tl.int32)
         else:
             j = tl.load(idx_ptr + t).to(tl.int32)
         start_n = j * BLOCK_N
@@ -207,13 +220,15 @@ def lite_attention_fwd(
     lse = torch.empty((bsz, nheads, seq_q) if return_lse else (0,), dtype=torch.float32, device=q.device)
     qt, kt = triton.cdiv(seq_q, block_m), triton.cdiv(seq_k, block_n)
     if use_tma is None:
-        use_tma = tma_supported(q.device)
+        use_tma = tma_supported(q.device) and (dense or LIST_USE_TMA)
     if use_tma:
         triton.set_allocator(_tma_allocator)
     grid = (qt, bsz * nheads)
+    use_order = SCHEDULE_BY_WORK and not dense
+    order = torch.argsort(kv_num_blocks, dim=-1, descending=True).to(torch.int32) if use_order else kv_num_blocks
     _lite_attention_fwd[grid](
         q, k, v, out, lse,
-        kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect, k_protect,
+        kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect, k_protect, order,
         q.stride(0), q.stride(2), q.stride(1),
         k.stride(0), k.stride(2), k.stride(1),
         v.stride(0), v.stride(2), v.stride(1),
@@ -222,6 +237,6 @@ def lite_attention_fwd(
         scale * LOG2E, threshold,
         HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_M=block_m, BLOCK_N=block_n,
         DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse, USE_TMA=use_tma,
-        RAGGED_K=seq_k % block_n != 0, BLOCK_C=128,
+        RAGGED_K=seq_k % block_n != 0, BLOCK_C=128, USE_ORDER=use_order, PREFETCH_IDX=PREFETCH_INDEX,
     )
     return out, lse
