@@ -1,0 +1,245 @@
+"""One patched attention layer: its skip states per CFG context and its calls.
+
+Why one :class:`~liteattn.LiteAttention` per (layer, context): the skip set
+of a layer at step t predicts that layer's negligible tiles at step t+1 *for
+the same conditioning*. The conditional and unconditional passes of
+classifier-free guidance (separate transformer calls in Wan and HunyuanVideo)
+see different prompts, so they keep separate states. Batched CFG (LTX: one
+call, batch = [uncond, cond]) needs nothing more, as the state is per batch
+element already.
+
+Why a call may fall back to dense: liteattn takes no attention mask, dropout
+or causal flag, and its GPU kernel takes bf16/fp16 with head_dim a multiple of
+16. A call it cannot compute exactly runs the layer's original backend and is
+counted by reason, so a mask is never silently dropped and a model in another
+dtype still runs.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .. import _validation as V
+from ..attention import LiteAttention
+from ..kernels import SUPPORTED_HEAD_DIMS, TRITON_AVAILABLE
+from . import timing
+from .config import LiteAttentionConfig
+
+__all__ = ["CallRecord", "ContextState", "ForwardInfo", "KeyPaddingMasks", "LayerRuntime", "key_prefix_length"]
+
+# An additive mask entry at or below this removes the key exactly: e^-1000
+# underflows to 0 in every float format, so dropping the key changes nothing.
+MASKED_BIAS = -1000.0
+
+
+@dataclass(frozen=True)
+class ForwardInfo:
+    """Where a transformer forward stands, published to its layers for its duration."""
+
+    context: str
+    step: int
+    generation: int
+
+
+@dataclass
+class CallRecord:
+    """One attention call of a layer: ``mode`` is "sparse", "dense_step" or "fallback"."""
+
+    step: int
+    mode: str
+    history_index: int | None = None  # into the LiteAttention's history, for sparse calls
+    timer: object = None
+
+
+@dataclass
+class ContextState:
+    """A layer's skip state and call records in one context, for one generation.
+
+    ``generation`` None means the state was prepared (seeded) before any call:
+    it is adopted by the next generation instead of being reset.
+    """
+
+    attention: LiteAttention
+    generation: int | None
+    records: list[CallRecord] = field(default_factory=list)
+
+
+def key_prefix_length(mask, seq_len_k: int) -> int | None:
+    """The number of valid keys when ``mask`` only hides a tail of keys, else None.
+
+    Accepted: bool masks (True = attend) and additive float masks (0 = attend,
+    ``<= MASKED_BIAS`` or -inf = hidden), shaped ``(B, S_k)`` or
+    ``(B or 1, H or 1, S_q or 1, S_k)``, that hide the same key suffix for
+    every batch element, head and query row (HunyuanVideo's text padding).
+    Attention with such a mask equals attention over the first L keys. One
+    device sync.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4) or mask.shape[-1] != seq_len_k:
+        return None
+    if mask.dtype == torch.bool:
+        valid, clean = mask, torch.ones((), dtype=torch.bool, device=mask.device)
+    elif mask.is_floating_point():
+        valid = mask == 0
+        clean = (valid | (mask <= MASKED_BIAS)).all()
+    else:
+        return None
+    valid = valid[:, None, None, :] if valid.dim() == 2 else valid
+    per_key = valid.any(dim=2, keepdim=True).any(dim=1, keepdim=True)  # [B, 1, 1, S_k]
+    lengths = per_key.sum(-1).flatten()  # [B]
+    prefix = torch.arange(seq_len_k, device=mask.device) < lengths[:, None, None, None]
+    ok = clean & (valid == per_key).all() & (per_key == prefix).all() & (lengths == lengths[0]).all()
+    ok, length = torch.stack([ok.long(), lengths[0].long()]).tolist()
+    return length if ok and length > 0 else None
+
+
+class KeyPaddingMasks:
+    """:func:`key_prefix_length`, read once per mask tensor.
+
+    Every layer of one forward receives the same mask object, so its length
+    is computed (and the device synced) once per forward, not once per layer.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[torch.Tensor, int | None] | None = None
+
+    def key_length(self, mask, seq_len_k: int) -> int | None:
+        if mask is None:
+            return seq_len_k
+        if self._last is None or self._last[0] is not mask:
+            self._last = (mask, key_prefix_length(mask, seq_len_k))
+        return self._last[1]
+
+    def clear(self) -> None:
+        """Forget the last mask (called when a forward ends, to release it)."""
+        self._last = None
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, non-overlapping, non-touching ranges covering the same tokens."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+class LayerRuntime:
+    """The liteattn side of one patched attention module.
+
+    The module's hook calls :meth:`enter` / :meth:`exit` around its forward;
+    the dispatcher backend calls :meth:`attend` in between.
+
+    Args:
+        name: the module's name in the transformer.
+        config: the patch's configuration.
+        text_position: where the text tokens of joint attention sit ("end"), or None.
+        dense_fn: the module's original attention, ``dense_fn(q, k, v, attn_mask=..., dropout_p=...,
+            is_causal=..., scale=..., enable_gqa=..., parallel_config=...)``.
+        masks: the transformer's shared :class:`KeyPaddingMasks`.
+        fallbacks: the transformer's counter of dense fallbacks by reason.
+    """
+
+    def __init__(self, name: str, config: LiteAttentionConfig, text_position: str | None,
+                 dense_fn: Callable, masks: KeyPaddingMasks, fallbacks: Counter):
+        self.name = name
+        self.config = config
+        self.text_position = text_position
+        self.dense_fn = dense_fn
+        self.masks = masks
+        self.fallbacks = fallbacks
+        self.contexts: dict[str, ContextState] = {}
+        self._forward: ForwardInfo | None = None
+        self._text_len: int | None = None
+        self._calls = 0
+
+    # -- lifecycle of one module forward ---------------------------------------------
+    def enter(self, forward: ForwardInfo | None, text_len: int | None) -> None:
+        self._forward, self._text_len, self._calls = forward, text_len, 0
+
+    def exit(self) -> None:
+        self._forward, self._text_len = None, None
+
+    def state(self, context: str, generation: int | None = None) -> ContextState:
+        """This layer's state in ``context``, reset when a new generation starts."""
+        state = self.contexts.get(context)
+        if state is None:
+            attention = LiteAttention(self.config.threshold_at(0), block_size=self.config.block_size,
+                                      backend=self.config.backend)
+            state = self.contexts[context] = ContextState(attention, generation)
+        elif generation is not None and state.generation != generation:
+            if state.generation is not None:
+                state.attention.reset()
+                state.records = []
+            state.generation = generation
+        return state
+
+    # -- the attention call ------------------------------------------------------------
+    def attend(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+               enable_gqa=False, parallel_config=None) -> torch.Tensor:
+        """Attention for the dispatcher: BSHD in, BSHD out."""
+        forward = self._forward
+        self._calls += 1
+        key_len, reason = self._check(query, key, attn_mask, dropout_p, is_causal, parallel_config)
+        state = self.state(forward.context, forward.generation) if forward is not None else None
+        mode = "fallback" if reason else "dense_step" if self.config.is_dense_step(forward.step) else "sparse"
+        timer = timing.start(query.device) if self.config.profile else None
+        history_index = None
+        if mode == "sparse":
+            attention = state.attention
+            attention.set_threshold(self.config.threshold_at(forward.step))
+            out = attention(query, key[:, :key_len], value[:, :key_len], scale=scale,
+                            must_do=self._must_do(query.shape[1], key_len))
+            history_index = attention.step - 1
+        else:
+            if reason:
+                self._count_fallback(reason)
+            out = self.dense_fn(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                scale=scale, enable_gqa=enable_gqa, parallel_config=parallel_config)
+        if timer is not None:
+            timer = timing.stop(timer)
+        if state is not None:
+            state.records.append(CallRecord(forward.step, mode, history_index, timer))
+        return out
+
+    def _check(self, query, key, attn_mask, dropout_p, is_causal, parallel_config) -> tuple[int | None, str | None]:
+        """``(valid key length, None)``, or ``(None, reason)`` when the call must run dense."""
+        if self._forward is None:
+            return None, "outside_forward"
+        if self._calls > 1:
+            return None, "repeated_call"
+        if parallel_config is not None:
+            return None, "context_parallel"
+        if dropout_p:
+            return None, "dropout"
+        if is_causal:
+            return None, "causal"
+        if query.shape[1] != key.shape[1]:
+            return None, "cross_attention"
+        if V.validate_backend(self.config.backend, query.device, TRITON_AVAILABLE) == "triton":
+            if query.dtype not in V.KERNEL_DTYPES:
+                return None, "dtype"
+            if query.shape[-1] not in SUPPORTED_HEAD_DIMS:
+                return None, "head_dim"
+        key_len = self.masks.key_length(attn_mask, key.shape[1])
+        return (key_len, None) if key_len is not None else (None, "mask")
+
+    def _must_do(self, seq_len_q: int, key_len: int) -> list[tuple[int, int]]:
+        ranges = [(start, min(end, key_len)) for start, end in self.config.must_do if start < key_len]
+        if self.text_position == "end" and self._text_len and self.config.text_tokens == "must_do":
+            start = seq_len_q - self._text_len
+            if start < key_len:
+                ranges.append((start, key_len))
+        return merge_ranges(ranges)
+
+    def _count_fallback(self, reason: str) -> None:
+        if not self.fallbacks[reason]:
+            warnings.warn(
+                f"liteattn: an attention call of {self.name} ran dense ({reason}); such calls are counted in "
+                "summary().fallbacks", stacklevel=2)
+        self.fallbacks[reason] += 1
