@@ -90,7 +90,7 @@ def environment(argv: Sequence[str] | None = None) -> dict:
 
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(argv if argv is not None else sys.argv),
+        "command": _command(argv),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
@@ -111,6 +111,18 @@ def environment(argv: Sequence[str] | None = None) -> dict:
     else:
         env["device"] = "cpu (no CUDA device)"
     return env
+
+
+def _command(argv: Sequence[str] | None) -> str:
+    """The command line as typed: ``python -m liteattn bench ...`` rather than the path of ``__main__.py``."""
+    if argv is not None:
+        return " ".join(argv)
+    first = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    if first == "__main__.py":
+        first = "python -m liteattn"
+    elif first == "-c":
+        first = "python -c ..."
+    return " ".join([first] + sys.argv[1:])
 
 
 def write_json(path: str | Path, payload: dict) -> Path:

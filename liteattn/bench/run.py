@@ -111,21 +111,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-minutes", type=_positive(float), default=8.0,
                         help="stop timing new cases after this long; the rest are recorded as skipped (default 8)")
     parser.add_argument("--budget-ms", type=_positive(float), default=None,
-                        help="timing budget per case in ms (default 300, with --quick 50); "
+                        help="timing budget per case in ms (default 500, with --quick 50); "
                              "at least --min-reps runs are timed whatever the budget")
-    parser.add_argument("--min-reps", type=_positive(int), default=None, help="default 5 (with --quick 3)")
+    parser.add_argument("--min-reps", type=_positive(int), default=None, help="default 10 (with --quick 3)")
 
 
 def resolve_config(args: argparse.Namespace) -> BenchConfig:
     """Defaults that depend on --quick, and cross-argument checks."""
     quick = bool(args.quick)
     shapes = args.shapes or list((QUICK_SHAPES if quick else {n: parse_shapes(n)[0] for n in DEFAULT_SHAPES}).values())
-    min_reps = args.min_reps or (3 if quick else 5)
+    min_reps = args.min_reps or (3 if quick else 10)
     return BenchConfig(
         shapes=shapes, methods=list(args.methods), patterns=list(args.patterns), fractions=list(args.fractions),
         layout=args.layout, out=Path(args.out), seed=args.seed, max_minutes=args.max_minutes,
-        budget_ms=args.budget_ms or (50.0 if quick else 300.0), min_reps=min_reps,
-        max_reps=max(min_reps, 20 if quick else 50), quick=quick,
+        budget_ms=args.budget_ms or (50.0 if quick else 500.0), min_reps=min_reps,
+        max_reps=max(min_reps, 20 if quick else 100), quick=quick,
     )
 
 
