@@ -247,8 +247,8 @@ class _SavedProcessor:
             self.module.processor = self.processor
         elif self.had_own_backend:
             self.processor._attention_backend = self.backend
-        else:
-            del self.processor._attention_backend  # back to the class attribute
+        else:  # back to the class attribute (pop: a processor shared by two patched modules is restored twice)
+            vars(self.processor).pop("_attention_backend", None)
 
 
 class _Patch:
@@ -279,10 +279,12 @@ class _Patch:
         shared = Counter(id(m.processor) for m in self.model.modules()
                          if id(m) not in chosen and getattr(m, "processor", None) is not None)
         text_position = self.family.text_position if self.family else None
+        # Read before any change: a processor shared by two patched modules must not record liteattn as original.
+        originals = {id(m.processor): ("_attention_backend" in vars(m.processor), m.processor._attention_backend)
+                     for _, m in self.layer_modules}
         for name, module in self.layer_modules:
             processor = module.processor
-            saved = _SavedProcessor(module, processor, shared[id(processor)] > 0,
-                                    "_attention_backend" in vars(processor), processor._attention_backend)
+            saved = _SavedProcessor(module, processor, shared[id(processor)] > 0, *originals[id(processor)])
             if saved.replaced:
                 module.processor = copy.copy(processor)
             module.processor._attention_backend = backend
@@ -414,18 +416,13 @@ def remove(pipe_or_transformer) -> None:
 
 def new_generation(pipe_or_transformer) -> None:
     """See :func:`liteattn.integrations.new_generation`."""
-    patches = _patches_of(pipe_or_transformer)
-    if not patches:
-        raise ValueError(f"pipe_or_transformer: liteattn is not applied to this {type(pipe_or_transformer).__name__}")
-    LiteAttentionHandle(patches, patches[0].config).new_generation()
+    for patch in _applied_patches(pipe_or_transformer):
+        patch.epoch += 1
 
 
 def summary(pipe_or_transformer) -> Summary:
     """See :func:`liteattn.integrations.summary`."""
-    patches = _patches_of(pipe_or_transformer)
-    if not patches:
-        raise ValueError(f"pipe_or_transformer: liteattn is not applied to this {type(pipe_or_transformer).__name__}")
-    return _summary(patches)
+    return _summary(_applied_patches(pipe_or_transformer))
 
 
 def _resolve_config(threshold, config, overrides) -> LiteAttentionConfig:
@@ -455,6 +452,13 @@ def _targets(obj) -> list[tuple[str, nn.Module]]:
 
 def _patches_of(obj) -> list[_Patch]:
     return [p for _, model in _targets(obj) if (p := getattr(model, PATCH_ATTR, None)) is not None]
+
+
+def _applied_patches(obj) -> list[_Patch]:
+    patches = _patches_of(obj)
+    if not patches:
+        raise ValueError(f"pipe_or_transformer: liteattn is not applied to this {type(obj).__name__}")
+    return patches
 
 
 def _uninstall(patches: list[_Patch], what: str) -> None:

@@ -122,6 +122,23 @@ def test_unknown_model_needs_include(tiles, gen):
     assert [(c.context, c.step) for c in handle.summary().calls] == [("default", 0)]
 
 
+def test_processor_shared_by_patched_layers_is_restored(tiles, gen):
+    from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
+
+    shared = WanAttnProcessor()
+    model = nn.Sequential(WanAttention(dim=24, heads=2, dim_head=12, processor=shared),
+                          WanAttention(dim=24, heads=2, dim_head=12, processor=shared)).eval()
+    x = torch.randn(1, 64, 24, generator=gen)
+    with torch.no_grad():
+        stock = model(x)
+        handle = li.apply(model, threshold=NO_SKIP, block_size=tiles, include=(r"^\d$",))
+        assert handle.layers == ["0", "1"] and model[0].processor is model[1].processor is shared
+        torch.testing.assert_close(model(x), stock, rtol=1e-5, atol=1e-6)
+        li.remove(model)
+        assert "_attention_backend" not in vars(shared)
+        assert torch.equal(model(x), stock)
+
+
 def test_processor_that_bypasses_the_dispatcher_is_refused():
     torch.manual_seed(0)
     model = diffusers.CogVideoXTransformer3DModel(
