@@ -25,12 +25,15 @@ shadow them.
 from __future__ import annotations
 
 import os
+import zlib
 
 import pytest
 import torch
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():  # before liteattn imports Triton: its CPU interpreter runs the kernel
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 try:  # the diffusers tests skip themselves without it; the others must still collect
     import diffusers
 except ImportError:  # pragma: no cover - depends on the environment
@@ -187,3 +190,15 @@ def loops():
 @pytest.fixture(scope="session")
 def tiles():
     return TILES
+
+
+@pytest.fixture(scope="session")
+def kernel_device() -> str:
+    """Where the Triton kernel runs: the GPU if there is one, else Triton's CPU interpreter."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """A generator seeded from the test's id: fresh inputs per test, reproducible per run."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
