@@ -5,8 +5,9 @@ negligible later; liteattn marks them while computing attention and never
 computes them again in that generation (no QK, no softmax, no PV).
 """
 from .attention import LiteAttention, lite_attention
+from .integrations import LiteAttentionConfig, apply, remove
 from .state import SkipState
 
 __version__ = "0.1.0"
 
-__all__ = ["LiteAttention", "SkipState", "lite_attention", "__version__"]
+__all__ = ["LiteAttention", "LiteAttentionConfig", "SkipState", "apply", "lite_attention", "remove", "__version__"]

@@ -7,8 +7,9 @@ so bad input never reaches a kernel.
 from __future__ import annotations
 
 import math
+import numbers
 import os
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -53,7 +54,7 @@ def validate_qkv(q, k, v, layout: str, kernel: bool) -> tuple[int, int, int, int
         raise ValueError(f"k: head_dim {dk} does not match q's {dim}")
     if hk == 0 or nheads % hk != 0:
         raise ValueError(f"k: {hk} key/value heads must divide q's {nheads} heads (GQA/MQA)")
-    if min(bsz, nheads, seq_q, seq_k) == 0:
+    if min(bsz, nheads, seq_q, seq_k, dim) == 0:
         raise ValueError(f"q, k: empty dimension in q {tuple(q.shape)} / k {tuple(k.shape)}")
     if kernel and dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim: the kernel supports multiples of 16 from 16 to 256, got {dim}")
@@ -76,7 +77,10 @@ def validate_threshold(threshold) -> float:
 def validate_scale(scale) -> float | None:
     if scale is None:
         return None
-    value = float(scale)
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale: expected a positive finite softmax scale or None, got {scale!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"scale: expected a positive finite softmax scale or None, got {scale!r}")
     return value
@@ -86,9 +90,12 @@ def validate_block_size(block_size) -> tuple[int, int] | None:
     if block_size is None:
         return None
     try:
-        bm, bn = (int(x) for x in block_size)
+        bm, bn = block_size
     except (TypeError, ValueError):
         raise ValueError(f"block_size: expected (block_m, block_n), got {block_size!r}") from None
+    if not all(isinstance(x, numbers.Integral) for x in (bm, bn)):
+        raise ValueError(f"block_size: expected two ints (block_m, block_n), got {block_size!r}")
+    bm, bn = int(bm), int(bn)
     for name, x in (("block_m", bm), ("block_n", bn)):
         if x < 16 or x > 256 or x & (x - 1):
             raise ValueError(f"block_size: {name} must be a power of two in [16, 256], got {x}")
@@ -109,6 +116,8 @@ def validate_must_do(must_do, seq_len: int) -> list[tuple[int, int]]:
     """Token ranges ``[(start, end), ...]`` (end exclusive) inside ``[0, seq_len]``, not overlapping."""
     if must_do is None:
         return []
+    if not isinstance(must_do, Iterable):
+        raise ValueError(f"must_do: expected a list of (start, end) pairs, got {must_do!r}")
     ranges = []
     for item in must_do:
         try:

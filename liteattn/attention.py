@@ -30,8 +30,10 @@ def _to_bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 def _kernel_ready(x: torch.Tensor) -> torch.Tensor:
     """Unit head_dim stride and 16-byte aligned rows, as the kernel's tile loads need."""
+    # Allocations are 256-byte aligned, so a view is aligned when its offset is (traceable by Dynamo,
+    # unlike data_ptr()).
     aligned = x.stride(-1) == 1 and all((s * x.element_size()) % 16 == 0 for s in x.stride()[:-1])
-    aligned = aligned and x.data_ptr() % 16 == 0
+    aligned = aligned and (x.storage_offset() * x.element_size()) % 16 == 0
     return x if aligned else x.contiguous()
 
 

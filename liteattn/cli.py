@@ -20,12 +20,21 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, (module_name, help_text) in _SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:  # one broken subcommand must not take the others down
+            modules[name] = exc
+            sub.add_parser(name, help=f"{help_text} (unavailable: {exc})")
+            continue
         modules[name] = module
         module.add_arguments(sub.add_parser(name, help=help_text, description=module.__doc__,
                                             formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
-    return int(modules[args.command].run(args) or 0)
+    module = modules[args.command]
+    if isinstance(module, ImportError):
+        print(f"liteattn {args.command}: cannot run: {module}", file=sys.stderr)
+        return 1
+    return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,12 @@ __all__ = ["SkipState", "num_tiles"]
 MAX_KEY_TILES = 32767  # kv_indices are int16
 
 
+def _check_key_tiles(kt: int, seq_len_k: int, block_n: int) -> None:
+    if kt > MAX_KEY_TILES:
+        raise ValueError(f"seq_len_k={seq_len_k} with block_n={block_n} gives {kt} key tiles; at most "
+                         f"{MAX_KEY_TILES} are supported (kv_indices are int16; use a larger block_n)")
+
+
 def num_tiles(seq_len: int, block: int) -> int:
     """Number of tiles of ``block`` tokens covering ``seq_len`` (last one ragged)."""
     return (seq_len + block - 1) // block
@@ -66,6 +72,9 @@ class SkipState:
     _spare: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "seq_len_q", "seq_len_k"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"SkipState: {name} must be a positive int, got {getattr(self, name)!r}")
         if self.kv_num_blocks.dtype != torch.int32 or self.kv_indices.dtype != torch.int16:
             raise ValueError("SkipState: kv_num_blocks must be int32 and kv_indices int16, got "
                              f"{self.kv_num_blocks.dtype} and {self.kv_indices.dtype}")
@@ -74,6 +83,14 @@ class SkipState:
                 "SkipState: expected kv_num_blocks (B, H, QT) and kv_indices (B, H, QT, KT), got "
                 f"{tuple(self.kv_num_blocks.shape)} and {tuple(self.kv_indices.shape)}"
             )
+        if self.kv_num_blocks.shape[:2] != self.kv_indices.shape[:2]:
+            raise ValueError(
+                f"SkipState: kv_num_blocks {tuple(self.kv_num_blocks.shape)} and kv_indices "
+                f"{tuple(self.kv_indices.shape)} disagree on (B, H)"
+            )
+        # The kernel indexes both as dense row-major arrays (a head slice of a larger state is copied).
+        self.kv_num_blocks = self.kv_num_blocks.contiguous()
+        self.kv_indices = self.kv_indices.contiguous()
         qt, kt = num_tiles(self.seq_len_q, self.block_m), num_tiles(self.seq_len_k, self.block_n)
         if self.kv_num_blocks.shape[2] != qt or self.kv_indices.shape[2:] != (qt, kt):
             raise ValueError(
@@ -95,10 +112,12 @@ class SkipState:
         device: torch.device | str = "cpu",
     ) -> "SkipState":
         """A fresh state: every key tile active, visited in ascending order."""
+        for name, value in (("block_m", block_m), ("block_n", block_n), ("seq_len_q", seq_len_q),
+                            ("seq_len_k", seq_len_k)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"SkipState.full: {name} must be a positive int, got {value!r}")
         qt, kt = num_tiles(seq_len_q, block_m), num_tiles(seq_len_k, block_n)
-        if kt > MAX_KEY_TILES:
-            raise ValueError(f"seq_len_k={seq_len_k} with block_n={block_n} gives {kt} key tiles; at most "
-                             f"{MAX_KEY_TILES} are supported (use a larger block_n)")
+        _check_key_tiles(kt, seq_len_k, block_n)
         counts = torch.full((batch, heads, qt), kt, dtype=torch.int32, device=device)
         order = torch.arange(kt, dtype=torch.int16, device=device)
         indices = order.expand(batch, heads, qt, kt).contiguous()
@@ -115,6 +134,7 @@ class SkipState:
         if active.dtype != torch.bool or active.dim() != 4:
             raise ValueError(f"from_dense: expected a bool (B, H, QT, KT) mask, got {active.dtype} {tuple(active.shape)}")
         kt = active.shape[-1]
+        _check_key_tiles(kt, seq_len_k, block_n)
         counts = active.sum(-1, dtype=torch.int32)
         # Stable sort puts active tiles first, in ascending order.
         key = (~active).to(torch.int8)
@@ -171,7 +191,7 @@ class SkipState:
 
     def to(self, device: torch.device | str) -> "SkipState":
         """A copy on ``device``; the original is untouched."""
-        return SkipState(self.kv_num_blocks.to(device), self.kv_indices.to(device), self.seq_len_q,
+        return SkipState(self.kv_num_blocks.to(device, copy=True), self.kv_indices.to(device, copy=True), self.seq_len_q,
                          self.seq_len_k, self.block_m, self.block_n, self.calls)
 
     # ------------------------------------------------------------------ double buffering

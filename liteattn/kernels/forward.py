@@ -76,6 +76,7 @@ def _lite_attention_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DENSE: tl.constexpr, WRITE_STATE: tl.constexpr, RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr,
     RAGGED_K: tl.constexpr, BLOCK_C: tl.constexpr, USE_ORDER: tl.constexpr, PREFETCH_IDX: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
     if USE_ORDER:  # heaviest query tiles of a head first, so short ones fill the tail
@@ -95,6 +96,8 @@ def _lite_attention_fwd(
     q_ptr = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     b_q = tl.load(q_ptr + offs_m[:, None] * stride_qs + offs_d[None, :],
                   mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)  # [BM, BD]
+    if UPCAST:  # Triton's CPU interpreter computes bf16 dots wrongly; it gets fp32 operands instead
+        b_q = b_q.to(tl.float32)
 
     k_ptr = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_ptr = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
@@ -139,6 +142,8 @@ def _lite_attention_fwd(
             j = tl.load(idx_ptr + t).to(tl.int32)
         start_n = j * BLOCK_N
         b_kt = _load_kv_tile(k_desc, k_ptr, start_n, offs_n, offs_d, stride_ks, SEQ_K, HEAD_DIM, USE_TMA, True)
+        if UPCAST:
+            b_kt = b_kt.to(tl.float32)
         qk = tl.dot(b_q, b_kt)  # [BM, BN], unscaled
         if RAGGED_K:
             if j == KT - 1:  # only the last key tile has columns past SEQ_K
@@ -154,6 +159,8 @@ def _lite_attention_fwd(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         b_v = _load_kv_tile(v_desc, v_ptr, start_n, offs_n, offs_d, stride_vs, SEQ_K, HEAD_DIM, USE_TMA, False)
+        if UPCAST:
+            b_v = b_v.to(tl.float32)
         acc = tl.dot(p.to(b_v.dtype), b_v, acc * alpha[:, None])
         m_i = m_new
 
@@ -238,5 +245,6 @@ def lite_attention_fwd(
         HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_M=block_m, BLOCK_N=block_n,
         DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse, USE_TMA=use_tma,
         RAGGED_K=seq_k % block_n != 0, BLOCK_C=128, USE_ORDER=use_order, PREFETCH_IDX=PREFETCH_INDEX,
+        UPCAST=_interpreting() and q.dtype == torch.bfloat16,
     )
     return out, lse
