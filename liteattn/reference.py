@@ -5,7 +5,8 @@ the public API takes on a CPU. It is written for clarity first but stays
 vectorised over (batch, head, query tile): step ``t`` processes the ``t``-th
 entry of every active list at once, so it runs in ``O(KT)`` batched steps.
 
-Semantics, per (batch b, head h, query tile i), in the order of its active list:
+Semantics, per (batch b, head h, query tile i), in the order of its active list
+(a full list, with every key tile active, is visited in ascending order):
 
 1. ``s = scale * q_i @ k_jᵀ`` (columns past ``seq_len_k`` are ``-inf``).
 2. The tile's *score* is ``max over valid rows r of (max_c s_rc - m_r) * log2(e)``
@@ -86,7 +87,9 @@ def lite_attention_reference(
     k_prot = tile_protection(must_do, seq_k, bn, dev).bool()  # [KT]
 
     counts = state.kv_num_blocks.long()  # [B, H, QT]
-    indices = state.kv_indices.long()  # [B, H, QT, KT]
+    # A full row is visited in ascending order whatever its list holds (see SkipState).
+    ascending = torch.arange(kt, device=dev).expand(bsz, nheads, qt, kt)
+    indices = torch.where((counts == kt)[..., None], ascending, state.kv_indices.long())  # [B, H, QT, KT]
     neg_inf = torch.tensor(float("-inf"), dtype=compute_dtype, device=dev)
     m = torch.full((bsz, nheads, qt, bm), float("-inf"), dtype=compute_dtype, device=dev)
     l = torch.zeros_like(m)

@@ -56,7 +56,10 @@ class SkipState:
     Visiting order is part of the semantics: the first tile visited is never
     marked, and a tile's score is measured against the running row maximum of
     the tiles visited before it. A fresh state visits tiles in ascending order
-    and marking preserves the order of the survivors.
+    and marking preserves the order of the survivors. A *full* row (every key
+    tile active) is always visited in ascending order, whatever its list holds:
+    the kernel then computes tile addresses instead of loading them, which runs
+    as fast as dense attention.
 
     The skip set only grows: a call's next state is its current list minus
     the tiles it marked.
