@@ -97,13 +97,14 @@ def timings(rows, shapes, block_sizes):
         res["dense_ms"] = bench(lambda: lite_attention(q, k, v, enabled=False, block_size=(bm, bn)))
         full = SkipState.full(b, h, s, s, bm, bn, "cuda")
         res["detect_ms"] = bench(lambda: lite_attention(q, k, v, full, threshold=-1e4))
-        res["list_ms"] = bench(lambda: lite_attention(q, k, v, full, threshold=float("-inf")))
+        # A full list that is not known to be fresh walks the index-list path.
+        full_list = SkipState.from_dense(torch.ones(b, h, qt, kt, dtype=torch.bool, device="cuda"), s, s, bm, bn)
+        res["list_ms"] = bench(lambda: lite_attention(q, k, v, full_list, threshold=float("-inf")))
+        res["detect_list_ms"] = bench(lambda: lite_attention(q, k, v, full_list, threshold=-1e4))
         import liteattn.kernels.forward as fwd
-        for variant, (pf, tma) in {"prefetch": (True, True), "ptr": (False, False), "ptr_prefetch": (True, False)}.items():
-            fwd.PREFETCH_INDEX, fwd.LIST_USE_TMA = pf, tma
-            res[f"list_{variant}_ms"] = bench(lambda: lite_attention(q, k, v, full, threshold=float("-inf")))
-            res[f"detect_{variant}_ms"] = bench(lambda: lite_attention(q, k, v, full, threshold=-1e4))
-        fwd.PREFETCH_INDEX, fwd.LIST_USE_TMA = False, True
+        fwd.SCHEDULE_BY_WORK = False
+        res["list_unordered_ms"] = bench(lambda: lite_attention(q, k, v, full_list, threshold=float("-inf")))
+        fwd.SCHEDULE_BY_WORK = True
         for frac in (0.5, 0.9):  # banded: every query tile keeps the same number of tiles around its diagonal
             width = max(1, round((1 - frac) * kt))
             centre = (torch.arange(qt, device="cuda") * kt) // qt

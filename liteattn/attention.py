@@ -131,7 +131,8 @@ def lite_attention(
             tile_protection(ranges, seq_q, state.block_m, q.device),
             tile_protection(ranges, seq_k, state.block_n, q.device),
             scale, threshold, state.block_m, state.block_n,
-            not enabled, write, return_lse,
+            # A fresh state (every list ascending and full) is walked like dense attention.
+            not enabled or state._fresh, write, return_lse,
         )
     next_state = state.advanced(counts, indices) if write else state
     out = out.transpose(1, 2) if layout == "bshd" else out

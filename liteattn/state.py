@@ -57,9 +57,8 @@ class SkipState:
     marked, and a tile's score is measured against the running row maximum of
     the tiles visited before it. A fresh state visits tiles in ascending order
     and marking preserves the order of the survivors. A *full* row (every key
-    tile active) is always visited in ascending order, whatever its list holds:
-    the kernel then computes tile addresses instead of loading them, which runs
-    as fast as dense attention.
+    tile active) is always visited in ascending order, whatever its list holds,
+    and a fresh state (:meth:`full`) is walked by address like dense attention.
 
     The skip set only grows: a call's next state is its current list minus
     the tiles it marked.
@@ -73,6 +72,9 @@ class SkipState:
     block_n: int
     calls: int = 0  # how many attention calls produced this state since it was created
     _spare: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    # True only for a state made by full() and not yet advanced: every list is [0, 1, ..., KT-1],
+    # so the kernel may walk tiles by address instead of loading indices (known without a sync).
+    _fresh: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "seq_len_q", "seq_len_k"):
@@ -124,7 +126,7 @@ class SkipState:
         counts = torch.full((batch, heads, qt), kt, dtype=torch.int32, device=device)
         order = torch.arange(kt, dtype=torch.int16, device=device)
         indices = order.expand(batch, heads, qt, kt).contiguous()
-        return cls(counts, indices, seq_len_q, seq_len_k, block_m, block_n)
+        return cls(counts, indices, seq_len_q, seq_len_k, block_m, block_n, _fresh=True)
 
     @classmethod
     def from_dense(
@@ -190,12 +192,12 @@ class SkipState:
     def clone(self) -> "SkipState":
         """An independent copy (its own buffers), e.g. to keep a snapshot."""
         return SkipState(self.kv_num_blocks.clone(), self.kv_indices.clone(), self.seq_len_q, self.seq_len_k,
-                         self.block_m, self.block_n, self.calls)
+                         self.block_m, self.block_n, self.calls, _fresh=self._fresh)
 
     def to(self, device: torch.device | str) -> "SkipState":
         """A copy on ``device``; the original is untouched."""
         return SkipState(self.kv_num_blocks.to(device, copy=True), self.kv_indices.to(device, copy=True), self.seq_len_q,
-                         self.seq_len_k, self.block_m, self.block_n, self.calls)
+                         self.seq_len_k, self.block_m, self.block_n, self.calls, _fresh=self._fresh)
 
     # ------------------------------------------------------------------ double buffering
     def next_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:

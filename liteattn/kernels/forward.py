@@ -62,37 +62,6 @@ def _load_kv_tile(desc, ptr, start_n, offs_n, offs_d, stride_s, SEQ_K, HEAD_DIM:
     return tile
 
 
-@triton.jit
-def _attend_tile(b_q, t, j, m_i, l_i, acc, k_desc, v_desc, k_ptr, v_ptr, offs_n, offs_d, stride_ks, stride_vs,
-                 SEQ_K, KT, qk_scale, threshold, row_valid, flag_ptrs, ones,
-                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, RAGGED_K: tl.constexpr,
-                 WRITE_STATE: tl.constexpr, UPCAST: tl.constexpr):
-    """Key tile ``j`` (list position ``t``): detection flag, then the online-softmax update."""
-    start_n = j * BLOCK_N
-    b_kt = _load_kv_tile(k_desc, k_ptr, start_n, offs_n, offs_d, stride_ks, SEQ_K, HEAD_DIM, USE_TMA, True)
-    if UPCAST:
-        b_kt = b_kt.to(tl.float32)
-    qk = tl.dot(b_q, b_kt)  # [BM, BN], unscaled
-    if RAGGED_K:
-        if j == KT - 1:  # only the last key tile has columns past SEQ_K
-            qk = tl.where(((start_n + offs_n) < SEQ_K)[None, :], qk, float("-inf"))
-    tile_max = tl.max(qk, 1) * qk_scale  # [BM]
-    if WRITE_STATE:
-        # Rows for which this tile is NOT negligible raise the flag of position t. No cross-warp
-        # reduction here: the per-tile "every row" test is resolved after the loop.
-        row_keep = ((tile_max - m_i) >= threshold) & row_valid
-        tl.store(flag_ptrs + t, ones, mask=row_keep)
-    m_new = tl.maximum(m_i, tile_max)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    b_v = _load_kv_tile(v_desc, v_ptr, start_n, offs_n, offs_d, stride_vs, SEQ_K, HEAD_DIM, USE_TMA, False)
-    if UPCAST:
-        b_v = b_v.to(tl.float32)
-    acc = tl.dot(p.to(b_v.dtype), b_v, acc * alpha[:, None])
-    return m_new, l_i, acc
-
-
 @triton.autotune(configs=_autotune_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "DENSE", "WRITE_STATE", "USE_TMA", "PREFETCH_IDX"])
 @triton.jit
 def _lite_attention_fwd(
@@ -146,6 +115,7 @@ def _lite_attention_fwd(
         n_active = KT
     else:
         n_active = tl.load(KV_COUNT + state_off)
+    full_row = n_active == KT  # a full row is visited in ascending order, whatever its list holds
     idx_ptr = KV_IDX + state_off * KT
     next_idx_ptr = NEXT_IDX + state_off * KT
     if WRITE_STATE:
@@ -162,26 +132,38 @@ def _lite_attention_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    if DENSE or n_active == KT:
-        # A full row is visited in ascending order: tile addresses are affine in t, which the
-        # compiler pipelines better than addresses that come from a loaded index.
-        for t in range(0, KT):
-            m_i, l_i, acc = _attend_tile(
-                b_q, t, t, m_i, l_i, acc, k_desc, v_desc, k_ptr, v_ptr, offs_n, offs_d, stride_ks, stride_vs,
-                SEQ_K, KT, qk_scale, threshold, row_valid, flag_ptrs, ones,
-                HEAD_DIM, BLOCK_N, USE_TMA, RAGGED_K, WRITE_STATE, UPCAST)
-    else:
-        j_next = tl.load(idx_ptr).to(tl.int32)
-        for t in range(0, n_active):
-            if PREFETCH_IDX:  # the next tile's index is known one iteration ahead
-                j = j_next
-                j_next = tl.load(idx_ptr + tl.minimum(t + 1, n_active - 1)).to(tl.int32)
-            else:
-                j = tl.load(idx_ptr + t).to(tl.int32)
-            m_i, l_i, acc = _attend_tile(
-                b_q, t, j, m_i, l_i, acc, k_desc, v_desc, k_ptr, v_ptr, offs_n, offs_d, stride_ks, stride_vs,
-                SEQ_K, KT, qk_scale, threshold, row_valid, flag_ptrs, ones,
-                HEAD_DIM, BLOCK_N, USE_TMA, RAGGED_K, WRITE_STATE, UPCAST)
+    j_next = tl.load(idx_ptr).to(tl.int32)
+    for t in range(0, n_active):
+        if DENSE:
+            j = t
+        elif PREFETCH_IDX:  # the next tile's index is known one iteration ahead
+            j = tl.where(full_row, t, j_next)
+            j_next = tl.load(idx_ptr + tl.minimum(t + 1, n_active - 1)).to(tl.int32)
+        else:
+            j = tl.where(full_row, t, tl.load(idx_ptr + t).to(tl.int32))
+        start_n = j * BLOCK_N
+        b_kt = _load_kv_tile(k_desc, k_ptr, start_n, offs_n, offs_d, stride_ks, SEQ_K, HEAD_DIM, USE_TMA, True)
+        if UPCAST:
+            b_kt = b_kt.to(tl.float32)
+        qk = tl.dot(b_q, b_kt)  # [BM, BN], unscaled
+        if RAGGED_K:
+            if j == KT - 1:  # only the last key tile has columns past SEQ_K
+                qk = tl.where(((start_n + offs_n) < SEQ_K)[None, :], qk, float("-inf"))
+        tile_max = tl.max(qk, 1) * qk_scale  # [BM]
+        if WRITE_STATE:
+            # Rows for which this tile is NOT negligible raise the flag of position t. No
+            # cross-warp reduction here: the per-tile "all rows" test is resolved after the loop.
+            row_keep = ((tile_max - m_i) >= threshold) & row_valid
+            tl.store(flag_ptrs + t, ones, mask=row_keep)
+        m_new = tl.maximum(m_i, tile_max)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        b_v = _load_kv_tile(v_desc, v_ptr, start_n, offs_n, offs_d, stride_vs, SEQ_K, HEAD_DIM, USE_TMA, False)
+        if UPCAST:
+            b_v = b_v.to(tl.float32)
+        acc = tl.dot(p.to(b_v.dtype), b_v, acc * alpha[:, None])
+        m_i = m_new
 
     if WRITE_STATE:
         # Compact the survivors in visiting order, in place over the flags (write position <= read
@@ -192,10 +174,10 @@ def _lite_attention_fwd(
             offs_c = c + tl.arange(0, BLOCK_C)
             in_range = offs_c < n_active
             flag = tl.load(next_idx_ptr + offs_c, mask=in_range, other=0)
-            if DENSE or n_active == KT:
+            if DENSE:
                 ids = offs_c
             else:
-                ids = tl.load(idx_ptr + offs_c, mask=in_range, other=0).to(tl.int32)
+                ids = tl.where(full_row, offs_c, tl.load(idx_ptr + offs_c, mask=in_range, other=0).to(tl.int32))
             k_protected = tl.load(K_PROT + ids, mask=in_range, other=0) != 0
             keep = in_range & ((flag != 0) | (offs_c == 0) | k_protected | q_protected)
             keep_i = keep.to(tl.int32)
