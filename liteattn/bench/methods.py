@@ -93,17 +93,23 @@ def liteattn_dense(inputs: Inputs) -> Callable[[], torch.Tensor]:
     return call
 
 
-def liteattn_detect(inputs: Inputs) -> tuple[Callable[[], torch.Tensor], Callable[[], int]]:
+def liteattn_detect(inputs: Inputs, fresh: bool = True) -> tuple[Callable[[], torch.Tensor], Callable[[], int]]:
     """Skipping on, nothing skipped, a threshold that marks nothing.
 
     Returns the call and a function giving how many tiles the last call
     marked, which must be 0 for the time to mean "detection overhead".
     Every call reads the same full state and writes its spare buffers, so
-    repeated calls do identical work.
+    repeated calls do identical work. ``fresh=True`` is the first step of a
+    generation (a new state, walked by address); ``fresh=False`` is a later
+    step whose lists are still full (walked through the index list).
     """
-    b, h, _, _ = inputs.tiles
+    b, h, qt, kt = inputs.tiles
     s = inputs.shape.seq_len
-    full = SkipState.full(b, h, s, s, *inputs.block, device=inputs.q.device)
+    if fresh:
+        full = SkipState.full(b, h, s, s, *inputs.block, device=inputs.q.device)
+    else:
+        every = torch.ones(b, h, qt, kt, dtype=torch.bool, device=inputs.q.device)
+        full = SkipState.from_dense(every, s, s, *inputs.block)
     total = int(full.kv_num_blocks.sum(dtype=torch.int64))
     last: dict[str, SkipState] = {}
 

@@ -14,7 +14,7 @@ from .results import Row
 __all__ = ["plot_rows"]
 
 _METHOD_COLORS = {"sdpa-cudnn": "black", "sdpa-flash": "tab:gray", "liteattn-dense": "tab:blue",
-                  "liteattn-detect": "tab:cyan", "flex": "tab:orange", "liteattn-sparse": "tab:green"}
+                  "liteattn-detect": "tab:cyan", "liteattn-detect-list": "tab:purple", "flex": "tab:orange", "liteattn-sparse": "tab:green"}
 _PATTERN_STYLES = {"random": ("o", "-"), "banded": ("s", "--"), "per-head": ("^", ":")}
 
 

@@ -23,6 +23,7 @@ DENSE_TARGET, DETECT_TARGET, SPARSE_TARGET = 1.00, 1.03, 1.10
 RATIO_TARGETS = {
     "liteattn-dense / sdpa-cudnn": DENSE_TARGET,
     "liteattn-detect / liteattn-dense": DETECT_TARGET,
+    "liteattn-detect-list / liteattn-dense": DETECT_TARGET,
     "liteattn-sparse / ((1-s) sdpa-cudnn)": SPARSE_TARGET,
     "liteattn-sparse / ((1-s) liteattn-dense)": SPARSE_TARGET,
     "flex / ((1-s) sdpa-cudnn)": SPARSE_TARGET,
@@ -116,11 +117,12 @@ def compute_ratios(rows: Iterable[Row]) -> list[Ratio]:
     ratios = []
     for shape in dict.fromkeys(r.shape for r in rows):
         cudnn, lite = dense.get((shape, "sdpa-cudnn")), dense.get((shape, "liteattn-dense"))
-        detect = dense.get((shape, "liteattn-detect"))
         if lite and cudnn:
             ratios.append(_ratio(shape, "liteattn-dense / sdpa-cudnn", None, 0.0, lite / cudnn))
-        if detect and lite:
-            ratios.append(_ratio(shape, "liteattn-detect / liteattn-dense", None, 0.0, detect / lite))
+        for name in ("liteattn-detect", "liteattn-detect-list"):
+            detect = dense.get((shape, name))
+            if detect and lite:
+                ratios.append(_ratio(shape, f"{name} / liteattn-dense", None, 0.0, detect / lite))
         for r in rows:
             if r.shape != shape or r.pattern is None or r.method not in ("liteattn-sparse", "flex"):
                 continue

@@ -68,6 +68,7 @@ class BenchRun:
             "sdpa-flash": lambda: (M.sdpa(inputs, "flash"), None),
             "liteattn-dense": lambda: (M.liteattn_dense(inputs), None),
             "liteattn-detect": lambda: _with_detect_check(*M.liteattn_detect(inputs)),
+            "liteattn-detect-list": lambda: _with_detect_check(*M.liteattn_detect(inputs, fresh=False)),
         }
         for name, build in dense.items():
             if name in self.selected:
