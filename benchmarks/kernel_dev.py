@@ -102,9 +102,10 @@ def timings(rows, shapes, block_sizes):
         res["list_ms"] = bench(lambda: lite_attention(q, k, v, full_list, threshold=float("-inf")))
         res["detect_list_ms"] = bench(lambda: lite_attention(q, k, v, full_list, threshold=-1e4))
         import liteattn.kernels.forward as fwd
-        fwd.SCHEDULE_BY_WORK = False
-        res["list_unordered_ms"] = bench(lambda: lite_attention(q, k, v, full_list, threshold=float("-inf")))
-        fwd.SCHEDULE_BY_WORK = True
+        fwd.FLAG_WORDS = False
+        res["detect_flagstores_ms"] = bench(lambda: lite_attention(q, k, v, full, threshold=-1e4))
+        res["detect_list_flagstores_ms"] = bench(lambda: lite_attention(q, k, v, full_list, threshold=-1e4))
+        fwd.FLAG_WORDS = True
         for frac in (0.5, 0.9):  # banded: every query tile keeps the same number of tiles around its diagonal
             width = max(1, round((1 - frac) * kt))
             centre = (torch.arange(qt, device="cuda") * kt) // qt

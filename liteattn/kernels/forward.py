@@ -31,6 +31,9 @@ SCHEDULE_BY_WORK = True
 # Experiment switches (see KERNEL_NOTES.md).
 PREFETCH_INDEX = True
 LIST_USE_TMA = True
+# Detection flags: one 32-bit word per 32 visited tiles, reduced across rows once per word (True), or a
+# flag store per row and tile into the next list (False).
+FLAG_WORDS = True
 
 
 def _interpreting() -> bool:
@@ -62,11 +65,16 @@ def _load_kv_tile(desc, ptr, start_n, offs_n, offs_d, stride_s, SEQ_K, HEAD_DIM:
     return tile
 
 
-@triton.autotune(configs=_autotune_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "DENSE", "WRITE_STATE", "USE_TMA", "PREFETCH_IDX"])
+@triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.autotune(configs=_autotune_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "DENSE", "WRITE_STATE", "USE_TMA", "PREFETCH_IDX", "FLAG_WORDS"])
 @triton.jit
 def _lite_attention_fwd(
     Q, K, V, O, LSE,
-    KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, ORDER,
+    KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, ORDER, FLAGS, NW,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -76,7 +84,7 @@ def _lite_attention_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DENSE: tl.constexpr, WRITE_STATE: tl.constexpr, RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr,
     RAGGED_K: tl.constexpr, BLOCK_C: tl.constexpr, USE_ORDER: tl.constexpr, PREFETCH_IDX: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, FLAG_WORDS: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
     if USE_ORDER:  # heaviest query tiles of a head first, so short ones fill the tail
@@ -118,7 +126,9 @@ def _lite_attention_fwd(
     full_row = n_active == KT  # a full row is visited in ascending order, whatever its list holds
     idx_ptr = KV_IDX + state_off * KT
     next_idx_ptr = NEXT_IDX + state_off * KT
-    if WRITE_STATE:
+    flag_words = FLAGS + state_off * NW
+    bits = tl.zeros([BLOCK_M], dtype=tl.int32)  # per row: bit (t % 32) set if tile t is not negligible
+    if WRITE_STATE and not FLAG_WORDS:
         # The next list doubles as a scratch row of "some row was not negligible" flags,
         # one per visited position; zero it first (barrier: the flag stores must land after).
         for c in range(0, n_active, BLOCK_C):
@@ -154,7 +164,14 @@ def _lite_attention_fwd(
             # Rows for which this tile is NOT negligible raise the flag of position t. No
             # cross-warp reduction here: the per-tile "all rows" test is resolved after the loop.
             row_keep = ((tile_max - m_i) >= threshold) & row_valid
-            tl.store(flag_ptrs + t, ones, mask=row_keep)
+            if FLAG_WORDS:
+                # Collect 32 tiles' flags per row in a register, OR them across rows once per 32 tiles.
+                bits = bits | (row_keep.to(tl.int32) << (t % 32))
+                if (t % 32 == 31) | (t == n_active - 1):
+                    tl.store(flag_words + t // 32, tl.reduce(bits, 0, _bit_or))
+                    bits = tl.zeros([BLOCK_M], dtype=tl.int32)
+            else:
+                tl.store(flag_ptrs + t, ones, mask=row_keep)
         m_new = tl.maximum(m_i, tile_max)
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -173,7 +190,10 @@ def _lite_attention_fwd(
         for c in range(0, n_active, BLOCK_C):
             offs_c = c + tl.arange(0, BLOCK_C)
             in_range = offs_c < n_active
-            flag = tl.load(next_idx_ptr + offs_c, mask=in_range, other=0)
+            if FLAG_WORDS:
+                flag = (tl.load(flag_words + offs_c // 32, mask=in_range, other=0) >> (offs_c % 32)) & 1
+            else:
+                flag = tl.load(next_idx_ptr + offs_c, mask=in_range, other=0)
             if DENSE:
                 ids = offs_c
             else:
@@ -234,9 +254,12 @@ def lite_attention_fwd(
     grid = (qt, bsz * nheads)
     use_order = SCHEDULE_BY_WORK and not dense
     order = torch.argsort(kv_num_blocks, dim=-1, descending=True).to(torch.int32) if use_order else kv_num_blocks
+    n_words = triton.cdiv(kt, 32)
+    flags = torch.empty((bsz * nheads * qt * n_words) if write_state and FLAG_WORDS else 1,
+                        dtype=torch.int32, device=q.device)
     _lite_attention_fwd[grid](
         q, k, v, out, lse,
-        kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect, k_protect, order,
+        kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect, k_protect, order, flags, n_words,
         q.stride(0), q.stride(2), q.stride(1),
         k.stride(0), k.stride(2), k.stride(1),
         v.stride(0), v.stride(2), v.stride(1),
@@ -246,6 +269,6 @@ def lite_attention_fwd(
         HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_M=block_m, BLOCK_N=block_n,
         DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse, USE_TMA=use_tma,
         RAGGED_K=seq_k % block_n != 0, BLOCK_C=128, USE_ORDER=use_order, PREFETCH_IDX=PREFETCH_INDEX,
-        UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+        UPCAST=_interpreting() and q.dtype == torch.bfloat16, FLAG_WORDS=FLAG_WORDS,
     )
     return out, lse
