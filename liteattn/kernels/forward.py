@@ -33,7 +33,7 @@ PREFETCH_INDEX = True
 LIST_USE_TMA = True
 # Detection flags: one 32-bit word per 32 visited tiles, reduced across rows once per word (True), or a
 # flag store per row and tile into the next list (False).
-FLAG_WORDS = True
+FLAG_WORDS = False
 
 
 def _interpreting() -> bool:
