@@ -329,9 +329,9 @@ def test_torch_compile_matches_eager(local_qkv, fresh_dynamo, gen):
 @pytest.mark.parametrize("fullgraph", [
     False,
     pytest.param(True, marks=pytest.mark.xfail(
-        strict=True, reason="attention.py _kernel_ready asks for the tensor's address (data_ptr(), then storage_offset()), "
-        "which Dynamo cannot trace: the Triton path graph-breaks before the custom op and fullgraph=True raises "
-        "Unsupported")),
+        strict=True, reason="attention.py _kernel_ready asks for the tensor's address (data_ptr(), then "
+        "storage_offset()), which Dynamo cannot trace: the Triton path graph-breaks before the custom op and "
+        "fullgraph=True raises Unsupported")),
 ])
 def test_torch_compile_triton_custom_op(fullgraph, local_qkv, kernel_device, fresh_dynamo, gen):
     pytest.importorskip("triton")
