@@ -28,15 +28,6 @@ def _to_bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _kernel_ready(x: torch.Tensor) -> torch.Tensor:
-    """Unit head_dim stride and 16-byte aligned rows, as the kernel's tile loads need."""
-    # Allocations are 256-byte aligned, so a view is aligned when its offset is (traceable by Dynamo,
-    # unlike data_ptr()).
-    aligned = x.stride(-1) == 1 and all((s * x.element_size()) % 16 == 0 for s in x.stride()[:-1])
-    aligned = aligned and (x.storage_offset() * x.element_size()) % 16 == 0
-    return x if aligned else x.contiguous()
-
-
 def _prepare_state(state, bsz, nheads, seq_q, seq_k, block_size, device) -> SkipState:
     bm, bn = block_size
     if state is not None:
@@ -121,10 +112,12 @@ def lite_attention(
             compute_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
             write_state=write,
         ) if enabled else _dense_reference(qh, kh, vh, state, scale)
+        if write:  # same buffer discipline as the kernel: the next state lives in the spare pair
+            spare_counts, spare_indices = state.next_buffers()
+            counts, indices = spare_counts.copy_(counts), spare_indices.copy_(indices)
     else:
         from .kernels.op import lite_attention_op
 
-        qh, kh, vh = (_kernel_ready(x) for x in (qh, kh, vh))
         counts, indices = state.next_buffers() if write else (state.kv_num_blocks, state.kv_indices)
         out, lse = lite_attention_op(
             qh, kh, vh, state.kv_num_blocks, state.kv_indices, counts, indices,
@@ -132,7 +125,7 @@ def lite_attention(
             tile_protection(ranges, seq_k, state.block_n, q.device),
             scale, threshold, state.block_m, state.block_n,
             # A fresh state (every list ascending and full) is walked like dense attention.
-            not enabled or state._fresh, write, return_lse,
+            not enabled or state.is_fresh(), write, return_lse,
         )
     next_state = state.advanced(counts, indices) if write else state
     out = out.transpose(1, 2) if layout == "bshd" else out

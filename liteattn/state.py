@@ -6,11 +6,12 @@ tiles it computes. A count plus an index list (FlexAttention's
 ``kv_num_blocks`` / ``kv_indices``) gives that with one scalar load per tile.
 
 Why two buffers: the kernel reads the current list and writes the next one
-in the same pass. Writing in place would race with other programs reading
-nothing else, but it would also destroy the list a caller may still want
-(e.g. to retry a step). So each state owns a spare pair of buffers; a call
-reads ``(kv_num_blocks, kv_indices)``, writes the spare, and returns a new
-:class:`SkipState` whose spare is the old current pair. Nothing is allocated
+in the same pass, and the caller may still want the list it passed (e.g. to
+retry a step). So each state owns a spare pair of buffers; a call reads
+``(kv_num_blocks, kv_indices)``, writes the spare, and returns a new
+:class:`SkipState` whose spare is the old current pair. Calling twice with the
+same state is a retry: both calls read the same lists, and the second result
+replaces the first (they share the spare pair). Nothing is allocated
 per call.
 """
 from __future__ import annotations
@@ -72,9 +73,10 @@ class SkipState:
     block_n: int
     calls: int = 0  # how many attention calls produced this state since it was created
     _spare: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
-    # True only for a state made by full() and not yet advanced: every list is [0, 1, ..., KT-1],
-    # so the kernel may walk tiles by address instead of loading indices (known without a sync).
-    _fresh: bool = field(default=False, repr=False)
+    # Set by full(): the tensors' version counters at creation. While they are unchanged every list is
+    # [0, 1, ..., KT-1], so the kernel may walk tiles by address instead of loading indices (known
+    # without a device sync). Any in-place edit bumps a counter and the state is walked as a list.
+    _fresh_versions: tuple[int, int] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "seq_len_q", "seq_len_k"):
@@ -126,7 +128,7 @@ class SkipState:
         counts = torch.full((batch, heads, qt), kt, dtype=torch.int32, device=device)
         order = torch.arange(kt, dtype=torch.int16, device=device)
         indices = order.expand(batch, heads, qt, kt).contiguous()
-        return cls(counts, indices, seq_len_q, seq_len_k, block_m, block_n, _fresh=True)
+        return cls(counts, indices, seq_len_q, seq_len_k, block_m, block_n)._mark_fresh()
 
     @classmethod
     def from_dense(
@@ -191,13 +193,25 @@ class SkipState:
 
     def clone(self) -> "SkipState":
         """An independent copy (its own buffers), e.g. to keep a snapshot."""
-        return SkipState(self.kv_num_blocks.clone(), self.kv_indices.clone(), self.seq_len_q, self.seq_len_k,
-                         self.block_m, self.block_n, self.calls, _fresh=self._fresh)
+        copy = SkipState(self.kv_num_blocks.clone(), self.kv_indices.clone(), self.seq_len_q, self.seq_len_k,
+                         self.block_m, self.block_n, self.calls)
+        return copy._mark_fresh() if self.is_fresh() else copy
 
     def to(self, device: torch.device | str) -> "SkipState":
         """A copy on ``device``; the original is untouched."""
-        return SkipState(self.kv_num_blocks.to(device, copy=True), self.kv_indices.to(device, copy=True), self.seq_len_q,
-                         self.seq_len_k, self.block_m, self.block_n, self.calls, _fresh=self._fresh)
+        moved = SkipState(self.kv_num_blocks.to(device, copy=True), self.kv_indices.to(device, copy=True),
+                          self.seq_len_q, self.seq_len_k, self.block_m, self.block_n, self.calls)
+        return moved._mark_fresh() if self.is_fresh() else moved
+
+    def _mark_fresh(self) -> "SkipState":
+        self._fresh_versions = (self.kv_num_blocks._version, self.kv_indices._version)
+        return self
+
+    def is_fresh(self) -> bool:
+        """True for a state from :meth:`full` that nothing has written since (every list full, ascending)."""
+        if self._fresh_versions is None or torch.compiler.is_compiling():
+            return False
+        return (self.kv_num_blocks._version, self.kv_indices._version) == self._fresh_versions
 
     # ------------------------------------------------------------------ double buffering
     def next_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:

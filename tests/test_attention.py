@@ -326,13 +326,7 @@ def test_torch_compile_matches_eager(local_qkv, fresh_dynamo, gen):
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # interpreter noise
-@pytest.mark.parametrize("fullgraph", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(
-        strict=True, reason="attention.py _kernel_ready asks for the tensor's address (data_ptr(), then "
-        "storage_offset()), which Dynamo cannot trace: the Triton path graph-breaks before the custom op and "
-        "fullgraph=True raises Unsupported")),
-])
+@pytest.mark.parametrize("fullgraph", [False, True])
 def test_torch_compile_triton_custom_op(fullgraph, local_qkv, kernel_device, fresh_dynamo, gen):
     pytest.importorskip("triton")
     q, k, v = (x.half().to(kernel_device) for x in local_qkv(1, 48, 2, 2, 32, generator=gen))

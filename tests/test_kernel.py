@@ -225,10 +225,6 @@ def test_non_contiguous_state(gen, local_qkv, random_tile_mask, kernel_device):
     torch.testing.assert_close(out.cpu().float(), want.float(), rtol=0, atol=6e-3)
 
 
-@pytest.mark.xfail(strict=True, reason="SkipState.full() sets _fresh=True and lite_attention then launches the "
-                   "kernel with DENSE=True (attention.py: 'not enabled or state._fresh'), which ignores "
-                   "kv_num_blocks/kv_indices; in-place edits of a fresh state's lists are honoured by the torch "
-                   "backend but not by the kernel")
 def test_edited_fresh_state_is_honoured(gen, local_qkv, kernel_device):
     q, k, v = (x.half() for x in local_qkv(1, 64, 1, 1, 32, generator=gen))
 

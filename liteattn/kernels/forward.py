@@ -228,6 +228,12 @@ def tma_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def _kernel_ready(x: torch.Tensor) -> torch.Tensor:
+    """Unit head_dim stride and 16-byte aligned rows and base, as the kernel's tile loads need."""
+    aligned = x.stride(-1) == 1 and all((s * x.element_size()) % 16 == 0 for s in x.stride()[:-1])
+    return x if aligned and x.data_ptr() % 16 == 0 else x.contiguous()
+
+
 def lite_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
@@ -242,9 +248,10 @@ def lite_attention_fwd(
     ``out`` with q's strides order (BHSD view) and ``lse (B, H, S_q)`` float32
     (an empty tensor when ``return_lse`` is False).
     """
+    out = torch.empty_like(q)  # the caller's strides (matches the op's fake implementation)
+    q, k, v = (_kernel_ready(x) for x in (q, k, v))
     bsz, nheads, seq_q, dim = q.shape
     seq_k = k.shape[2]
-    out = torch.empty_like(q)
     lse = torch.empty((bsz, nheads, seq_q) if return_lse else (0,), dtype=torch.float32, device=q.device)
     qt, kt = triton.cdiv(seq_q, block_m), triton.cdiv(seq_k, block_n)
     if use_tma is None:
