@@ -1,0 +1,84 @@
+"""Figures of the demo: sparsity per denoising step and skip masks (matplotlib, imported lazily)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["plot_skip_masks", "plot_sparsity"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_sparsity(per_step: dict[int, float], per_layer: dict[str, dict[int, float]], path: str | Path,
+                  title: str) -> Path:
+    """Skipped fraction of tiles per step: the mean over layers (thick) and each layer (thin)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for name, steps in per_layer.items():
+        xs = sorted(steps)
+        ax.plot(xs, [100 * steps[s] for s in xs], lw=0.9, alpha=0.6, label=name)
+    xs = sorted(per_step)
+    ax.plot(xs, [100 * per_step[s] for s in xs], color="black", lw=2.2, label="mean")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel("tiles skipped (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2, loc="upper left")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_skip_masks(masks: dict[str, torch.Tensor], path: str | Path, tiles_per_frame: tuple[float, float],
+                    title: str) -> Path:
+    """One row per layer, one column per head: query tile x key tile, computed (light) or skipped (dark).
+
+    ``masks`` maps a layer name to a bool ``(H, QT, KT)`` tensor (True = computed),
+    i.e. ``SkipState.to_dense()[0]``. ``tiles_per_frame`` is (query tiles, key tiles)
+    per video frame: dotted lines mark frame boundaries.
+    """
+    plt = _pyplot()
+    names = list(masks)
+    heads = max(m.shape[0] for m in masks.values())
+    fig, axes = plt.subplots(len(names), heads, figsize=(2.1 * heads, 2.2 * len(names)), squeeze=False)
+    for row, name in enumerate(names):
+        mask = masks[name].cpu()
+        for h in range(heads):
+            ax = axes[row, h]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if h >= mask.shape[0]:
+                ax.axis("off")
+                continue
+            ax.imshow(mask[h].float().numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+            per_q, per_k = tiles_per_frame
+            if per_k >= 1:
+                for b in torch.arange(per_k, mask.shape[-1], per_k).tolist():
+                    ax.axvline(b - 0.5, color="tab:orange", lw=0.4, ls=":")
+            if per_q >= 1:
+                for b in torch.arange(per_q, mask.shape[-2], per_q).tolist():
+                    ax.axhline(b - 0.5, color="tab:orange", lw=0.4, ls=":")
+            skipped = 1 - mask[h].float().mean().item()
+            ax.set_title(f"{name} h{h}: {skipped:.0%} skipped", fontsize=7)
+            if h == 0:
+                ax.set_ylabel("query tile", fontsize=7)
+            if row == len(names) - 1:
+                ax.set_xlabel("key tile", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
