@@ -5,7 +5,7 @@ transformer predicts the velocity ``noise - x0``; AdamW, bf16 autocast on a
 GPU, an exponential moving average of the weights (what gets saved), and the
 prompt dropped 10% of the time so classifier-free guidance works.
 
-Why a time budget rather than a step count: the model is trained on a lent
+Why a time budget rather than a step count: the model is trained on a borrowed
 GPU for a fixed number of minutes; the learning rate follows a cosine over
 that time, so the run ends annealed whatever the machine's speed.
 
