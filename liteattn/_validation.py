@@ -112,8 +112,20 @@ def flat_to_ranges(flat: Sequence[int]) -> list[tuple[int, int]]:
     return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
 
-def validate_must_do(must_do, seq_len: int) -> list[tuple[int, int]]:
-    """Token ranges ``[(start, end), ...]`` (end exclusive) inside ``[0, seq_len]``, not overlapping."""
+def validate_threshold_schedule(threshold) -> float | tuple[float, ...]:
+    """A negative float, or a non-empty per-step sequence of them (returned as a tuple)."""
+    if isinstance(threshold, (list, tuple)):
+        if not threshold:
+            raise ValueError("threshold: a per-step schedule must not be empty")
+        return tuple(validate_threshold(t) for t in threshold)
+    return validate_threshold(threshold)
+
+
+def validate_must_do(must_do, seq_len: int | None) -> list[tuple[int, int]]:
+    """Token ranges ``[(start, end), ...]`` (end exclusive) inside ``[0, seq_len]``, not overlapping.
+
+    ``seq_len=None`` checks everything but the upper bound (for configs made before any input is seen).
+    """
     if must_do is None:
         return []
     if not isinstance(must_do, Iterable):
@@ -124,8 +136,9 @@ def validate_must_do(must_do, seq_len: int) -> list[tuple[int, int]]:
             start, end = (int(x) for x in item)
         except (TypeError, ValueError):
             raise ValueError(f"must_do: expected (start, end) pairs, got {item!r}") from None
-        if not 0 <= start < end <= seq_len:
-            raise ValueError(f"must_do: range ({start}, {end}) must satisfy 0 <= start < end <= seq_len_k={seq_len}")
+        if not 0 <= start < end or (seq_len is not None and end > seq_len):
+            bound = "" if seq_len is None else f" <= seq_len_k={seq_len}"
+            raise ValueError(f"must_do: range ({start}, {end}) must satisfy 0 <= start < end{bound}")
         ranges.append((start, end))
     ranges.sort()
     for (s0, e0), (s1, e1) in zip(ranges, ranges[1:]):

@@ -184,12 +184,8 @@ class LiteAttention(nn.Module):
     # -- configuration -------------------------------------------------------------
     def set_threshold(self, threshold: float | Sequence[float]) -> None:
         """A negative float, or a per-step sequence of them."""
-        if isinstance(threshold, (list, tuple)):
-            if not threshold:
-                raise ValueError("threshold: a per-step schedule must not be empty")
-            self._thresholds = [V.validate_threshold(t) for t in threshold]
-        else:
-            self._thresholds = [V.validate_threshold(threshold)]
+        schedule = V.validate_threshold_schedule(threshold)
+        self._thresholds = list(schedule) if isinstance(schedule, tuple) else [schedule]
 
     @property
     def threshold(self) -> float:

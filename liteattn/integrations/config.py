@@ -73,7 +73,7 @@ class LiteAttentionConfig:
 
     def __post_init__(self) -> None:
         # Frozen: the fields are normalised (lists to tuples, checked) once, here.
-        object.__setattr__(self, "threshold", _thresholds(self.threshold))
+        object.__setattr__(self, "threshold", V.validate_threshold_schedule(self.threshold))
         if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int) or self.dense_steps < 0:
             raise ValueError(f"dense_steps: expected an int >= 0 (steps run dense first), got {self.dense_steps!r}")
         object.__setattr__(self, "block_size", V.validate_block_size(self.block_size))
@@ -95,14 +95,6 @@ class LiteAttentionConfig:
     def is_dense_step(self, step: int) -> bool:
         """Whether step ``step`` runs the model's own dense attention."""
         return step < self.dense_steps
-
-
-def _thresholds(threshold) -> float | tuple[float, ...]:
-    if isinstance(threshold, (list, tuple)):
-        if not threshold:
-            raise ValueError("threshold: a per-step schedule must not be empty")
-        return tuple(V.validate_threshold(t) for t in threshold)
-    return V.validate_threshold(threshold)
 
 
 def _patterns(name: str, patterns) -> tuple[str, ...]:
