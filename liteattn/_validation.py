@@ -121,11 +121,8 @@ def validate_threshold_schedule(threshold) -> float | tuple[float, ...]:
     return validate_threshold(threshold)
 
 
-def validate_must_do(must_do, seq_len: int | None) -> list[tuple[int, int]]:
-    """Token ranges ``[(start, end), ...]`` (end exclusive) inside ``[0, seq_len]``, not overlapping.
-
-    ``seq_len=None`` checks everything but the upper bound (for configs made before any input is seen).
-    """
+def validate_must_do(must_do, seq_len: int) -> list[tuple[int, int]]:
+    """Token ranges ``[(start, end), ...]`` (end exclusive) inside ``[0, seq_len]``, not overlapping."""
     if must_do is None:
         return []
     if not isinstance(must_do, Iterable):
@@ -136,9 +133,8 @@ def validate_must_do(must_do, seq_len: int | None) -> list[tuple[int, int]]:
             start, end = (int(x) for x in item)
         except (TypeError, ValueError):
             raise ValueError(f"must_do: expected (start, end) pairs, got {item!r}") from None
-        if not 0 <= start < end or (seq_len is not None and end > seq_len):
-            bound = "" if seq_len is None else f" <= seq_len_k={seq_len}"
-            raise ValueError(f"must_do: range ({start}, {end}) must satisfy 0 <= start < end{bound}")
+        if not 0 <= start < end <= seq_len:
+            raise ValueError(f"must_do: range ({start}, {end}) must satisfy 0 <= start < end <= seq_len_k={seq_len}")
         ranges.append((start, end))
     ranges.sort()
     for (s0, e0), (s1, e1) in zip(ranges, ranges[1:]):
