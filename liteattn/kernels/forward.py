@@ -28,9 +28,6 @@ LOG2E = 1.4426950408889634
 
 # Launch query tiles of each head in decreasing order of active key tiles (longest first).
 SCHEDULE_BY_WORK = True
-# Experiment switches (see KERNEL_NOTES.md).
-PREFETCH_INDEX = True
-LIST_USE_TMA = True
 # Detection flags: one 32-bit word per 32 visited tiles, reduced across rows once per word (True), or a
 # flag store per row and tile into the next list (False).
 FLAG_WORDS = False
@@ -70,7 +67,7 @@ def _bit_or(a, b):
     return a | b
 
 
-@triton.autotune(configs=_autotune_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "DENSE", "WRITE_STATE", "USE_TMA", "PREFETCH_IDX", "FLAG_WORDS"])
+@triton.autotune(configs=_autotune_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "DENSE", "WRITE_STATE", "USE_TMA", "FLAG_WORDS"])
 @triton.jit
 def _lite_attention_fwd(
     Q, K, V, O, LSE,
@@ -83,7 +80,7 @@ def _lite_attention_fwd(
     qk_scale, threshold,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DENSE: tl.constexpr, WRITE_STATE: tl.constexpr, RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr,
-    RAGGED_K: tl.constexpr, BLOCK_C: tl.constexpr, USE_ORDER: tl.constexpr, PREFETCH_IDX: tl.constexpr,
+    RAGGED_K: tl.constexpr, BLOCK_C: tl.constexpr, USE_ORDER: tl.constexpr,
     UPCAST: tl.constexpr, FLAG_WORDS: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
@@ -146,11 +143,9 @@ def _lite_attention_fwd(
     for t in range(0, n_active):
         if DENSE:
             j = t
-        elif PREFETCH_IDX:  # the next tile's index is known one iteration ahead
+        else:  # the next tile's index is loaded one iteration ahead (KERNEL_NOTES.md, v2)
             j = tl.where(full_row, t, j_next)
             j_next = tl.load(idx_ptr + tl.minimum(t + 1, n_active - 1)).to(tl.int32)
-        else:
-            j = tl.where(full_row, t, tl.load(idx_ptr + t).to(tl.int32))
         start_n = j * BLOCK_N
         b_kt = _load_kv_tile(k_desc, k_ptr, start_n, offs_n, offs_d, stride_ks, SEQ_K, HEAD_DIM, USE_TMA, True)
         if UPCAST:
@@ -255,7 +250,7 @@ def lite_attention_fwd(
     lse = torch.empty((bsz, nheads, seq_q) if return_lse else (0,), dtype=torch.float32, device=q.device)
     qt, kt = triton.cdiv(seq_q, block_m), triton.cdiv(seq_k, block_n)
     if use_tma is None:
-        use_tma = tma_supported(q.device) and (dense or LIST_USE_TMA)
+        use_tma = tma_supported(q.device)
     if use_tma:
         triton.set_allocator(_tma_allocator)
     grid = (qt, bsz * nheads)
@@ -275,7 +270,7 @@ def lite_attention_fwd(
         scale * LOG2E, threshold,
         HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_M=block_m, BLOCK_N=block_n,
         DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse, USE_TMA=use_tma,
-        RAGGED_K=seq_k % block_n != 0, BLOCK_C=128, USE_ORDER=use_order, PREFETCH_IDX=PREFETCH_INDEX,
+        RAGGED_K=seq_k % block_n != 0, BLOCK_C=128, USE_ORDER=use_order,
         UPCAST=_interpreting() and q.dtype == torch.bfloat16, FLAG_WORDS=FLAG_WORDS,
     )
     return out, lse
