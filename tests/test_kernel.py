@@ -237,3 +237,18 @@ def test_edited_fresh_state_is_honoured(gen, local_qkv, kernel_device):
     out, _ = lite_attention(*(x.to(kernel_device) for x in (q, k, v)), edited().to(kernel_device),
                             threshold=float("-inf"), layout="bhsd", backend="triton")
     torch.testing.assert_close(out.cpu().float(), want.float(), rtol=0, atol=6e-3)
+
+
+@pytest.mark.parametrize("flag_words", [True, False])
+def test_detection_flag_variants_match_reference(flag_words, monkeypatch, gen, local_qkv, shuffled_state, check):
+    """Both ways of recording detection flags (32-tile words with atomics, per-tile stores) agree with the
+    reference on a list longer than one 32-tile word, with full and partial rows."""
+    import liteattn.kernels.forward as forward
+    monkeypatch.setattr(forward, "FLAG_WORDS", flag_words)
+    q, k, v = (x.half() for x in local_qkv(1, 75, 2, 1, 32, seq_len_k=1100, generator=gen))
+    mask = torch.ones(1, 2, 5, 69, dtype=torch.bool)
+    mask[0, 1, 2, 40:] = False  # a partial list next to full ones
+    state = shuffled_state(SkipState.from_dense(mask, 75, 1100, 16, 16), generator=gen)
+    nxt, marked = check(q, k, v, state, threshold=-3.0)
+    assert marked > 0
+    check(q, k, v, nxt, threshold=-3.0)

@@ -28,9 +28,10 @@ LOG2E = 1.4426950408889634
 
 # Launch query tiles of each head in decreasing order of active key tiles (longest first).
 SCHEDULE_BY_WORK = True
-# Detection flags: one 32-bit word per 32 visited tiles, reduced across rows once per word (True), or a
-# flag store per row and tile into the next list (False).
-FLAG_WORDS = False
+# Detection flags. True: each row ORs its "not negligible" bits into a 32-bit register word, merged into
+# memory with relaxed atomic ORs once per 32 tiles (no per-tile store, no cross-warp reduction).
+# False: one masked flag store per row and tile into the next list (KERNEL_NOTES.md, v1 and v5).
+FLAG_WORDS = True
 
 
 def _interpreting() -> bool:
@@ -63,8 +64,18 @@ def _load_kv_tile(desc, ptr, start_n, offs_n, offs_d, stride_s, SEQ_K, HEAD_DIM:
 
 
 @triton.jit
-def _bit_or(a, b):
-    return a | b
+def _store_output(O, LSE, acc, l_i, m_i, b, h, pid_bh, offs_m, offs_d, row_valid, stride_ob, stride_os, stride_oh,
+                  SEQ_Q, HEAD_DIM: tl.constexpr, RETURN_LSE: tl.constexpr):
+    """Normalise and store the output rows (and the LSE); rows that saw no key get zeros."""
+    has_mass = l_i > 0
+    safe_l = tl.where(has_mass, l_i, 1.0)
+    out = tl.where(has_mass[:, None], acc / safe_l[:, None], 0.0)
+    o_ptr = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_ptr + offs_m[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :])
+    if RETURN_LSE:
+        lse = tl.where(has_mass, (m_i + tl.math.log2(safe_l)) * 0.6931471805599453, float("-inf"))
+        tl.store(LSE + pid_bh.to(tl.int64) * SEQ_Q + offs_m, lse, mask=row_valid)
 
 
 @triton.autotune(configs=_autotune_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "DENSE", "WRITE_STATE", "USE_TMA", "FLAG_WORDS"])
@@ -160,10 +171,11 @@ def _lite_attention_fwd(
             # cross-warp reduction here: the per-tile "all rows" test is resolved after the loop.
             row_keep = ((tile_max - m_i) >= threshold) & row_valid
             if FLAG_WORDS:
-                # Collect 32 tiles' flags per row in a register, OR them across rows once per 32 tiles.
+                # Collect 32 tiles' flags per row in a register; merge across rows once per 32 tiles.
                 bits = bits | (row_keep.to(tl.int32) << (t % 32))
                 if (t % 32 == 31) | (t == n_active - 1):
-                    tl.store(flag_words + t // 32, tl.reduce(bits, 0, _bit_or))
+                    tl.atomic_or(flag_words + t // 32 + tl.zeros([BLOCK_M], dtype=tl.int32), bits,
+                                 mask=bits != 0, sem="relaxed")
                     bits = tl.zeros([BLOCK_M], dtype=tl.int32)
             else:
                 tl.store(flag_ptrs + t, ones, mask=row_keep)
@@ -185,8 +197,9 @@ def _lite_attention_fwd(
         for c in range(0, n_active, BLOCK_C):
             offs_c = c + tl.arange(0, BLOCK_C)
             in_range = offs_c < n_active
-            if FLAG_WORDS:
-                flag = (tl.load(flag_words + offs_c // 32, mask=in_range, other=0) >> (offs_c % 32)) & 1
+            if FLAG_WORDS:  # written by atomics (at L2): read past L1
+                words = tl.load(flag_words + offs_c // 32, mask=in_range, other=0, cache_modifier=".cg")
+                flag = (words >> (offs_c % 32)) & 1
             else:
                 flag = tl.load(next_idx_ptr + offs_c, mask=in_range, other=0)
             if DENSE:
@@ -201,15 +214,11 @@ def _lite_attention_fwd(
             tl.store(next_idx_ptr + pos, ids.to(tl.int16), mask=keep)
             n_keep += tl.sum(keep_i, 0)
         tl.store(NEXT_COUNT + state_off, n_keep)
-    has_mass = l_i > 0
-    safe_l = tl.where(has_mass, l_i, 1.0)
-    out = tl.where(has_mass[:, None], acc / safe_l[:, None], 0.0)
-    o_ptr = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_ptr + offs_m[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :])
-    if RETURN_LSE:
-        lse = tl.where(has_mass, (m_i + tl.math.log2(safe_l)) * 0.6931471805599453, float("-inf"))
-        tl.store(LSE + pid_bh.to(tl.int64) * SEQ_Q + offs_m, lse, mask=row_valid)
+
+    # The output last: storing it before the compaction made ptxas serialize the wgmma pipeline
+    # (KERNEL_NOTES.md, v5).
+    _store_output(O, LSE, acc, l_i, m_i, b, h, pid_bh, offs_m, offs_d, row_valid, stride_ob, stride_os,
+                  stride_oh, SEQ_Q, HEAD_DIM, RETURN_LSE)
 
 
 def _tma_allocator(size: int, alignment: int, stream):
@@ -257,7 +266,8 @@ def lite_attention_fwd(
     use_order = SCHEDULE_BY_WORK and not dense
     order = torch.argsort(kv_num_blocks, dim=-1, descending=True).to(torch.int32) if use_order else kv_num_blocks
     n_words = triton.cdiv(kt, 32)
-    flags = torch.empty((bsz * nheads * qt * n_words) if write_state and FLAG_WORDS else 1,
+    # The atomics merge into zeroed words.
+    flags = torch.zeros((bsz * nheads * qt * n_words) if write_state and FLAG_WORDS else 1,
                         dtype=torch.int32, device=q.device)
     _lite_attention_fwd[grid](
         q, k, v, out, lse,

@@ -1,0 +1,205 @@
+"""Time the kernel's alternative code paths side by side on a GPU (see KERNEL_NOTES.md).
+
+Variants are module switches of :mod:`liteattn.kernels.forward` (``FLAG_WORDS``). Every
+variant is first checked (output vs cuDNN, written state vs the PyTorch reference on structured inputs),
+then timed in interleaved rounds so that clock drift hits all variants alike.
+Run: ``python benchmarks/kernel_variants.py --out DIR [--shapes wan1.3b,hdim64] [--variants 0:0,1:0,2:0,0:1]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import liteattn.kernels.forward as fwd
+from liteattn import SkipState, lite_attention
+from liteattn.kernels import default_block_sizes
+from liteattn.reference import lite_attention_reference
+
+SHAPES = {"wan1.3b": (1, 32760, 12, 128), "hdim64": (1, 16384, 24, 64), "wan14b": (1, 75600, 40, 128),
+          "hunyuan": (1, 118800, 24, 128)}
+
+
+def set_variant(variant):
+    fwd.FLAG_WORDS = bool(variant[0])
+
+
+def cudnn(q, k, v):
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def check_variant(variant):
+    """Output vs cuDNN on random inputs and the written state vs the reference on structured ones."""
+    set_variant(variant)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 8200, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ref = cudnn(q, k, v)
+    row = {}
+    for mode, kw in (("dense", dict(enabled=False)), ("detect", dict(threshold=-1e4))):
+        out, _ = lite_attention(q, k, v, **kw)
+        row[f"{mode}_max_abs"] = (out.float() - ref.float()).abs().max().item()
+        row[f"{mode}_nan"] = bool(out.isnan().any())
+    b, s, h, d = 1, 4096, 4, 128
+    pos = torch.linspace(0, 8, s, device="cuda")
+    feats = torch.stack([torch.cos(pos * (f + 1) * 0.7) for f in range(d)], -1) * 2.5
+    q = (feats[None, :, None] + 0.3 * torch.randn(b, s, h, d, device="cuda")).bfloat16()
+    k = (feats[None, :, None] + 0.3 * torch.randn(b, s, h, d, device="cuda")).bfloat16()
+    v = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+    bm, bn = default_block_sizes(d)
+    for name, st in (("fresh", SkipState.full(b, h, s, s, bm, bn, "cuda")),
+                     ("list", SkipState.from_dense(torch.rand(b, h, s // bm, s // bn, device="cuda") > 0.3,
+                                                   s, s, bm, bn))):
+        before = st.clone()
+        _, nxt = lite_attention(q, k, v, st, threshold=-6.0)
+        _, _, (rc, ri) = lite_attention_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  before, -6.0)
+        want = SkipState(rc, ri, s, s, bm, bn)
+        row[f"state_{name}_tiles_differ"] = int((nxt.to_dense() ^ want.to_dense()).sum())
+        row[f"state_{name}_marked"] = float(before.to_dense().sum() - want.to_dense().sum())
+    return row
+
+
+def random_state(b, h, s, bm, bn, frac):
+    qt, kt = math.ceil(s / bm), math.ceil(s / bn)
+    keep = torch.rand(b, h, qt, kt, device="cuda") >= frac
+    keep[..., 0] = True
+    return SkipState.from_dense(keep, s, s, bm, bn)
+
+
+def time_shape(name, variants, rounds, rep):
+    b, s, h, d = SHAPES[name]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    bm, bn = default_block_sizes(d)
+    qt, kt = math.ceil(s / bm), math.ceil(s / bn)
+    full = SkipState.full(b, h, s, s, bm, bn, "cuda")
+    full_list = SkipState.from_dense(torch.ones(b, h, qt, kt, dtype=torch.bool, device="cuda"), s, s, bm, bn)
+    sparse = {f: random_state(b, h, s, bm, bn, f) for f in (0.5, 0.9)}
+    cases = {
+        "dense": lambda: lite_attention(q, k, v, enabled=False),
+        "detect_fresh": lambda: lite_attention(q, k, v, full, threshold=-1e4),
+        "detect_list": lambda: lite_attention(q, k, v, full_list, threshold=-1e4),
+        "sparse0.5_detect": lambda: lite_attention(q, k, v, sparse[0.5], threshold=-1e4),
+        "sparse0.9_detect": lambda: lite_attention(q, k, v, sparse[0.9], threshold=-1e4),
+        "sparse0.9": lambda: lite_attention(q, k, v, sparse[0.9], threshold=float("-inf")),
+    }
+    times = {"cudnn": []}
+    times.update({f"{c}@{v[0]}:{int(v[1])}": [] for v in variants for c in cases})
+    for variant in variants:  # compile and autotune outside the timed rounds
+        set_variant(variant)
+        for fn in cases.values():
+            fn()
+    torch.cuda.synchronize()
+    for _ in range(rounds):
+        times["cudnn"].append(triton.testing.do_bench(lambda: cudnn(q, k, v), warmup=10, rep=rep))
+        for variant in variants:
+            set_variant(variant)
+            for c, fn in cases.items():
+                times[f"{c}@{variant[0]}:{int(variant[1])}"].append(
+                    triton.testing.do_bench(fn, warmup=10, rep=rep))
+    med = {key: statistics.median(v) for key, v in times.items()}
+    flops = 4 * b * h * s * s * d
+    res = {"shape": name, "dims": (b, s, h, d), "tiles": (bm, bn), "ms": med, "rounds": times,
+           "sparsity": {f: st.sparsity() for f, st in sparse.items()},
+           "cudnn_tflops": flops / med["cudnn"] / 1e9}
+    for variant in variants:
+        tag = f"{variant[0]}:{int(variant[1])}"
+        dense = med[f"dense@{tag}"]
+        res[tag] = {
+            "dense_over_cudnn": dense / med["cudnn"],
+            "dense_tflops": flops / dense / 1e9,
+            "detect_fresh_over_dense": med[f"detect_fresh@{tag}"] / dense,
+            "detect_list_over_dense": med[f"detect_list@{tag}"] / dense,
+            "sparse0.5_detect_over_linear": med[f"sparse0.5_detect@{tag}"] / ((1 - res["sparsity"][0.5]) * dense),
+            "sparse0.9_detect_over_linear": med[f"sparse0.9_detect@{tag}"] / ((1 - res["sparsity"][0.9]) * dense),
+            "sparse0.9_over_linear": med[f"sparse0.9@{tag}"] / ((1 - res["sparsity"][0.9]) * dense),
+        }
+    return res
+
+
+def compiled_kernel_stats(sass_dir=None):
+    """Registers, spills and shared memory of every compiled specialization (evidence for the notes).
+
+    With ``sass_dir``, also counts local-memory (spill) instructions in each kernel's SASS and writes the
+    SASS there.
+    """
+    out = []
+    try:
+        for cache in fwd._lite_attention_fwd.fn.device_caches.values():
+            for i, (key, kernel) in enumerate(cache[0].items()):
+                row = {"key": str(key)[-700:], "n_regs": kernel.n_regs, "n_spills": kernel.n_spills,
+                       "shared": kernel.metadata.shared, "num_warps": kernel.metadata.num_warps,
+                       "num_stages": kernel.metadata.num_stages}
+                if sass_dir is not None:
+                    try:
+                        sass = kernel.asm["sass"]
+                        row["sass_local_ld"] = sass.count("LDL")
+                        row["sass_local_st"] = sass.count("STL")
+                        with open(os.path.join(sass_dir, f"kernel{i}.sass"), "w") as f:
+                            f.write(row["key"] + "\n" + sass)
+                    except Exception as e:
+                        row["sass_error"] = repr(e)
+                out.append(row)
+    except Exception as e:  # the attribute layout differs between Triton versions
+        out.append({"error": repr(e)})
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="kernel-variants")
+    p.add_argument("--shapes", default="wan1.3b,hdim64")
+    p.add_argument("--variants", default="1:0,0:0", help="FLAG_WORDS values (1/0), ':0' suffix kept for old result files")
+    p.add_argument("--configs", default="4:2,4:3,8:2", help="num_warps:num_stages autotuned over ('' = all)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rep", type=int, default=150, help="ms per do_bench call")
+    p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--sass", action="store_true", help="count spill instructions and keep each kernel's SASS")
+    args = p.parse_args()
+    variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",")]
+    if args.configs:
+        fwd._lite_attention_fwd.configs = [triton.Config({}, num_warps=int(w), num_stages=int(s))
+                                           for w, s in (c.split(":") for c in args.configs.split(","))]
+    os.makedirs(args.out, exist_ok=True)
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "configs": args.configs, "checks": {}, "timings": []}
+    t0 = time.time()
+
+    def save(sass_dir=None):
+        report["kernels"] = compiled_kernel_stats(sass_dir)
+        with open(os.path.join(args.out, "kernel_variants.json"), "w") as f:
+            json.dump(report, f, indent=1, default=str)
+
+    if not args.skip_check:
+        for variant in variants:
+            report["checks"][f"{variant[0]}:{variant[1]}"] = row = check_variant(variant)
+            print("check", variant, row, f"{time.time() - t0:.0f}s", flush=True)
+        save()
+    for name in args.shapes.split(","):
+        fwd._lite_attention_fwd.cache.clear()  # autotune at this shape, not at the check's
+        res = time_shape(name, variants, args.rounds, args.rep)
+        report["timings"].append(res)
+        print("shape", name, "cudnn ms", f"{res['ms']['cudnn']:.3f}", f"{time.time() - t0:.0f}s", flush=True)
+        for variant in variants:
+            tag = f"{variant[0]}:{int(variant[1])}"
+            print("  ", tag, {k: round(x, 3) for k, x in res[tag].items()}, flush=True)
+        save()
+    if args.sass:
+        sass_dir = os.path.join(args.out, "sass")
+        os.makedirs(sass_dir, exist_ok=True)
+        save(sass_dir)
+    print("total s", round(time.time() - t0), flush=True)
+
+
+if __name__ == "__main__":
+    main()
