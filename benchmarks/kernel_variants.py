@@ -185,7 +185,7 @@ def main():
             report["checks"][f"{variant[0]}:{variant[1]}"] = row = check_variant(variant)
             print("check", variant, row, f"{time.time() - t0:.0f}s", flush=True)
         save()
-    for name in args.shapes.split(","):
+    for name in filter(None, args.shapes.split(",")):
         fwd._lite_attention_fwd.cache.clear()  # autotune at this shape, not at the check's
         res = time_shape(name, variants, args.rounds, args.rep)
         report["timings"].append(res)

@@ -252,3 +252,28 @@ def test_detection_flag_variants_match_reference(flag_words, monkeypatch, gen, l
     nxt, marked = check(q, k, v, state, threshold=-3.0)
     assert marked > 0
     check(q, k, v, nxt, threshold=-3.0)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_every_tuned_config_matches_reference(head_dim, monkeypatch, gen, local_qkv, shuffled_state, check):
+    """Each (num_warps, num_stages) the autotuner may pick gives the reference's output and state.
+
+    Default tile sizes, a ragged sequence and a shuffled partial list; on a GPU this runs every config of
+    the tuning space, in the interpreter its single config.
+    """
+    import liteattn.kernels.forward as forward
+    from liteattn.kernels import default_block_sizes
+
+    bm, bn = default_block_sizes(head_dim)
+    q, k, v = (x.half() for x in local_qkv(1, 300, 2, 1, head_dim, seq_len_k=700, generator=gen))
+    mask = torch.ones(1, 2, -(-300 // bm), -(-700 // bn), dtype=torch.bool)
+    mask[0, 1, 1, 2:] = False
+    state = shuffled_state(SkipState.from_dense(mask, 300, 700, bm, bn), generator=gen)
+    kernel = forward._lite_attention_fwd
+    for config in forward._autotune_configs():
+        monkeypatch.setattr(kernel, "configs", [config])
+        kernel.cache.clear()
+        nxt, marked = check(q, k, v, state.clone(), threshold=-3.0)
+        assert marked > 0, "the inputs should make the reference mark tiles"
+        check(q, k, v, nxt, threshold=-3.0)
+    kernel.cache.clear()
