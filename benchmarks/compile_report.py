@@ -26,7 +26,7 @@ POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp3
             "KV_IDX": "*i16", "NEXT_COUNT": "*i32", "NEXT_IDX": "*i16", "Q_PROT": "*i8", "K_PROT": "*i8",
             "ORDER": "*i32", "FLAGS": "*i32"}
 FLOATS = {"qk_scale", "threshold"}
-SWITCHES = ("FLAG_WORDS", "HOST_DESC")  # module-level experiment switches passed as constexprs
+SWITCHES = ("FLAG_WORDS",)  # module-level experiment switches passed as constexprs
 
 
 def compile_variant(head_dim, warps, stages, arch, **switches):
@@ -41,8 +41,6 @@ def compile_variant(head_dim, warps, stages, arch, **switches):
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in ("K", "V") and constexprs.get("HOST_DESC"):
-            signature[name] = f"tensordesc<bf16[1, 1, {bn}, {constexprs['BLOCK_D']}]>"
         elif name in POINTERS:
             signature[name] = POINTERS[name]
             attrs[(i,)] = [["tt.divisibility", 16]]

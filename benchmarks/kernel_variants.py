@@ -1,6 +1,6 @@
 """Time the kernel's alternative code paths side by side on a GPU (see KERNEL_NOTES.md).
 
-Variants are module switches of :mod:`liteattn.kernels.forward` (``FLAG_WORDS``, ``HOST_DESC``). Every
+Variants are module switches of :mod:`liteattn.kernels.forward` (``FLAG_WORDS``). Every
 variant is first checked (output vs cuDNN, written state vs the PyTorch reference on structured inputs),
 then timed in interleaved rounds so that clock drift hits all variants alike.
 Run: ``python benchmarks/kernel_variants.py --out DIR [--shapes wan1.3b,hdim64] [--variants 0:0,1:0,2:0,0:1]``.
@@ -30,7 +30,7 @@ SHAPES = {"wan1.3b": (1, 32760, 12, 128), "hdim64": (1, 16384, 24, 64), "wan14b"
 
 
 def set_variant(variant):
-    fwd.FLAG_WORDS, fwd.HOST_DESC = bool(variant[0]), bool(variant[1])
+    fwd.FLAG_WORDS = bool(variant[0])
 
 
 def cudnn(q, k, v):
@@ -159,7 +159,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="kernel-variants")
     p.add_argument("--shapes", default="wan1.3b,hdim64")
-    p.add_argument("--variants", default="1:1,1:0", help="FLAG_WORDS:HOST_DESC pairs (1/0)")
+    p.add_argument("--variants", default="1:0,0:0", help="FLAG_WORDS values (1/0), ':0' suffix kept for old result files")
     p.add_argument("--configs", default="4:2,4:3,8:2", help="num_warps:num_stages autotuned over ('' = all)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rep", type=int, default=150, help="ms per do_bench call")

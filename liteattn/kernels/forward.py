@@ -32,8 +32,6 @@ SCHEDULE_BY_WORK = True
 # memory with relaxed atomic ORs once per 32 tiles (no per-tile store, no cross-warp reduction).
 # False: one masked flag store per row and tile into the next list (KERNEL_NOTES.md, v1 and v5).
 FLAG_WORDS = True
-# Hopper: K/V TMA descriptors built once per call on the host (True) or by every program in the kernel (False).
-HOST_DESC = True
 
 
 def _interpreting() -> bool:
@@ -47,14 +45,11 @@ def _autotune_configs():
 
 
 @triton.jit
-def _load_kv_tile(desc, ptr, b, hk, start_n, offs_n, offs_d, stride_s, SEQ_K, HEAD_DIM: tl.constexpr,
-                  USE_TMA: tl.constexpr, HOST_DESC: tl.constexpr, TRANSPOSE: tl.constexpr):
+def _load_kv_tile(desc, ptr, start_n, offs_n, offs_d, stride_s, SEQ_K, HEAD_DIM: tl.constexpr,
+                  USE_TMA: tl.constexpr, TRANSPOSE: tl.constexpr):
     """One ``[BLOCK_N, BLOCK_D]`` tile (``[BLOCK_D, BLOCK_N]`` if TRANSPOSE), zero outside the tensor."""
     if USE_TMA:
-        if HOST_DESC:  # a (B, H_kv, S, D) descriptor with [1, 1, BLOCK_N, BLOCK_D] boxes
-            tile = desc.load([b, hk, start_n, 0]).reshape(offs_n.shape[0], offs_d.shape[0])
-        else:
-            tile = desc.load([start_n, 0])
+        tile = desc.load([start_n, 0])
         if TRANSPOSE:
             tile = tl.trans(tile)
     else:
@@ -83,7 +78,7 @@ def _store_output(O, LSE, acc, l_i, m_i, b, h, pid_bh, offs_m, offs_d, row_valid
         tl.store(LSE + pid_bh.to(tl.int64) * SEQ_Q + offs_m, lse, mask=row_valid)
 
 
-@triton.autotune(configs=_autotune_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "DENSE", "WRITE_STATE", "USE_TMA", "FLAG_WORDS", "HOST_DESC"])
+@triton.autotune(configs=_autotune_configs(), key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "DENSE", "WRITE_STATE", "USE_TMA", "FLAG_WORDS"])
 @triton.jit
 def _lite_attention_fwd(
     Q, K, V, O, LSE,
@@ -97,7 +92,7 @@ def _lite_attention_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DENSE: tl.constexpr, WRITE_STATE: tl.constexpr, RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr,
     RAGGED_K: tl.constexpr, BLOCK_C: tl.constexpr, USE_ORDER: tl.constexpr,
-    UPCAST: tl.constexpr, FLAG_WORDS: tl.constexpr, HOST_DESC: tl.constexpr,
+    UPCAST: tl.constexpr, FLAG_WORDS: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
     if USE_ORDER:  # heaviest query tiles of a head first, so short ones fill the tail
@@ -120,19 +115,16 @@ def _lite_attention_fwd(
     if UPCAST:  # Triton's CPU interpreter computes bf16 dots wrongly; it gets fp32 operands instead
         b_q = b_q.to(tl.float32)
 
-    if HOST_DESC:  # K and V are tensor descriptors made by the launcher
-        k_desc, v_desc, k_ptr, v_ptr = K, V, Q, Q
+    k_ptr = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_ptr = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_ptr, shape=[SEQ_K, HEAD_DIM], strides=[stride_ks, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_ptr, shape=[SEQ_K, HEAD_DIM], strides=[stride_vs, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
     else:
-        k_ptr = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-        v_ptr = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-        if USE_TMA:
-            k_desc = tl.make_tensor_descriptor(k_ptr, shape=[SEQ_K, HEAD_DIM], strides=[stride_ks, 1],
-                                               block_shape=[BLOCK_N, BLOCK_D])
-            v_desc = tl.make_tensor_descriptor(v_ptr, shape=[SEQ_K, HEAD_DIM], strides=[stride_vs, 1],
-                                               block_shape=[BLOCK_N, BLOCK_D])
-        else:
-            k_desc = k_ptr
-            v_desc = v_ptr
+        k_desc = k_ptr
+        v_desc = v_ptr
 
     state_off = pid_bh.to(tl.int64) * QT + pid_m
     if DENSE:
@@ -166,8 +158,7 @@ def _lite_attention_fwd(
             j = tl.where(full_row, t, j_next)
             j_next = tl.load(idx_ptr + tl.minimum(t + 1, n_active - 1)).to(tl.int32)
         start_n = j * BLOCK_N
-        b_kt = _load_kv_tile(k_desc, k_ptr, b, hk, start_n, offs_n, offs_d, stride_ks, SEQ_K, HEAD_DIM, USE_TMA, HOST_DESC,
-                             True)
+        b_kt = _load_kv_tile(k_desc, k_ptr, start_n, offs_n, offs_d, stride_ks, SEQ_K, HEAD_DIM, USE_TMA, True)
         if UPCAST:
             b_kt = b_kt.to(tl.float32)
         qk = tl.dot(b_q, b_kt)  # [BM, BN], unscaled
@@ -192,8 +183,7 @@ def _lite_attention_fwd(
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        b_v = _load_kv_tile(v_desc, v_ptr, b, hk, start_n, offs_n, offs_d, stride_vs, SEQ_K, HEAD_DIM, USE_TMA, HOST_DESC,
-                            False)
+        b_v = _load_kv_tile(v_desc, v_ptr, start_n, offs_n, offs_d, stride_vs, SEQ_K, HEAD_DIM, USE_TMA, False)
         if UPCAST:
             b_v = b_v.to(tl.float32)
         acc = tl.dot(p.to(b_v.dtype), b_v, acc * alpha[:, None])
@@ -270,17 +260,8 @@ def lite_attention_fwd(
     qt, kt = triton.cdiv(seq_q, block_m), triton.cdiv(seq_k, block_n)
     if use_tma is None:
         use_tma = tma_supported(q.device)
-    host_desc = use_tma and HOST_DESC
-    if host_desc:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        box = [1, 1, block_n, triton.next_power_of_2(dim)]
-        k_arg = TensorDescriptor(k, list(k.shape), list(k.stride()), box)
-        v_arg = TensorDescriptor(v, list(v.shape), list(v.stride()), box)
-    else:
-        k_arg, v_arg = k, v
-        if use_tma:
-            triton.set_allocator(_tma_allocator)
+    if use_tma:
+        triton.set_allocator(_tma_allocator)
     grid = (qt, bsz * nheads)
     use_order = SCHEDULE_BY_WORK and not dense
     order = torch.argsort(kv_num_blocks, dim=-1, descending=True).to(torch.int32) if use_order else kv_num_blocks
@@ -289,7 +270,7 @@ def lite_attention_fwd(
     flags = torch.zeros((bsz * nheads * qt * n_words) if write_state and FLAG_WORDS else 1,
                         dtype=torch.int32, device=q.device)
     _lite_attention_fwd[grid](
-        q, k_arg, v_arg, out, lse,
+        q, k, v, out, lse,
         kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect, k_protect, order, flags, n_words,
         q.stride(0), q.stride(2), q.stride(1),
         k.stride(0), k.stride(2), k.stride(1),
@@ -300,6 +281,6 @@ def lite_attention_fwd(
         HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_M=block_m, BLOCK_N=block_n,
         DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse, USE_TMA=use_tma,
         RAGGED_K=seq_k % block_n != 0, BLOCK_C=128, USE_ORDER=use_order,
-        UPCAST=_interpreting() and q.dtype == torch.bfloat16, FLAG_WORDS=FLAG_WORDS, HOST_DESC=host_desc,
+        UPCAST=_interpreting() and q.dtype == torch.bfloat16, FLAG_WORDS=FLAG_WORDS,
     )
     return out, lse
