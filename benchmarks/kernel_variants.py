@@ -1,9 +1,11 @@
 """Time the kernel's alternative code paths side by side on a GPU (see KERNEL_NOTES.md).
 
-Variants are module switches of :mod:`liteattn.kernels.forward` (``FLAG_WORDS``). Every
+A variant is a setting of the module switches of :mod:`liteattn.kernels.forward`, named by a tag; today the
+switch is ``FLAG_WORDS`` (tag ``words`` = True, ``stores`` = False). Result files of earlier kernel versions
+used other tags (``2:0`` = words with atomics, ``0:0`` = per-row stores). Every
 variant is first checked (output vs cuDNN, written state vs the PyTorch reference on structured inputs),
 then timed in interleaved rounds so that clock drift hits all variants alike.
-Run: ``python benchmarks/kernel_variants.py --out DIR [--shapes wan1.3b,hdim64] [--variants 0:0,1:0,2:0,0:1]``.
+Run: ``python benchmarks/kernel_variants.py --out DIR [--shapes wan1.3b,hdim64] [--variants words,stores]``.
 """
 from __future__ import annotations
 
@@ -29,8 +31,12 @@ SHAPES = {"wan1.3b": (1, 32760, 12, 128), "hdim64": (1, 16384, 24, 64), "wan14b"
           "hunyuan": (1, 118800, 24, 128)}
 
 
-def set_variant(variant):
-    fwd.FLAG_WORDS = bool(variant[0])
+VARIANTS = {"words": {"FLAG_WORDS": True}, "stores": {"FLAG_WORDS": False}}
+
+
+def set_variant(tag):
+    for name, value in VARIANTS[tag].items():
+        setattr(fwd, name, value)
 
 
 def cudnn(q, k, v):
@@ -94,7 +100,7 @@ def time_shape(name, variants, rounds, rep):
         "sparse0.9": lambda: lite_attention(q, k, v, sparse[0.9], threshold=float("-inf")),
     }
     times = {"cudnn": []}
-    times.update({f"{c}@{v[0]}:{int(v[1])}": [] for v in variants for c in cases})
+    times.update({f"{c}@{v}": [] for v in variants for c in cases})
     for variant in variants:  # compile and autotune outside the timed rounds
         set_variant(variant)
         for fn in cases.values():
@@ -105,15 +111,14 @@ def time_shape(name, variants, rounds, rep):
         for variant in variants:
             set_variant(variant)
             for c, fn in cases.items():
-                times[f"{c}@{variant[0]}:{int(variant[1])}"].append(
+                times[f"{c}@{variant}"].append(
                     triton.testing.do_bench(fn, warmup=10, rep=rep))
     med = {key: statistics.median(v) for key, v in times.items()}
     flops = 4 * b * h * s * s * d
     res = {"shape": name, "dims": (b, s, h, d), "tiles": (bm, bn), "ms": med, "rounds": times,
            "sparsity": {f: st.sparsity() for f, st in sparse.items()},
            "cudnn_tflops": flops / med["cudnn"] / 1e9}
-    for variant in variants:
-        tag = f"{variant[0]}:{int(variant[1])}"
+    for tag in variants:
         dense = med[f"dense@{tag}"]
         res[tag] = {
             "dense_over_cudnn": dense / med["cudnn"],
@@ -159,14 +164,17 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="kernel-variants")
     p.add_argument("--shapes", default="wan1.3b,hdim64")
-    p.add_argument("--variants", default="1:0,0:0", help="FLAG_WORDS values (1/0), ':0' suffix kept for old result files")
+    p.add_argument("--variants", default="words,stores", help=f"comma-separated, of {sorted(VARIANTS)}")
     p.add_argument("--configs", default="4:2,4:3,8:2", help="num_warps:num_stages autotuned over ('' = all)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rep", type=int, default=150, help="ms per do_bench call")
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--sass", action="store_true", help="count spill instructions and keep each kernel's SASS")
     args = p.parse_args()
-    variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",")]
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; known: {sorted(VARIANTS)}")
     if args.configs:
         fwd._lite_attention_fwd.configs = [triton.Config({}, num_warps=int(w), num_stages=int(s))
                                            for w, s in (c.split(":") for c in args.configs.split(","))]
@@ -182,7 +190,7 @@ def main():
 
     if not args.skip_check:
         for variant in variants:
-            report["checks"][f"{variant[0]}:{variant[1]}"] = row = check_variant(variant)
+            report["checks"][variant] = row = check_variant(variant)
             print("check", variant, row, f"{time.time() - t0:.0f}s", flush=True)
         save()
     for name in filter(None, args.shapes.split(",")):
@@ -190,8 +198,7 @@ def main():
         res = time_shape(name, variants, args.rounds, args.rep)
         report["timings"].append(res)
         print("shape", name, "cudnn ms", f"{res['ms']['cudnn']:.3f}", f"{time.time() - t0:.0f}s", flush=True)
-        for variant in variants:
-            tag = f"{variant[0]}:{int(variant[1])}"
+        for tag in variants:
             print("  ", tag, {k: round(x, 3) for k, x in res[tag].items()}, flush=True)
         save()
     if args.sass:
