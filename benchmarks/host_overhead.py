@@ -1,0 +1,98 @@
+"""How much of a short call's measured time is the host's (Python, validation, launch) rather than the GPU's.
+
+For a few short cases (high skipped fractions), compares three timings of the same call:
+``events`` (L2 flush, CUDA events around each call, as ``liteattn bench`` and ``do_bench`` do),
+``graph`` (the call captured in a CUDA graph and replayed between the same flushes: GPU time only) and
+``host`` (wall time per call while the GPU keeps up), plus a cProfile of the host path.
+Run: ``python benchmarks/host_overhead.py --out DIR``.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import math
+import os
+import pstats
+import statistics
+import time
+
+import torch
+
+from liteattn import SkipState, lite_attention
+from liteattn.bench.timing import time_cuda
+from liteattn.kernels import default_block_sizes
+
+CASES = {"hdim64-s0.9": ((1, 16384, 24, 64), 0.9), "wan1.3b-s0.9": ((1, 32760, 12, 128), 0.9),
+         "wan1.3b-s0.5": ((1, 32760, 12, 128), 0.5)}
+
+
+def graph_time(fn, reps=30):
+    """Median GPU time of ``fn`` replayed from a CUDA graph, with the same L2 flush before each replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    scratch = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        scratch.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="host-overhead")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for name, ((b, s, h, d), frac) in CASES.items():
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        bm, bn = default_block_sizes(d)
+        keep = torch.rand(b, h, math.ceil(s / bm), math.ceil(s / bn), device="cuda") >= frac
+        keep[..., 0] = True
+        state = SkipState.from_dense(keep, s, s, bm, bn)
+        for mode, thr in (("no-detect", float("-inf")), ("detect", -1e4)):
+            def fn():
+                return lite_attention(q, k, v, state, threshold=thr)
+            events_ms = time_cuda(fn, budget_ms=300, min_reps=30).median_ms
+            graph_ms = graph_time(fn)
+            torch.cuda.synchronize()
+            n = 50
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            host_ms = (time.perf_counter() - t0) / n * 1e3
+            torch.cuda.synchronize()
+            row = {"case": name, "mode": mode, "events_ms": events_ms, "graph_ms": graph_ms,
+                   "host_ms_per_call": host_ms}
+            rows.append(row)
+            print(row, flush=True)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(50):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(30)
+    with open(os.path.join(args.out, "host_profile.txt"), "w") as f:
+        f.write(text.getvalue())
+    with open(os.path.join(args.out, "host_overhead.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+    print(text.getvalue()[:6000])
+
+
+if __name__ == "__main__":
+    main()
