@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import liteattn
+import liteattn.kernels.forward as fwd
 from liteattn import SkipState, lite_attention
 from liteattn.kernels import default_block_sizes
 from liteattn.reference import lite_attention_reference
@@ -34,6 +35,16 @@ def err(a, b):
 def bench(fn, reps=50):
     import triton.testing
     return triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median")
+
+
+def structured_qkv(b, s, h, d):
+    """bf16 BSHD q, k, v on the GPU whose scores are local along the sequence, so thresholds mark tiles."""
+    pos = torch.linspace(0, 8, s, device="cuda")
+    feats = torch.stack([torch.cos(pos * (f + 1) * 0.7) for f in range(d)], -1) * 2.5
+    q = (feats[None, :, None] + 0.3 * torch.randn(b, s, h, d, device="cuda")).bfloat16()
+    k = (feats[None, :, None] + 0.3 * torch.randn(b, s, h, d, device="cuda")).bfloat16()
+    v = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+    return q, k, v
 
 
 def correctness(rows):
@@ -64,11 +75,7 @@ def correctness(rows):
             print("correct", e, flush=True)
     # Structured inputs: states written by the kernel vs the reference (GPU, fp32 reference).
     b, s, h, d = 1, 4096, 4, 128
-    pos = torch.linspace(0, 8, s, device="cuda")
-    feats = torch.stack([torch.cos(pos * (f + 1) * 0.7) for f in range(d)], -1) * 2.5
-    q = (feats[None, :, None] + 0.3 * torch.randn(b, s, h, d, device="cuda")).bfloat16()
-    k = (feats[None, :, None] + 0.3 * torch.randn(b, s, h, d, device="cuda")).bfloat16()
-    v = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+    q, k, v = structured_qkv(b, s, h, d)
     bm, bn = default_block_sizes(d)
     st = SkipState.full(b, h, s, s, bm, bn, "cuda")
     out, lse, nxt = lite_attention(q, k, v, st.clone(), threshold=-6.0, return_lse=True)
@@ -101,7 +108,6 @@ def timings(rows, shapes, block_sizes):
         full_list = SkipState.from_dense(torch.ones(b, h, qt, kt, dtype=torch.bool, device="cuda"), s, s, bm, bn)
         res["list_ms"] = bench(lambda: lite_attention(q, k, v, full_list, threshold=float("-inf")))
         res["detect_list_ms"] = bench(lambda: lite_attention(q, k, v, full_list, threshold=-1e4))
-        import liteattn.kernels.forward as fwd
         fwd.FLAG_WORDS = False
         res["detect_flagstores_ms"] = bench(lambda: lite_attention(q, k, v, full, threshold=-1e4))
         res["detect_list_flagstores_ms"] = bench(lambda: lite_attention(q, k, v, full_list, threshold=-1e4))
@@ -128,12 +134,10 @@ def timings(rows, shapes, block_sizes):
         for frac in (0.5, 0.9):
             res[f"sparse{frac}_over_linear"] = res[f"sparse{frac}_ms"] / ((1 - res[f"sparse{frac}_actual"]) * res["cudnn_ms"])
             res[f"sparse{frac}_over_own_linear"] = res[f"sparse{frac}_ms"] / ((1 - res[f"sparse{frac}_actual"]) * res["dense_ms"])
-        import liteattn.kernels.forward as fwd
         fwd.SCHEDULE_BY_WORK = False
         res["sparse0.9_unordered_ms"] = bench(lambda: lite_attention(q, k, v, st, threshold=float("-inf")))
         fwd.SCHEDULE_BY_WORK = True
-        from liteattn.kernels.forward import _lite_attention_fwd
-        res["best_config"] = str(getattr(_lite_attention_fwd, "best_config", None))
+        res["best_config"] = str(getattr(fwd._lite_attention_fwd, "best_config", None))
         rows.append(res)
         print("time", res, flush=True)
 

@@ -17,12 +17,11 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.testing
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import liteattn.kernels.forward as fwd
+from kernel_dev import sdpa, structured_qkv  # same folder: the script's directory is on sys.path
 from liteattn import SkipState, lite_attention
 from liteattn.kernels import default_block_sizes
 from liteattn.reference import lite_attention_reference
@@ -39,28 +38,19 @@ def set_variant(tag):
         setattr(fwd, name, value)
 
 
-def cudnn(q, k, v):
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-
-
 def check_variant(variant):
     """Output vs cuDNN on random inputs and the written state vs the reference on structured ones."""
     set_variant(variant)
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 8200, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    ref = cudnn(q, k, v)
+    ref = sdpa(q, k, v)
     row = {}
     for mode, kw in (("dense", dict(enabled=False)), ("detect", dict(threshold=-1e4))):
         out, _ = lite_attention(q, k, v, **kw)
         row[f"{mode}_max_abs"] = (out.float() - ref.float()).abs().max().item()
         row[f"{mode}_nan"] = bool(out.isnan().any())
     b, s, h, d = 1, 4096, 4, 128
-    pos = torch.linspace(0, 8, s, device="cuda")
-    feats = torch.stack([torch.cos(pos * (f + 1) * 0.7) for f in range(d)], -1) * 2.5
-    q = (feats[None, :, None] + 0.3 * torch.randn(b, s, h, d, device="cuda")).bfloat16()
-    k = (feats[None, :, None] + 0.3 * torch.randn(b, s, h, d, device="cuda")).bfloat16()
-    v = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+    q, k, v = structured_qkv(b, s, h, d)
     bm, bn = default_block_sizes(d)
     for name, st in (("fresh", SkipState.full(b, h, s, s, bm, bn, "cuda")),
                      ("list", SkipState.from_dense(torch.rand(b, h, s // bm, s // bn, device="cuda") > 0.3,
@@ -107,7 +97,7 @@ def time_shape(name, variants, rounds, rep):
             fn()
     torch.cuda.synchronize()
     for _ in range(rounds):
-        times["cudnn"].append(triton.testing.do_bench(lambda: cudnn(q, k, v), warmup=10, rep=rep))
+        times["cudnn"].append(triton.testing.do_bench(lambda: sdpa(q, k, v), warmup=10, rep=rep))
         for variant in variants:
             set_variant(variant)
             for c, fn in cases.items():
