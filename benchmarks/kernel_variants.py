@@ -1,7 +1,8 @@
 """Time the kernel's alternative code paths side by side on a GPU (see KERNEL_NOTES.md).
 
-A variant is a setting of the module switches of :mod:`liteattn.kernels.forward`, named by a tag; today the
-switch is ``FLAG_WORDS`` (tag ``words`` = True, ``stores`` = False). Result files of earlier kernel versions
+A variant is a setting of the module switches of :mod:`liteattn.kernels.forward`, named by a tag: ``sm90`` =
+the warp-specialized Gluon kernel, ``words`` / ``stores`` = the Triton kernel with ``FLAG_WORDS`` True / False;
+a ``tiles`` entry replaces the state's (block_m, block_n) per head_dim. Result files of earlier kernel versions
 used other tags (``2:0`` = words with atomics, ``0:0`` = per-row stores). Every
 variant is first checked (output vs cuDNN, written state vs the PyTorch reference on structured inputs),
 then timed in interleaved rounds so that clock drift hits all variants alike.
@@ -21,6 +22,7 @@ import triton
 import triton.testing
 
 import liteattn.kernels.forward as fwd
+import liteattn.kernels.hopper as hopper
 from kernel_dev import sdpa, structured_qkv  # same folder: the script's directory is on sys.path
 from liteattn import SkipState, lite_attention
 from liteattn.kernels import default_block_sizes
@@ -30,12 +32,28 @@ SHAPES = {"wan1.3b": (1, 32760, 12, 128), "hdim64": (1, 16384, 24, 64), "wan14b"
           "hunyuan": (1, 118800, 24, 128)}
 
 
-VARIANTS = {"words": {"FLAG_WORDS": True}, "stores": {"FLAG_WORDS": False}}
+VARIANTS = {
+    "words": {"FLAG_WORDS": True, "SM90_KERNEL": False},
+    "stores": {"FLAG_WORDS": False, "SM90_KERNEL": False},
+    "sm90": {"SM90_KERNEL": True, "hopper.PINGPONG": True},
+    "sm90-nopp": {"SM90_KERNEL": True, "hopper.PINGPONG": False},
+    "sm90-n64": {"SM90_KERNEL": True, "hopper.PINGPONG": True, "tiles": {64: (128, 64), 128: (128, 64)}},
+    "sm90-n128": {"SM90_KERNEL": True, "hopper.PINGPONG": True, "tiles": {64: (128, 128), 128: (128, 128)}},
+    "sm90-nopp-n128": {"SM90_KERNEL": True, "hopper.PINGPONG": False, "tiles": {64: (128, 128), 128: (128, 128)}},
+    "words-n128": {"FLAG_WORDS": True, "SM90_KERNEL": False, "tiles": {64: (128, 128), 128: (128, 128)}},
+}
 
 
 def set_variant(tag):
     for name, value in VARIANTS[tag].items():
-        setattr(fwd, name, value)
+        if name.startswith("hopper."):
+            setattr(hopper, name.split(".", 1)[1], value)
+        elif name != "tiles":
+            setattr(fwd, name, value)
+
+
+def tiles_of(tag, head_dim):
+    return VARIANTS[tag].get("tiles", {}).get(head_dim, default_block_sizes(head_dim))
 
 
 def check_variant(variant):
@@ -51,7 +69,7 @@ def check_variant(variant):
         row[f"{mode}_nan"] = bool(out.isnan().any())
     b, s, h, d = 1, 4096, 4, 128
     q, k, v = structured_qkv(b, s, h, d)
-    bm, bn = default_block_sizes(d)
+    bm, bn = tiles_of(variant, d)
     for name, st in (("fresh", SkipState.full(b, h, s, s, bm, bn, "cuda")),
                      ("list", SkipState.from_dense(torch.rand(b, h, s // bm, s // bn, device="cuda") > 0.3,
                                                    s, s, bm, bn))):
@@ -72,52 +90,61 @@ def random_state(b, h, s, bm, bn, frac):
     return SkipState.from_dense(keep, s, s, bm, bn)
 
 
-def time_shape(name, variants, rounds, rep):
-    b, s, h, d = SHAPES[name]
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    bm, bn = default_block_sizes(d)
+def make_cases(q, k, v, bm, bn):
+    """The timed calls for one tile shape, and the skipped fraction of its random states."""
+    b, s, h, _ = q.shape
     qt, kt = math.ceil(s / bm), math.ceil(s / bn)
     full = SkipState.full(b, h, s, s, bm, bn, "cuda")
     full_list = SkipState.from_dense(torch.ones(b, h, qt, kt, dtype=torch.bool, device="cuda"), s, s, bm, bn)
     sparse = {f: random_state(b, h, s, bm, bn, f) for f in (0.5, 0.9)}
     cases = {
-        "dense": lambda: lite_attention(q, k, v, enabled=False),
+        "dense": lambda: lite_attention(q, k, v, enabled=False, block_size=(bm, bn)),
         "detect_fresh": lambda: lite_attention(q, k, v, full, threshold=-1e4),
         "detect_list": lambda: lite_attention(q, k, v, full_list, threshold=-1e4),
         "sparse0.5_detect": lambda: lite_attention(q, k, v, sparse[0.5], threshold=-1e4),
         "sparse0.9_detect": lambda: lite_attention(q, k, v, sparse[0.9], threshold=-1e4),
         "sparse0.9": lambda: lite_attention(q, k, v, sparse[0.9], threshold=float("-inf")),
     }
+    return cases, {f: st.sparsity() for f, st in sparse.items()}
+
+
+def time_shape(name, variants, rounds, rep):
+    b, s, h, d = SHAPES[name]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cases, sparsity = {}, {}
+    for variant in variants:
+        cases[variant], sparsity[variant] = make_cases(q, k, v, *tiles_of(variant, d))
     times = {"cudnn": []}
-    times.update({f"{c}@{v}": [] for v in variants for c in cases})
+    times.update({f"{c}@{v}": [] for v in variants for c in cases[v]})
     for variant in variants:  # compile and autotune outside the timed rounds
         set_variant(variant)
-        for fn in cases.values():
+        for fn in cases[variant].values():
             fn()
     torch.cuda.synchronize()
     for _ in range(rounds):
         times["cudnn"].append(triton.testing.do_bench(lambda: sdpa(q, k, v), warmup=10, rep=rep))
         for variant in variants:
             set_variant(variant)
-            for c, fn in cases.items():
+            for c, fn in cases[variant].items():
                 times[f"{c}@{variant}"].append(
                     triton.testing.do_bench(fn, warmup=10, rep=rep))
     med = {key: statistics.median(v) for key, v in times.items()}
     flops = 4 * b * h * s * s * d
-    res = {"shape": name, "dims": (b, s, h, d), "tiles": (bm, bn), "ms": med, "rounds": times,
-           "sparsity": {f: st.sparsity() for f, st in sparse.items()},
+    res = {"shape": name, "dims": (b, s, h, d), "ms": med, "rounds": times,
            "cudnn_tflops": flops / med["cudnn"] / 1e9}
     for tag in variants:
         dense = med[f"dense@{tag}"]
         res[tag] = {
+            "tiles": tiles_of(tag, d),
+            "sparsity": sparsity[tag],
             "dense_over_cudnn": dense / med["cudnn"],
             "dense_tflops": flops / dense / 1e9,
             "detect_fresh_over_dense": med[f"detect_fresh@{tag}"] / dense,
             "detect_list_over_dense": med[f"detect_list@{tag}"] / dense,
-            "sparse0.5_detect_over_linear": med[f"sparse0.5_detect@{tag}"] / ((1 - res["sparsity"][0.5]) * dense),
-            "sparse0.9_detect_over_linear": med[f"sparse0.9_detect@{tag}"] / ((1 - res["sparsity"][0.9]) * dense),
-            "sparse0.9_over_linear": med[f"sparse0.9@{tag}"] / ((1 - res["sparsity"][0.9]) * dense),
+            "sparse0.5_detect_over_linear": med[f"sparse0.5_detect@{tag}"] / ((1 - sparsity[tag][0.5]) * dense),
+            "sparse0.9_detect_over_linear": med[f"sparse0.9_detect@{tag}"] / ((1 - sparsity[tag][0.9]) * dense),
+            "sparse0.9_over_linear": med[f"sparse0.9@{tag}"] / ((1 - sparsity[tag][0.9]) * dense),
         }
     return res
 
@@ -189,7 +216,7 @@ def main():
         report["timings"].append(res)
         print("shape", name, "cudnn ms", f"{res['ms']['cudnn']:.3f}", f"{time.time() - t0:.0f}s", flush=True)
         for tag in variants:
-            print("  ", tag, {k: round(x, 3) for k, x in res[tag].items()}, flush=True)
+            print("  ", tag, {k: (round(x, 3) if isinstance(x, float) else x) for k, x in res[tag].items()}, flush=True)
         save()
     if args.sass:
         sass_dir = os.path.join(args.out, "sass")

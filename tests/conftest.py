@@ -23,6 +23,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from liteattn import lite_attention  # noqa: E402
+from liteattn.reference import lite_attention_reference  # noqa: E402
 from liteattn.state import SkipState, num_tiles  # noqa: E402
 
 # Fresh random inputs on every run; the seed is printed in the report header so a failure can be replayed
@@ -187,3 +189,61 @@ def kernel_device() -> str:
 def gen(request) -> torch.Generator:
     """A generator seeded from the run's seed and the test's id: different inputs per test and per run."""
     return torch.Generator().manual_seed(BASE_SEED ^ zlib.crc32(request.node.nodeid.encode()))
+
+
+TOL = {torch.float16: dict(out=6e-3, lse=2e-3), torch.bfloat16: dict(out=4e-2, lse=2e-3)}
+ROUNDING_BAND = 1e-2  # log2 units around the threshold where the two may disagree
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x.transpose(1, 2) if layout == "bshd" else x
+
+
+def _positions_to_tiles(visiting: torch.Tensor, counts: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Per-visit-position values (B, H, QT, KT) -> per-tile-index values, NaN for tiles not visited."""
+    kt = visiting.shape[-1]
+    valid = torch.arange(kt) < counts[..., None]
+    out = torch.full(values.shape[:-1] + (kt + 1,), float("nan"), dtype=values.dtype)
+    out.scatter_(-1, torch.where(valid, visiting, kt), values)
+    return out[..., :kt]
+
+
+@pytest.fixture(scope="session")
+def check(kernel_device, active_lists, visiting_lists, visiting_indices):
+    """``check(q, k, v, state, threshold=..., ...)``: run kernel and reference from ``state``; assert they agree.
+
+    ``q, k, v`` are BHSD on the CPU (fp16/bf16). Returns the kernel's next state
+    (on the CPU) and the number of tiles the reference marked.
+    """
+    def check_call(q, k, v, state, *, threshold, layout="bhsd", must_do=None, scale=None):
+        dtype = q.dtype
+        before = state.clone()
+        args = [_layout(x.to(kernel_device), layout) for x in (q, k, v)]
+        out, lse, nxt = lite_attention(*args, state.to(kernel_device), threshold=threshold, scale=scale,
+                                       must_do=must_do, layout=layout, return_lse=True, backend="triton")
+        out = _layout(out, layout).cpu()
+        ref_out, ref_lse, (ref_counts, ref_indices), scores = lite_attention_reference(
+            q.float(), k.float(), v.float(), before, threshold, scale, must_do, return_scores=True)
+
+        assert out.dtype == dtype and out.shape == q.shape and lse.shape == q.shape[:3]
+        assert not out.isnan().any() and not lse.isnan().any()
+        torch.testing.assert_close(out.float(), ref_out, rtol=0, atol=TOL[dtype]["out"])
+        torch.testing.assert_close(lse.cpu(), ref_lse, rtol=0, atol=TOL[dtype]["lse"])
+
+        nxt = nxt.to("cpu")
+        ref_next = SkipState(ref_counts, ref_indices, before.seq_len_q, before.seq_len_k, before.block_m,
+                             before.block_n)
+        got, want = nxt.to_dense(), ref_next.to_dense()
+        tile_scores = _positions_to_tiles(visiting_indices(before), before.kv_num_blocks, scores)
+        near_threshold = (tile_scores - threshold).abs() < ROUNDING_BAND
+        disagree = got != want
+        assert not (disagree & ~near_threshold).any(), (
+            f"kernel and reference disagree on {int((disagree & ~near_threshold).sum())} tiles away from the threshold")
+        # The kernel's list is the visited list with the marked tiles removed, in the same order.
+        assert not (got & ~before.to_dense()).any()
+        want_lists = [[j for j in row if keep[j]] for row, keep in
+                      zip(visiting_lists(before), got.flatten(0, 2).tolist())]
+        assert active_lists(nxt) == want_lists
+        return nxt, int(before.kv_num_blocks.sum() - ref_counts.sum())
+
+    return check_call

@@ -4,9 +4,8 @@ Without a GPU the kernel runs in Triton's interpreter (conftest sets
 ``TRITON_INTERPRET=1``), which is slow: shapes stay tiny and tiles are 16 or
 32 wide so that ragged edges, several tiles per row and GQA still occur.
 
-Marks may legitimately differ between the two only for tiles whose score is
-within float rounding of the threshold, so the state comparison allows a
-mismatch exactly there and nowhere else.
+The ``check`` fixture (conftest.py) runs both and compares output, LSE and
+the written state.
 """
 from __future__ import annotations
 
@@ -18,68 +17,10 @@ from liteattn import SkipState, lite_attention
 from liteattn.kernels import SUPPORTED_HEAD_DIMS
 from liteattn.reference import lite_attention_reference
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 # The interpreter converts loop bounds with a NumPy call that NumPy deprecates; it is noise here.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
-
-TOL = {torch.float16: dict(out=6e-3, lse=2e-3), torch.bfloat16: dict(out=4e-2, lse=2e-3)}
-ROUNDING_BAND = 1e-2  # log2 units around the threshold where the two may disagree
-
-
-def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    return x.transpose(1, 2) if layout == "bshd" else x
-
-
-def _positions_to_tiles(visiting: torch.Tensor, counts: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Per-visit-position values (B, H, QT, KT) -> per-tile-index values, NaN for tiles not visited."""
-    kt = visiting.shape[-1]
-    valid = torch.arange(kt) < counts[..., None]
-    out = torch.full(values.shape[:-1] + (kt + 1,), float("nan"), dtype=values.dtype)
-    out.scatter_(-1, torch.where(valid, visiting, kt), values)
-    return out[..., :kt]
-
-
-@pytest.fixture(scope="session")
-def check(kernel_device, active_lists, visiting_lists, visiting_indices):
-    """``check(q, k, v, state, threshold=..., ...)``: run kernel and reference from ``state``; assert they agree.
-
-    ``q, k, v`` are BHSD on the CPU (fp16/bf16). Returns the kernel's next state
-    (on the CPU) and the number of tiles the reference marked.
-    """
-    def check_call(q, k, v, state, *, threshold, layout="bhsd", must_do=None, scale=None):
-        dtype = q.dtype
-        before = state.clone()
-        args = [_layout(x.to(kernel_device), layout) for x in (q, k, v)]
-        out, lse, nxt = lite_attention(*args, state.to(kernel_device), threshold=threshold, scale=scale,
-                                       must_do=must_do, layout=layout, return_lse=True, backend="triton")
-        out = _layout(out, layout).cpu()
-        ref_out, ref_lse, (ref_counts, ref_indices), scores = lite_attention_reference(
-            q.float(), k.float(), v.float(), before, threshold, scale, must_do, return_scores=True)
-
-        assert out.dtype == dtype and out.shape == q.shape and lse.shape == q.shape[:3]
-        assert not out.isnan().any() and not lse.isnan().any()
-        torch.testing.assert_close(out.float(), ref_out, rtol=0, atol=TOL[dtype]["out"])
-        torch.testing.assert_close(lse.cpu(), ref_lse, rtol=0, atol=TOL[dtype]["lse"])
-
-        nxt = nxt.to("cpu")
-        ref_next = SkipState(ref_counts, ref_indices, before.seq_len_q, before.seq_len_k, before.block_m,
-                             before.block_n)
-        got, want = nxt.to_dense(), ref_next.to_dense()
-        tile_scores = _positions_to_tiles(visiting_indices(before), before.kv_num_blocks, scores)
-        near_threshold = (tile_scores - threshold).abs() < ROUNDING_BAND
-        disagree = got != want
-        assert not (disagree & ~near_threshold).any(), (
-            f"kernel and reference disagree on {int((disagree & ~near_threshold).sum())} tiles away from the threshold")
-        # The kernel's list is the visited list with the marked tiles removed, in the same order.
-        assert not (got & ~before.to_dense()).any()
-        want_lists = [[j for j in row if keep[j]] for row, keep in
-                      zip(visiting_lists(before), got.flatten(0, 2).tolist())]
-        assert active_lists(nxt) == want_lists
-        return nxt, int(before.kv_num_blocks.sum() - ref_counts.sum())
-
-    return check_call
-
 
 CASES = [
     # dtype, batch, heads, kv_heads, seq_q, seq_k, head_dim, block, layout, must_do, threshold
@@ -259,10 +200,13 @@ def test_every_tuned_config_matches_reference(head_dim, monkeypatch, gen, local_
     """Each (num_warps, num_stages) the autotuner may pick gives the reference's output and state.
 
     Default tile sizes, a ragged sequence and a shuffled partial list; on a GPU this runs every config of
-    the tuning space, in the interpreter its single config.
+    the tuning space, in the interpreter its single config. On Hopper the Triton kernel is forced (the
+    warp-specialized kernel has its own tests).
     """
     import liteattn.kernels.forward as forward
     from liteattn.kernels import default_block_sizes
+
+    monkeypatch.setattr(forward, "SM90_KERNEL", False)
 
     bm, bn = default_block_sizes(head_dim)
     q, k, v = (x.half() for x in local_qkv(1, 300, 2, 1, head_dim, seq_len_k=700, generator=gen))
@@ -270,10 +214,16 @@ def test_every_tuned_config_matches_reference(head_dim, monkeypatch, gen, local_
     mask[0, 1, 1, 2:] = False
     state = shuffled_state(SkipState.from_dense(mask, 300, 700, bm, bn), generator=gen)
     kernel = forward._lite_attention_fwd
+    ran = 0
     for config in forward._autotune_configs():
         monkeypatch.setattr(kernel, "configs", [config])
         kernel.cache.clear()
-        nxt, marked = check(q, k, v, state.clone(), threshold=-3.0)
+        try:
+            nxt, marked = check(q, k, v, state.clone(), threshold=-3.0)
+        except triton.runtime.errors.OutOfResources:
+            continue  # e.g. 4 stages of 128x128 tiles exceed shared memory; the autotuner skips it as well
         assert marked > 0, "the inputs should make the reference mark tiles"
         check(q, k, v, nxt, threshold=-3.0)
+        ran += 1
     kernel.cache.clear()
+    assert ran > 0

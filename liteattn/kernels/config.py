@@ -13,11 +13,14 @@ SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 16))
 def default_block_sizes(head_dim: int) -> tuple[int, int]:
     """(block_m, block_n) query/key tile sizes for a head_dim.
 
-    Chosen by measured dense throughput on an H100 (KERNEL_NOTES.md): 64x128 at
-    head_dim <= 64 and 128x64 up to 128, where the Triton loop came closest to cuDNN.
+    Chosen by measured dense throughput on Hopper (KERNEL_NOTES.md): 64x128 at
+    head_dim <= 64, where the Triton loop matches cuDNN, and 128x128 up to 128,
+    where the warp-specialized kernel (:mod:`liteattn.kernels.hopper`) is faster
+    than cuDNN; 128x64 would suit the plain Triton loop better there (v1), but
+    the state's tiles must not depend on the GPU.
     """
     if head_dim <= 64:
         return 64, 128
     if head_dim <= 128:
-        return 128, 64
+        return 128, 128
     return 64, 64

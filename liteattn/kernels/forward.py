@@ -32,6 +32,8 @@ SCHEDULE_BY_WORK = True
 # memory with relaxed atomic ORs once per 32 tiles (no per-tile store, no cross-warp reduction).
 # False: one masked flag store per row and tile into the next list (KERNEL_NOTES.md, v1 and v5).
 FLAG_WORDS = True
+# On Hopper (sm90), run the warp-specialized Gluon kernel of :mod:`liteattn.kernels.hopper` where it applies.
+SM90_KERNEL = True
 
 
 def _interpreting() -> bool:
@@ -238,6 +240,16 @@ def _kernel_ready(x: torch.Tensor) -> torch.Tensor:
     return x if aligned and x.data_ptr() % 16 == 0 else x.contiguous()
 
 
+def _sm90_kernel_applies(q, k, out, block_m, block_n) -> bool:
+    """The Gluon kernel needs Triton's Gluon (3.5+), a Hopper GPU, its tile shapes and a TMA-ready output."""
+    try:
+        from . import hopper
+    except ImportError:  # an older Triton without Gluon's Hopper module
+        return False
+    out_ready = out.stride(-1) == 1 and all((s * out.element_size()) % 16 == 0 for s in out.stride()[:-1])
+    return out_ready and out.data_ptr() % 16 == 0 and hopper.supports(q, k, block_m, block_n)
+
+
 def lite_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
@@ -267,8 +279,16 @@ def lite_attention_fwd(
     order = torch.argsort(kv_num_blocks, dim=-1, descending=True).to(torch.int32) if use_order else kv_num_blocks
     n_words = triton.cdiv(kt, 32)
     # The atomics merge into zeroed words.
-    flags = torch.zeros((bsz * nheads * qt * n_words) if write_state and FLAG_WORDS else 1,
+    sm90 = SM90_KERNEL and use_tma and _sm90_kernel_applies(q, k, out, block_m, block_n)
+    flags = torch.zeros((bsz * nheads * qt * n_words) if write_state and (FLAG_WORDS or sm90) else 1,
                         dtype=torch.int32, device=q.device)
+    if sm90:
+        from . import hopper
+
+        hopper.launch(q, k, v, out, lse, kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect,
+                      k_protect, order, flags, n_words, scale * LOG2E, threshold, block_m, block_n, dense,
+                      write_state, return_lse, use_order)
+        return out, lse
     _lite_attention_fwd[grid](
         q, k, v, out, lse,
         kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect, k_protect, order, flags, n_words,

@@ -1,0 +1,380 @@
+"""Warp-specialized forward kernel for Hopper (sm90), written in Gluon (Triton's explicit-layout dialect).
+
+Same tile semantics as :mod:`liteattn.kernels.forward` (one program per 128-row query tile and batch*head,
+walking the tile's active list, marking negligible tiles into the next list), scheduled the way
+FlashAttention-3 schedules Hopper. The plain Triton kernel runs one warpgroup at its register limit and
+cannot overlap the softmax with tensor-core work (KERNEL_NOTES.md, v5-v7); here
+
+- a one-warp *producer* partition walks the active list and issues TMA copies of K and V tiles into a ring
+  of shared-memory stages, guarded by mbarriers ("ready" when the bytes landed, "empty" when both
+  consumers are done with them);
+- two *consumer* partitions (one warpgroup, 64 query rows each) issue tile t's Q·Kᵀ wgmma before the
+  softmax of tile t, which then runs while P·V of tile t-1 is in flight; with ``PINGPONG`` the two take
+  turns issuing their products, so one's softmax overlaps the other's tensor-core work;
+- register budgets are split (``setmaxnreg``): the producer keeps 24 registers per thread and each
+  consumer gets 240, so the detection bits cost no spills (the Triton kernel spills there).
+
+Detection is the Triton kernel's (per-row 32-tile bit words merged with atomics); each consumer normalises
+and stores its own rows of the output and LSE; after the partitions join, the first consumer's warps
+compact the survivors into the next list. K/V/Q/O are read and written through device-side TMA
+descriptors, which need Triton's scratch allocator (set by :func:`liteattn.kernels.forward.lite_attention_fwd`).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+PRODUCER_REGS = gl.constexpr(24)
+CONSUMER_REGS = gl.constexpr(240)
+# The two consumers take turns issuing tensor-core work (FlashAttention-3's inter-warpgroup overlap).
+PINGPONG = True
+# Registers per thread over all warps (consumers + the producer's warpgroup) of one program: one program
+# per SM, so the whole register file (64 K) is split between them.
+MAX_REGS = 168
+
+
+@gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, idx_ptr, n_active, full_row,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """Issue the K and V copies of every active tile, ``STAGES`` tiles ahead of the consumers at most."""
+    for t in range(n_active):
+        if full_row:
+            j = t
+        else:
+            j = gl.load(idx_ptr + t).to(gl.int32)
+        stage = t % STAGES
+        phase = (t // STAGES) & 1
+        # mbarriers start in phase 1 "complete": the first pass over the ring does not wait.
+        mbarrier.wait(k_empty.index(stage), phase ^ 1)
+        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [j * BLOCK_N, 0], k_ready.index(stage), k_bufs.index(stage))
+        mbarrier.wait(v_empty.index(stage), phase ^ 1)
+        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [j * BLOCK_N, 0], v_ready.index(stage), v_bufs.index(stage))
+
+
+@gluon.jit
+def _scores(s, t, idx_ptr, full_row, m_i, bits, row_valid, flag_words, n_active, qk_scale, threshold, SEQ_K, KT,
+            BLOCK_N: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, s_layout: gl.constexpr):
+    """Online-softmax step on one raw score tile: mask, detection bits, new max, P in fp32, row scale."""
+    if RAGGED_K:
+        if full_row:
+            j = t
+        else:
+            j = gl.load(idx_ptr + t).to(gl.int32)
+        if j == KT - 1:  # only the last key tile has columns past SEQ_K
+            cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where(gl.expand_dims(cols < SEQ_K, 0), s, float("-inf"))
+    tile_max = gl.max(s, axis=1) * qk_scale
+    if WRITE_STATE:
+        # Per row, bit (t % 32) says "this tile is not negligible for me"; merged across rows in memory
+        # once per 32 tiles (KERNEL_NOTES.md, v5).
+        row_keep = ((tile_max - m_i) >= threshold) & row_valid
+        bits = bits | (row_keep.to(gl.int32) << (t % 32))
+        if (t % 32 == 31) | (t == n_active - 1):
+            word_ptrs = flag_words + t // 32 + gl.zeros_like(bits)
+            gl.atomic_or(word_ptrs, bits, mask=bits != 0, sem="relaxed")
+            bits = gl.zeros_like(bits)
+    m_new = gl.maximum(m_i, tile_max)
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+    alpha = gl.exp2(m_i - m_new)
+    return p, alpha, m_new, bits
+
+
+@gluon.jit
+def _consumer(row0, q_rows, q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, idx_ptr, n_active,
+              full_row, flag_words, qk_scale, threshold, o_desc, LSE, lse_off, SEQ_Q, SEQ_K, KT,
+              ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
+              RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
+              TURN: gl.constexpr, PINGPONG: gl.constexpr):
+    """``ROWS`` query rows starting at ``row0``: Q·Kᵀ of tile t is issued before the softmax of tile t runs
+    behind P·V of tile t-1 (FA3's intra-warpgroup overlap). With ``PINGPONG``, two consumers take turns
+    issuing their tensor-core work, so one's softmax runs while the other's products do."""
+    NUM_WARPS: gl.constexpr = ROWS // 16
+    dtype: gl.constexpr = q_rows.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    offs_m = row0 + gl.arange(0, ROWS, layout=row_layout)
+    row_valid = offs_m < SEQ_Q
+    zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    acc = gl.zeros([ROWS, BLOCK_D], gl.float32, layout=o_layout)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
+    bits = gl.zeros([ROWS], gl.int32, layout=row_layout)
+
+    mbarrier.wait(q_bar, 0)
+    # Tile 0 (stage 0, phase 0): no P·V to overlap yet.
+    if PINGPONG:
+        mbarrier.wait(turn_bars.index(TURN), TURN ^ 1)
+    mbarrier.wait(k_ready.index(0), 0)
+    s_tok = warpgroup_mma(q_rows, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    if PINGPONG:
+        mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
+    s = warpgroup_mma_wait(0, deps=(s_tok, ))
+    mbarrier.arrive(k_empty.index(0), count=1)
+    p, alpha, m_i, bits = _scores(s, 0, idx_ptr, full_row, m_i, bits, row_valid, flag_words, n_active, qk_scale,
+                                  threshold, SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, s_layout)
+    l_i = gl.sum(p, axis=1)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+    for t in range(1, n_active):
+        stage = t % STAGES
+        prev = (t - 1) % STAGES
+        if PINGPONG:  # consumer TURN issues its t-th products after the other one issued theirs
+            mbarrier.wait(turn_bars.index(TURN), (t & 1) ^ TURN ^ 1)
+        mbarrier.wait(k_ready.index(stage), (t // STAGES) & 1)
+        s_tok = warpgroup_mma(q_rows, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
+        o_tok = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
+        s = warpgroup_mma_wait(1, deps=(s_tok, ))
+        mbarrier.arrive(k_empty.index(stage), count=1)
+        p, alpha, m_i, bits = _scores(s, t, idx_ptr, full_row, m_i, bits, row_valid, flag_words, n_active,
+                                      qk_scale, threshold, SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, s_layout)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+        mbarrier.arrive(v_empty.index(prev), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+    last = (n_active - 1) % STAGES
+    mbarrier.wait(v_ready.index(last), ((n_active - 1) // STAGES) & 1)
+    o_tok = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(o_tok, ))
+
+    # Epilogue: normalise, stage through this consumer's rows of Q's shared memory (no longer read) and
+    # store with TMA, which clips the rows past SEQ_Q.
+    has_mass = l_i > 0
+    safe_l = gl.where(has_mass, l_i, 1.0)
+    inv_l = gl.convert_layout(gl.where(has_mass, 1.0 / safe_l, 0.0), gl.SliceLayout(1, o_layout))
+    out = acc * gl.expand_dims(inv_l, 1)
+    q_rows.store(out.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [row0, 0], q_rows)
+    if RETURN_LSE:
+        lse = gl.where(has_mass, (m_i + gl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
+        gl.store(LSE + lse_off + offs_m, lse, mask=row_valid)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _second_consumer(row0, q_rows, q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, idx_ptr,
+                     n_active, full_row, flag_words, qk_scale, threshold, o_desc, LSE, lse_off, SEQ_Q, SEQ_K, KT,
+                     ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
+                     RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
+                     PINGPONG: gl.constexpr):
+    _consumer(row0, q_rows, q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, idx_ptr,
+              n_active, full_row, flag_words, qk_scale, threshold, o_desc, LSE, lse_off, SEQ_Q, SEQ_K, KT,
+              ROWS, BLOCK_N, BLOCK_D, STAGES, RAGGED_K, WRITE_STATE, RETURN_LSE, 1, PINGPONG)
+
+
+@gluon.jit
+def _lite_attention_fwd_sm90(
+    Q, K, V, O, LSE,
+    KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, ORDER, FLAGS, NW,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    H, GROUP, SEQ_Q, SEQ_K, QT, KT,
+    qk_scale, threshold,
+    BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    DENSE: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
+    RAGGED_K: gl.constexpr, BLOCK_C: gl.constexpr, USE_ORDER: gl.constexpr,
+    PINGPONG: gl.constexpr,
+):
+    dtype: gl.constexpr = Q.dtype.element_ty
+    ROWS: gl.constexpr = BLOCK_M // 2  # two consumer partitions (one warpgroup each) share a query tile
+    NUM_WARPS: gl.constexpr = ROWS // 16
+    q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_D], dtype)
+    o_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_D], dtype)
+    kv_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_D], dtype)
+
+    pid_bh = gl.program_id(1)
+    if USE_ORDER:  # heaviest query tiles of a head first, so short ones fill the tail
+        pid_m = gl.load(ORDER + pid_bh.to(gl.int64) * QT + gl.program_id(0))
+    else:
+        pid_m = gl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    q_ptr = Q + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh
+    k_ptr = K + b.to(gl.int64) * stride_kb + hk.to(gl.int64) * stride_kh
+    v_ptr = V + b.to(gl.int64) * stride_vb + hk.to(gl.int64) * stride_vh
+    o_ptr = O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+    q_desc = tma.make_tensor_descriptor(q_ptr, shape=[SEQ_Q, BLOCK_D], strides=[stride_qs, 1],
+                                        block_shape=[BLOCK_M, BLOCK_D], layout=q_smem_layout)
+    k_desc = tma.make_tensor_descriptor(k_ptr, shape=[SEQ_K, BLOCK_D], strides=[stride_ks, 1],
+                                        block_shape=[BLOCK_N, BLOCK_D], layout=kv_smem_layout)
+    v_desc = tma.make_tensor_descriptor(v_ptr, shape=[SEQ_K, BLOCK_D], strides=[stride_vs, 1],
+                                        block_shape=[BLOCK_N, BLOCK_D], layout=kv_smem_layout)
+    o_desc = tma.make_tensor_descriptor(o_ptr, shape=[SEQ_Q, BLOCK_D], strides=[stride_os, 1],
+                                        block_shape=[ROWS, BLOCK_D], layout=o_smem_layout)
+
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_D], q_smem_layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_D], kv_smem_layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_D], kv_smem_layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    mbarrier.init(turn_bars.index(0), count=1)
+    mbarrier.init(turn_bars.index(1), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [pid_m * BLOCK_M, 0], q_bar, q_smem)
+
+    state_off = pid_bh.to(gl.int64) * QT + pid_m
+    if DENSE:
+        n_active = KT
+    else:
+        n_active = gl.load(KV_COUNT + state_off)
+    full_row = n_active == KT  # a full row is visited in ascending order, whatever its list holds
+    idx_ptr = KV_IDX + state_off * KT
+    flag_words = FLAGS + state_off * NW
+    lse_off = pid_bh.to(gl.int64) * SEQ_Q
+    row0 = pid_m * BLOCK_M
+
+    gl.warp_specialize([
+        (_consumer, (row0, q_smem.slice(0, ROWS), q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
+                     turn_bars, idx_ptr, n_active, full_row, flag_words, qk_scale, threshold, o_desc, LSE,
+                     lse_off, SEQ_Q, SEQ_K, KT, ROWS, BLOCK_N, BLOCK_D, STAGES, RAGGED_K, WRITE_STATE,
+                     RETURN_LSE, 0, PINGPONG)),
+        (_second_consumer, (row0 + ROWS, q_smem.slice(ROWS, ROWS), q_bar, k_bufs, v_bufs, k_ready, v_ready,
+                            k_empty, v_empty, turn_bars, idx_ptr, n_active, full_row, flag_words, qk_scale,
+                            threshold, o_desc, LSE, lse_off, SEQ_Q, SEQ_K, KT, ROWS, BLOCK_N, BLOCK_D, STAGES,
+                            RAGGED_K, WRITE_STATE, RETURN_LSE, PINGPONG)),
+        (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, idx_ptr, n_active,
+                     full_row, BLOCK_N, STAGES)),
+    ], [NUM_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    if WRITE_STATE:
+        # Compact the survivors in visiting order into the next list (the flags were merged by atomics at
+        # L2: read them past L1, after every consumer's atomics were issued).
+        gl.thread_barrier()
+        c_layout: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
+        next_idx_ptr = NEXT_IDX + state_off * KT
+        q_protected = gl.load(Q_PROT + pid_m) != 0
+        n_keep = 0
+        for c in range(0, n_active, BLOCK_C):
+            offs_c = c + gl.arange(0, BLOCK_C, layout=c_layout)
+            in_range = offs_c < n_active
+            words = gl.load(flag_words + offs_c // 32, mask=in_range, other=0, cache_modifier=".cg")
+            flag = (words >> (offs_c % 32)) & 1
+            if DENSE:
+                ids = offs_c
+            else:
+                listed = gl.load(idx_ptr + offs_c, mask=in_range, other=0).to(gl.int32)
+                ids = gl.where(full_row, offs_c, listed)
+            k_protected = gl.load(K_PROT + ids, mask=in_range, other=0) != 0
+            keep = in_range & ((flag != 0) | (offs_c == 0) | k_protected | q_protected)
+            keep_i = keep.to(gl.int32)
+            pos = n_keep + gl.associative_scan(keep_i, 0, _add) - keep_i
+            gl.store(next_idx_ptr + pos, ids.to(gl.int16), mask=keep)
+            n_keep += gl.sum(keep_i, axis=0)
+        gl.store(NEXT_COUNT + state_off, n_keep)
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int) -> bool:
+    """Whether this kernel runs the call: an sm90 GPU, fp16/bf16, head_dim 64 or 128, and the skip state's
+    tiles 128 query rows by 64 or 128 keys (two 64-row consumers per query tile). Anything else runs the
+    Triton kernel, which has the same semantics."""
+    if q.device.type != "cuda" or torch.version.hip is not None:
+        return False
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    dim = q.shape[-1]
+    return (q.dtype in (torch.float16, torch.bfloat16) and dim in (64, 128) and block_m == 128
+            and block_n in (64, 128))
+
+
+def stages_for(block_m: int, block_n: int, head_dim: int) -> int:
+    """Ring depth: as many K/V stages as fit beside Q in shared memory, capped at 4.
+
+    A program takes a whole SM's registers (one per SM), so it may use the whole shared memory.
+    """
+    budget = 220 * 1024
+    tile_bytes = block_n * head_dim * 2
+    q_bytes = block_m * head_dim * 2
+    return max(2, min(4, (budget - q_bytes) // (2 * tile_bytes)))
+
+
+def launch(q, k, v, out, lse, kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect, k_protect,
+           order, flags, n_words, qk_scale, threshold, block_m, block_n, dense, write_state, return_lse, use_order):
+    """Launch on BHSD-strided views already made kernel-ready by the caller (see ``forward.lite_attention_fwd``)."""
+    bsz, nheads, seq_q, dim = q.shape
+    seq_k = k.shape[2]
+    qt, kt = triton.cdiv(seq_q, block_m), triton.cdiv(seq_k, block_n)
+    warps = block_m // 32  # per consumer partition
+    _lite_attention_fwd_sm90[(qt, bsz * nheads)](
+        q, k, v, out, lse,
+        kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect, k_protect, order, flags, n_words,
+        q.stride(0), q.stride(2), q.stride(1),
+        k.stride(0), k.stride(2), k.stride(1),
+        v.stride(0), v.stride(2), v.stride(1),
+        out.stride(0), out.stride(2), out.stride(1),
+        nheads, nheads // k.shape[1], seq_q, seq_k, qt, kt,
+        qk_scale, threshold,
+        BLOCK_D=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages_for(block_m, block_n, dim),
+        DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse,
+        RAGGED_K=seq_k % block_n != 0, BLOCK_C=32 * warps, USE_ORDER=use_order,
+        PINGPONG=PINGPONG, num_warps=warps, maxnreg=MAX_REGS,
+    )
+
+
+def compile_offline(block_n: int = 128, head_dim: int = 128, dense: bool = False, write_state: bool = True,
+                    pingpong: bool | None = None, dtype: str = "bf16"):
+    """Compile one specialization for sm90a without a GPU (Triton's bundled assembler).
+
+    For compiler reports and for the test that keeps the kernel free of register spills on machines
+    without a Hopper GPU. Returns Triton's compiled kernel (``.asm`` has ``ttgir``, ``ptx``, ``cubin``).
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = _lite_attention_fwd_sm90
+    constexprs = dict(BLOCK_D=head_dim, BLOCK_M=128, BLOCK_N=block_n, STAGES=stages_for(128, block_n, head_dim),
+                      DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=True, RAGGED_K=True, BLOCK_C=128,
+                      USE_ORDER=not dense, PINGPONG=PINGPONG if pingpong is None else pingpong)
+    pointers = {"Q": dtype, "K": dtype, "V": dtype, "O": dtype, "LSE": "fp32", "KV_COUNT": "i32", "KV_IDX": "i16",
+                "NEXT_COUNT": "i32", "NEXT_IDX": "i16", "Q_PROT": "i8", "K_PROT": "i8", "ORDER": "i32",
+                "FLAGS": "i32"}
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("qk_scale", "threshold"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = GluonASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": MAX_REGS})
