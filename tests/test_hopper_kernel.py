@@ -69,8 +69,8 @@ def test_sm90_kernel_compiles_without_spills(block_n, dense, write_state, pingpo
 @pytest.mark.parametrize("block", [(128, 128), (128, 64)])
 def test_sm90_kernel_matches_reference(block, pingpong, monkeypatch, gen, local_qkv, shuffled_state, check,
                                        dense_attention):
-    """Fresh state (dense walk), a shuffled list with full and partial rows, the list it writes, and dense
-    mode, with GQA, ragged lengths and must-do tokens; and the calls did run the Gluon kernel."""
+    """Fresh state (dense walk), a shuffled list with full, partial and empty rows, the list it writes, and
+    dense mode, with GQA, ragged lengths and must-do tokens; and the calls did run the Gluon kernel."""
     monkeypatch.setattr(hopper, "PINGPONG", pingpong)
     launches = []
     launch = hopper.launch
@@ -85,6 +85,7 @@ def test_sm90_kernel_matches_reference(block, pingpong, monkeypatch, gen, local_
     mask = torch.ones(2, 4, -(-sq // bm), -(-sk // bn), dtype=torch.bool)
     mask[1, 2, 1, 3:] = False
     mask[0, 0, 2, ::2] = False
+    mask[0, 3, 1, :] = False  # an empty list: zero output, LSE -inf, and no wait for tiles that never come
     listed = shuffled_state(SkipState.from_dense(mask, sq, sk, bm, bn), generator=gen)
     nxt, marked = check(q, k, v, listed, threshold=-3.0)
     assert marked > 0

@@ -227,3 +227,20 @@ def test_every_tuned_config_matches_reference(head_dim, monkeypatch, gen, local_
         ran += 1
     kernel.cache.clear()
     assert ran > 0
+
+
+def test_empty_list_attends_to_nothing(gen, local_qkv, check):
+    """A hand-built state may leave a query tile with no active key tile: zero output, LSE -inf, empty next
+    list, and the other tiles unaffected."""
+    q, k, v = (x.half() for x in local_qkv(1, 64, 2, 2, 32, seq_len_k=80, generator=gen))
+    mask = torch.ones(1, 2, 4, 5, dtype=torch.bool)
+    mask[0, 1, 2, :] = False
+    state = SkipState.from_dense(mask, 64, 80, 16, 16)
+    nxt, marked = check(q, k, v, state, threshold=-3.0)
+    assert marked > 0
+    assert int(nxt.kv_num_blocks[0, 1, 2]) == 0
+    out, lse, _ = lite_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), state, threshold=-3.0,
+                                 return_lse=True, backend="triton")
+    rows = slice(32, 48)
+    assert torch.equal(out[0, rows, 1].float().cpu(), torch.zeros(16, 32))
+    assert torch.isneginf(lse[0, 1, rows]).all()

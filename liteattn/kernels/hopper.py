@@ -119,46 +119,50 @@ def _consumer(row0, q_rows, q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_
     m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
     bits = gl.zeros([ROWS], gl.int32, layout=row_layout)
 
+    l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
     mbarrier.wait(q_bar, 0)
-    # Tile 0 (stage 0, phase 0): no P·V to overlap yet.
-    if PINGPONG:
-        mbarrier.wait(turn_bars.index(TURN), TURN ^ 1)
-    mbarrier.wait(k_ready.index(0), 0)
-    s_tok = warpgroup_mma(q_rows, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    if PINGPONG:
-        mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
-    s = warpgroup_mma_wait(0, deps=(s_tok, ))
-    mbarrier.arrive(k_empty.index(0), count=1)
-    p, alpha, m_i, bits = _scores(s, 0, idx_ptr, full_row, m_i, bits, row_valid, flag_words, n_active, qk_scale,
-                                  threshold, SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, s_layout)
-    l_i = gl.sum(p, axis=1)
-    p_op = gl.convert_layout(p.to(dtype), p_layout)
-
-    for t in range(1, n_active):
-        stage = t % STAGES
-        prev = (t - 1) % STAGES
-        if PINGPONG:  # consumer TURN issues its t-th products after the other one issued theirs
-            mbarrier.wait(turn_bars.index(TURN), (t & 1) ^ TURN ^ 1)
-        mbarrier.wait(k_ready.index(stage), (t // STAGES) & 1)
-        s_tok = warpgroup_mma(q_rows, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
-        o_tok = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+    # An empty list (possible in a hand-built state) attends to nothing: zero output, LSE -inf, and no
+    # waits on tiles that never come.
+    if n_active > 0:
+        # Tile 0 (stage 0, phase 0): no P·V to overlap yet.
+        if PINGPONG:
+            mbarrier.wait(turn_bars.index(TURN), TURN ^ 1)
+        mbarrier.wait(k_ready.index(0), 0)
+        s_tok = warpgroup_mma(q_rows, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
-        s = warpgroup_mma_wait(1, deps=(s_tok, ))
-        mbarrier.arrive(k_empty.index(stage), count=1)
-        p, alpha, m_i, bits = _scores(s, t, idx_ptr, full_row, m_i, bits, row_valid, flag_words, n_active,
-                                      qk_scale, threshold, SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, s_layout)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
-        mbarrier.arrive(v_empty.index(prev), count=1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        s = warpgroup_mma_wait(0, deps=(s_tok, ))
+        mbarrier.arrive(k_empty.index(0), count=1)
+        p, alpha, m_i, bits = _scores(s, 0, idx_ptr, full_row, m_i, bits, row_valid, flag_words, n_active, qk_scale,
+                                      threshold, SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, s_layout)
+        l_i = gl.sum(p, axis=1)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
 
-    last = (n_active - 1) % STAGES
-    mbarrier.wait(v_ready.index(last), ((n_active - 1) // STAGES) & 1)
-    o_tok = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
-    acc = warpgroup_mma_wait(0, deps=(o_tok, ))
+        for t in range(1, n_active):
+            stage = t % STAGES
+            prev = (t - 1) % STAGES
+            if PINGPONG:  # consumer TURN issues its t-th products after the other one issued theirs
+                mbarrier.wait(turn_bars.index(TURN), (t & 1) ^ TURN ^ 1)
+            mbarrier.wait(k_ready.index(stage), (t // STAGES) & 1)
+            s_tok = warpgroup_mma(q_rows, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
+            o_tok = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
+            s = warpgroup_mma_wait(1, deps=(s_tok, ))
+            mbarrier.arrive(k_empty.index(stage), count=1)
+            p, alpha, m_i, bits = _scores(s, t, idx_ptr, full_row, m_i, bits, row_valid, flag_words, n_active,
+                                          qk_scale, threshold, SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, s_layout)
+            l_i = l_i * alpha + gl.sum(p, axis=1)
+            acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+            mbarrier.arrive(v_empty.index(prev), count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+        last = (n_active - 1) % STAGES
+        mbarrier.wait(v_ready.index(last), ((n_active - 1) // STAGES) & 1)
+        o_tok = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(o_tok, ))
 
     # Epilogue: normalise, stage through this consumer's rows of Q's shared memory (no longer read) and
     # store with TMA, which clips the rows past SEQ_Q.
