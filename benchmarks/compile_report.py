@@ -4,7 +4,9 @@ For each specialization: registers, spills, shared memory, how many wgmma (HGMMA
 SASS holds and how many "wait for all wgmma" points follow them (equal counts = ptxas serialized the
 tensor-core pipeline), and ptxas's own performance warnings. This is how the detection overhead was
 traced (KERNEL_NOTES.md, v5); it needs only Triton's bundled ptxas/nvdisasm.
-Run: ``python benchmarks/compile_report.py [--arch 90] [--head-dim 128] [--warps 4] [--stages 2]``.
+Run: ``python benchmarks/compile_report.py [--arch 90] [--head-dim 128] [--warps 4] [--stages 2]`` for the Triton
+kernel, ``python benchmarks/compile_report.py --kernel sm90 [--block-n 128]`` for the warp-specialized Hopper
+kernel (always sm90a).
 """
 from __future__ import annotations
 
@@ -96,7 +98,19 @@ def main():
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--set", action="append", default=[], help="constexpr override NAME=VALUE (int/bool)")
+    p.add_argument("--kernel", choices=("triton", "sm90"), default="triton")
+    p.add_argument("--block-n", type=int, default=128, help="key tile width of the sm90 kernel (64 or 128)")
     args = p.parse_args()
+    if args.kernel == "sm90":
+        from liteattn.kernels.hopper import compile_offline
+
+        for dense, write in itertools.product((True, False), (False, True)):
+            for pingpong in (True, False):
+                kernel = compile_offline(block_n=args.block_n, head_dim=args.head_dim, dense=dense,
+                                         write_state=write, pingpong=pingpong)
+                print(f"dense={dense!s:5} write_state={write!s:5} pingpong={pingpong!s:5}", report(kernel, 90),
+                      flush=True)
+        return
     overrides = {}
     for item in args.set:
         name, value = item.split("=")
