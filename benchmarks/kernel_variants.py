@@ -39,6 +39,8 @@ VARIANTS = {
     "sm90-nopp": {"SM90_KERNEL": True, "hopper.PINGPONG": False},
     "sm90-n64": {"SM90_KERNEL": True, "hopper.PINGPONG": True, "tiles": {64: (128, 64), 128: (128, 64)}},
     "sm90-n128": {"SM90_KERNEL": True, "hopper.PINGPONG": True, "tiles": {64: (128, 128), 128: (128, 128)}},
+    "sm90-n128-s3": {"SM90_KERNEL": True, "hopper.PINGPONG": True, "hopper.SMEM_BUDGET": 226 * 1024,
+                     "tiles": {64: (128, 128), 128: (128, 128)}},
     "sm90-nopp-n128": {"SM90_KERNEL": True, "hopper.PINGPONG": False, "tiles": {64: (128, 128), 128: (128, 128)}},
     "words-n128": {"FLAG_WORDS": True, "SM90_KERNEL": False, "tiles": {64: (128, 128), 128: (128, 128)}},
 }

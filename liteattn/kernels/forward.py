@@ -234,20 +234,26 @@ def tma_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _kernel_ready(x: torch.Tensor) -> torch.Tensor:
-    """Unit head_dim stride and 16-byte aligned rows and base, as the kernel's tile loads need."""
+def _tma_ready(x: torch.Tensor) -> bool:
+    """Unit head_dim stride and 16-byte aligned strides and base, as TMA tile copies need."""
     aligned = x.stride(-1) == 1 and all((s * x.element_size()) % 16 == 0 for s in x.stride()[:-1])
-    return x if aligned and x.data_ptr() % 16 == 0 else x.contiguous()
+    return aligned and x.data_ptr() % 16 == 0
+
+
+def _kernel_ready(x: torch.Tensor) -> torch.Tensor:
+    return x if _tma_ready(x) else x.contiguous()
 
 
 def _sm90_kernel_applies(q, k, out, block_m, block_n) -> bool:
-    """The Gluon kernel needs Triton's Gluon (3.5+), a Hopper GPU, its tile shapes and a TMA-ready output."""
+    """The Gluon kernel needs the Gluon API it was written against (Triton 3.6+), a Hopper GPU, its tile
+    shapes and a TMA-ready output; anything else runs the Triton kernel."""
+    if tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit()) < (3, 6):
+        return False
     try:
         from . import hopper
-    except ImportError:  # an older Triton without Gluon's Hopper module
+    except ImportError:  # a Triton build without Gluon's Hopper module
         return False
-    out_ready = out.stride(-1) == 1 and all((s * out.element_size()) % 16 == 0 for s in out.stride()[:-1])
-    return out_ready and out.data_ptr() % 16 == 0 and hopper.supports(q, k, block_m, block_n)
+    return _tma_ready(out) and hopper.supports(q, k, block_m, block_n)
 
 
 def lite_attention_fwd(
