@@ -18,6 +18,7 @@ because they define the state's tiles.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -244,16 +245,22 @@ def _kernel_ready(x: torch.Tensor) -> torch.Tensor:
     return x if _tma_ready(x) else x.contiguous()
 
 
-def _sm90_kernel_applies(q, k, out, block_m, block_n) -> bool:
-    """The Gluon kernel needs the Gluon API it was written against (Triton 3.6+), a Hopper GPU, its tile
-    shapes and a TMA-ready output; anything else runs the Triton kernel."""
+@functools.lru_cache(maxsize=None)
+def _hopper_module():
+    """The Gluon kernel's module, or None where Triton lacks the Gluon API it was written against (3.6+)."""
     if tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit()) < (3, 6):
-        return False
+        return None
     try:
         from . import hopper
     except ImportError:  # a Triton build without Gluon's Hopper module
-        return False
-    return _tma_ready(out) and hopper.supports(q, k, block_m, block_n)
+        return None
+    return hopper
+
+
+def _sm90_kernel_applies(q, k, out, block_m, block_n) -> bool:
+    """A Hopper GPU, the kernel's tile shapes and a TMA-ready output; anything else runs the Triton kernel."""
+    hopper = _hopper_module()
+    return hopper is not None and _tma_ready(out) and hopper.supports(q, k, block_m, block_n)
 
 
 def lite_attention_fwd(
@@ -289,11 +296,9 @@ def lite_attention_fwd(
     flags = torch.zeros((bsz * nheads * qt * n_words) if write_state and (FLAG_WORDS or sm90) else 1,
                         dtype=torch.int32, device=q.device)
     if sm90:
-        from . import hopper
-
-        hopper.launch(q, k, v, out, lse, kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect,
-                      k_protect, order, flags, n_words, scale * LOG2E, threshold, block_m, block_n, dense,
-                      write_state, return_lse, use_order)
+        _hopper_module().launch(q, k, v, out, lse, kv_num_blocks, kv_indices, next_num_blocks, next_indices,
+                                q_protect, k_protect, order, flags, n_words, scale * LOG2E, threshold, block_m,
+                                block_n, dense, write_state, return_lse, use_order)
         return out, lse
     _lite_attention_fwd[grid](
         q, k, v, out, lse,

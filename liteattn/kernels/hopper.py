@@ -184,17 +184,6 @@ def _consumer(row0, q_rows, q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_
 
 
 @gluon.jit
-def _second_consumer(row0, q_rows, q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, idx_ptr,
-                     n_active, full_row, flag_words, qk_scale, threshold, o_desc, LSE, lse_off, SEQ_Q, SEQ_K, KT,
-                     ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
-                     RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
-                     PINGPONG: gl.constexpr):
-    _consumer(row0, q_rows, q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, idx_ptr,
-              n_active, full_row, flag_words, qk_scale, threshold, o_desc, LSE, lse_off, SEQ_Q, SEQ_K, KT,
-              ROWS, BLOCK_N, BLOCK_D, STAGES, RAGGED_K, WRITE_STATE, RETURN_LSE, 1, PINGPONG)
-
-
-@gluon.jit
 def _lite_attention_fwd_sm90(
     Q, K, V, O, LSE,
     KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, ORDER, FLAGS, NW,
@@ -273,10 +262,10 @@ def _lite_attention_fwd_sm90(
                      turn_bars, idx_ptr, n_active, full_row, flag_words, qk_scale, threshold, o_desc, LSE,
                      lse_off, SEQ_Q, SEQ_K, KT, ROWS, BLOCK_N, BLOCK_D, STAGES, RAGGED_K, WRITE_STATE,
                      RETURN_LSE, 0, PINGPONG)),
-        (_second_consumer, (row0 + ROWS, q_smem.slice(ROWS, ROWS), q_bar, k_bufs, v_bufs, k_ready, v_ready,
-                            k_empty, v_empty, turn_bars, idx_ptr, n_active, full_row, flag_words, qk_scale,
-                            threshold, o_desc, LSE, lse_off, SEQ_Q, SEQ_K, KT, ROWS, BLOCK_N, BLOCK_D, STAGES,
-                            RAGGED_K, WRITE_STATE, RETURN_LSE, PINGPONG)),
+        (_consumer, (row0 + ROWS, q_smem.slice(ROWS, ROWS), q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty,
+                     v_empty, turn_bars, idx_ptr, n_active, full_row, flag_words, qk_scale, threshold, o_desc, LSE,
+                     lse_off, SEQ_Q, SEQ_K, KT, ROWS, BLOCK_N, BLOCK_D, STAGES, RAGGED_K, WRITE_STATE,
+                     RETURN_LSE, 1, PINGPONG)),
         (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, idx_ptr, n_active,
                      full_row, BLOCK_N, STAGES)),
     ], [NUM_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
