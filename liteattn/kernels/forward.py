@@ -291,16 +291,12 @@ def lite_attention_fwd(
     use_order = SCHEDULE_BY_WORK and not dense
     order = torch.argsort(kv_num_blocks, dim=-1, descending=True).to(torch.int32) if use_order else kv_num_blocks
     n_words = triton.cdiv(kt, 32)
-    # The atomics merge into zeroed words.
     sm90 = SM90_KERNEL and use_tma and _sm90_kernel_applies(q, k, out, block_m, block_n)
+    # The atomics merge into zeroed words.
     flags = torch.zeros((bsz * nheads * qt * n_words) if write_state and (FLAG_WORDS or sm90) else 1,
                         dtype=torch.int32, device=q.device)
-    if sm90:
-        _hopper_module().launch(q, k, v, out, lse, kv_num_blocks, kv_indices, next_num_blocks, next_indices,
-                                q_protect, k_protect, order, flags, n_words, scale * LOG2E, threshold, block_m,
-                                block_n, dense, write_state, return_lse, use_order)
-        return out, lse
-    _lite_attention_fwd[grid](
+    # Both kernels take the same runtime arguments: the tensors, BHSD strides, shapes and the scaled constants.
+    args = (
         q, k, v, out, lse,
         kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect, k_protect, order, flags, n_words,
         q.stride(0), q.stride(2), q.stride(1),
@@ -309,6 +305,13 @@ def lite_attention_fwd(
         out.stride(0), out.stride(2), out.stride(1),
         nheads, nheads // k.shape[1], seq_q, seq_k, qt, kt,
         scale * LOG2E, threshold,
+    )
+    if sm90:
+        _hopper_module().launch(grid, args, dim=dim, seq_k=seq_k, block_m=block_m, block_n=block_n, dense=dense,
+                                write_state=write_state, return_lse=return_lse, use_order=use_order)
+        return out, lse
+    _lite_attention_fwd[grid](
+        *args,
         HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_M=block_m, BLOCK_N=block_n,
         DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse, USE_TMA=use_tma,
         RAGGED_K=seq_k % block_n != 0, BLOCK_C=128, USE_ORDER=use_order,

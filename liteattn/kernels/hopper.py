@@ -320,22 +320,12 @@ def stages_for(block_m: int, block_n: int, head_dim: int) -> int:
     return max(2, min(4, (budget - q_bytes) // (2 * tile_bytes)))
 
 
-def launch(q, k, v, out, lse, kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect, k_protect,
-           order, flags, n_words, qk_scale, threshold, block_m, block_n, dense, write_state, return_lse, use_order):
-    """Launch on BHSD-strided views already made kernel-ready by the caller (see ``forward.lite_attention_fwd``)."""
-    bsz, nheads, seq_q, dim = q.shape
-    seq_k = k.shape[2]
-    qt, kt = triton.cdiv(seq_q, block_m), triton.cdiv(seq_k, block_n)
+def launch(grid, args, *, dim, seq_k, block_m, block_n, dense, write_state, return_lse, use_order):
+    """Launch with the runtime arguments :func:`liteattn.kernels.forward.lite_attention_fwd` builds for both
+    kernels (on BHSD-strided views it has already made TMA-ready)."""
     warps = block_m // 32  # per consumer partition
-    _lite_attention_fwd_sm90[(qt, bsz * nheads)](
-        q, k, v, out, lse,
-        kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect, k_protect, order, flags, n_words,
-        q.stride(0), q.stride(2), q.stride(1),
-        k.stride(0), k.stride(2), k.stride(1),
-        v.stride(0), v.stride(2), v.stride(1),
-        out.stride(0), out.stride(2), out.stride(1),
-        nheads, nheads // k.shape[1], seq_q, seq_k, qt, kt,
-        qk_scale, threshold,
+    _lite_attention_fwd_sm90[grid](
+        *args,
         BLOCK_D=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages_for(block_m, block_n, dim),
         DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse,
         RAGGED_K=seq_k % block_n != 0, BLOCK_C=32 * warps, USE_ORDER=use_order,
