@@ -1,7 +1,8 @@
 """Time the kernel's alternative code paths side by side on a GPU (see KERNEL_NOTES.md).
 
 A variant is a setting of the module switches of :mod:`liteattn.kernels.forward`, named by a tag: ``sm90`` =
-the warp-specialized Gluon kernel, ``words`` / ``stores`` = the Triton kernel with ``FLAG_WORDS`` True / False;
+the warp-specialized Gluon kernel with one program per query tile, ``persist`` = its persistent form (one
+program per SM), ``words`` / ``stores`` = the Triton kernel with ``FLAG_WORDS`` True / False;
 a ``tiles`` entry replaces the state's (block_m, block_n) per head_dim. Result files of earlier kernel versions
 used other tags (``2:0`` = words with atomics, ``0:0`` = per-row stores). Every
 variant is first checked (output vs cuDNN, written state vs the PyTorch reference on structured inputs),
@@ -23,6 +24,7 @@ import triton.testing
 
 import liteattn.kernels.forward as fwd
 import liteattn.kernels.hopper as hopper
+import liteattn.kernels.hopper_persistent as persistent
 from kernel_dev import sdpa, structured_qkv  # same folder: the script's directory is on sys.path
 from liteattn import SkipState, lite_attention
 from liteattn.kernels import default_block_sizes
@@ -32,24 +34,33 @@ SHAPES = {"wan1.3b": (1, 32760, 12, 128), "hdim64": (1, 16384, 24, 64), "wan14b"
           "hunyuan": (1, 118800, 24, 128)}
 
 
+PER_TILE = {"SM90_KERNEL": True, "SM90_PERSISTENT": False, "hopper.PREFETCH": True}
+PERSISTENT = {"SM90_KERNEL": True, "SM90_PERSISTENT": True, "persistent.PREFETCH": True}
+N128 = {"tiles": {64: (128, 128), 128: (128, 128)}}
 VARIANTS = {
     "words": {"FLAG_WORDS": True, "SM90_KERNEL": False},
     "stores": {"FLAG_WORDS": False, "SM90_KERNEL": False},
-    "sm90": {"SM90_KERNEL": True, "hopper.PINGPONG": True},
-    "sm90-nopp": {"SM90_KERNEL": True, "hopper.PINGPONG": False},
-    "sm90-n64": {"SM90_KERNEL": True, "hopper.PINGPONG": True, "tiles": {64: (128, 64), 128: (128, 64)}},
-    "sm90-n128": {"SM90_KERNEL": True, "hopper.PINGPONG": True, "tiles": {64: (128, 128), 128: (128, 128)}},
-    "sm90-n128-s3": {"SM90_KERNEL": True, "hopper.PINGPONG": True, "hopper.SMEM_BUDGET": 226 * 1024,
-                     "tiles": {64: (128, 128), 128: (128, 128)}},
-    "sm90-nopp-n128": {"SM90_KERNEL": True, "hopper.PINGPONG": False, "tiles": {64: (128, 128), 128: (128, 128)}},
-    "words-n128": {"FLAG_WORDS": True, "SM90_KERNEL": False, "tiles": {64: (128, 128), 128: (128, 128)}},
+    "sm90": {**PER_TILE, "hopper.PINGPONG": True},
+    "sm90-nopp": {**PER_TILE, "hopper.PINGPONG": False},
+    "sm90-n64": {**PER_TILE, "hopper.PINGPONG": True, "tiles": {64: (128, 64), 128: (128, 64)}},
+    "sm90-n128": {**PER_TILE, "hopper.PINGPONG": True, **N128},
+    "sm90-n128-s3": {**PER_TILE, "hopper.PINGPONG": True, "hopper.SMEM_BUDGET": 226 * 1024, **N128},
+    "sm90-nopp-n128": {**PER_TILE, "hopper.PINGPONG": False, **N128},
+    "words-n128": {"FLAG_WORDS": True, "SM90_KERNEL": False, **N128},
+    "sm90-nopf": {**PER_TILE, "hopper.PINGPONG": True, "hopper.PREFETCH": False},
+    "persist-nopf": {**PERSISTENT, "persistent.PINGPONG": True, "persistent.PREFETCH": False},
+    "persist": {**PERSISTENT, "persistent.PINGPONG": True},
+    "persist-nopp": {**PERSISTENT, "persistent.PINGPONG": False},
+    "persist-n128": {**PERSISTENT, "persistent.PINGPONG": True, **N128},
+    "persist-n128-s3": {**PERSISTENT, "persistent.PINGPONG": True, "persistent.SMEM_BUDGET": 226 * 1024, **N128},
 }
 
 
 def set_variant(tag):
     for name, value in VARIANTS[tag].items():
-        if name.startswith("hopper."):
-            setattr(hopper, name.split(".", 1)[1], value)
+        if name.startswith(("hopper.", "persistent.")):
+            module, attr = name.split(".", 1)
+            setattr(hopper if module == "hopper" else persistent, attr, value)
         elif name != "tiles":
             setattr(fwd, name, value)
 

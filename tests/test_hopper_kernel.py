@@ -1,8 +1,10 @@
 """The warp-specialized Hopper kernel (Gluon) against the PyTorch reference.
 
-The numerical tests need an sm90 GPU and are skipped elsewhere (Gluon has no interpreter). On every
-machine the kernel is compiled for sm90a with Triton's bundled assembler and checked for what made the
-plain Triton kernel slow: register spills, and a tensor-core pipeline that ptxas serialized.
+Both Gluon kernels: one program per query tile (:mod:`liteattn.kernels.hopper`) and one per SM
+(:mod:`liteattn.kernels.hopper_persistent`). The numerical tests need an sm90 GPU and are skipped elsewhere
+(Gluon has no interpreter). On every machine each kernel is compiled for sm90a with Triton's bundled
+assembler and checked for what made the plain Triton kernel slow: register spills, and a tensor-core
+pipeline that ptxas serialized.
 """
 from __future__ import annotations
 
@@ -19,14 +21,16 @@ from liteattn import SkipState, lite_attention
 
 triton = pytest.importorskip("triton")
 hopper = pytest.importorskip("liteattn.kernels.hopper")
+persistent = pytest.importorskip("liteattn.kernels.hopper_persistent")
+import liteattn.kernels.forward as fwd  # noqa: E402
 
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper (sm90) GPU")
 
 
-def _compile_ptx(block_n, head_dim, dense, write_state, pingpong) -> str:
+def _compile_ptx(module, block_n, head_dim, dense, write_state, pingpong) -> str:
     """PTX of one specialization, compiled in a fresh process: this one runs Triton in interpreter mode."""
-    code = ("import sys; from liteattn.kernels.hopper import compile_offline; "
+    code = (f"import sys; from liteattn.kernels.{module} import compile_offline; "
             f"k = compile_offline(block_n={block_n}, head_dim={head_dim}, dense={dense}, "
             f"write_state={write_state}, pingpong={pingpong}); sys.stdout.write(k.asm['ptx'])")
     env = dict(os.environ, TRITON_INTERPRET="0")
@@ -47,6 +51,7 @@ def _ptxas_report(ptx: str) -> str:
     return res.stdout + res.stderr
 
 
+@pytest.mark.parametrize("module,regs", [("hopper", (24, 240)), ("hopper_persistent", (40, 232))])
 @pytest.mark.parametrize("block_n,head_dim,dense,write_state,pingpong", [
     (128, 128, True, True, False),  # first step: dense walk, state written
     (128, 128, False, True, False),  # later steps: list walk with detection
@@ -54,28 +59,42 @@ def _ptxas_report(ptx: str) -> str:
     (64, 128, False, True, True),
     (128, 64, False, True, True),
 ])
-def test_sm90_kernel_compiles_without_spills(block_n, head_dim, dense, write_state, pingpong):
-    ptx = _compile_ptx(block_n, head_dim, dense, write_state, pingpong)
+def test_sm90_kernel_compiles_without_spills(module, regs, block_n, head_dim, dense, write_state, pingpong):
+    ptx = _compile_ptx(module, block_n, head_dim, dense, write_state, pingpong)
     report = _ptxas_report(ptx)
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
     assert spills and max(spills) == 0, report
     assert "C7515" not in report and "serialized" not in report, report  # wgmma pipeline kept asynchronous
     # The producer gives its registers to the consumers.
-    assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+24;", ptx)
-    assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+240;", ptx)
+    producer, consumer = regs
+    assert re.search(rf"setmaxnreg\.dec\.sync\.aligned\.u32\s+{producer};", ptx)
+    assert re.search(rf"setmaxnreg\.inc\.sync\.aligned\.u32\s+{consumer};", ptx)
+
+
+@pytest.fixture(params=["per-tile", "persistent", "persistent-5-programs"])
+def gluon_launches(request, monkeypatch):
+    """Run the test on one Gluon kernel: one program per query tile, one per SM, or five programs (many
+    work items each, the K/V ring wrapping across items). The returned list counts that kernel's launches."""
+    is_persistent = request.param.startswith("persistent")
+    monkeypatch.setattr(fwd, "SM90_PERSISTENT", is_persistent)
+    monkeypatch.setattr(persistent, "MAX_PROGRAMS", 5 if request.param.endswith("programs") else None)
+    module = persistent if is_persistent else hopper
+    launches = []
+    launch = module.launch
+    monkeypatch.setattr(module, "launch", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
+    return launches
 
 
 @needs_hopper
 @pytest.mark.parametrize("pingpong", [False, True])
 @pytest.mark.parametrize("block", [(128, 128), (128, 64)])
-def test_sm90_kernel_matches_reference(block, pingpong, monkeypatch, gen, local_qkv, shuffled_state, check,
-                                       dense_attention):
+def test_sm90_kernel_matches_reference(block, pingpong, monkeypatch, gluon_launches, gen, local_qkv, shuffled_state,
+                                       check, dense_attention):
     """Fresh state (dense walk), a shuffled list with full, partial and empty rows, the list it writes, and
     dense mode, with GQA, ragged lengths and must-do tokens; and the calls did run the Gluon kernel."""
     monkeypatch.setattr(hopper, "PINGPONG", pingpong)
-    launches = []
-    launch = hopper.launch
-    monkeypatch.setattr(hopper, "launch", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
+    monkeypatch.setattr(persistent, "PINGPONG", pingpong)
+    launches = gluon_launches
     bm, bn = block
     sq, sk = 520, 1100
     q, k, v = (x.half() for x in local_qkv(2, sq, 4, 2, 128, seq_len_k=sk, generator=gen))
@@ -98,12 +117,10 @@ def test_sm90_kernel_matches_reference(block, pingpong, monkeypatch, gen, local_
 
 @needs_hopper
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_sm90_kernel_long_lists(head_dim, monkeypatch, gen, local_qkv, shuffled_state, check):
+def test_sm90_kernel_long_lists(head_dim, gluon_launches, gen, local_qkv, shuffled_state, check):
     """More than 128 key tiles per query tile in bf16: several 32-tile detection words per row, a compaction
     over more than one 128-position chunk, full rows next to partial ones."""
-    launches = []
-    launch = hopper.launch
-    monkeypatch.setattr(hopper, "launch", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
+    launches = gluon_launches
     sq, sk, bm, bn = 260, 8300, 128, 64
     q, k, v = (x.bfloat16() for x in local_qkv(1, sq, 2, 1, head_dim, seq_len_k=sk, generator=gen))
     mask = torch.ones(1, 2, -(-sq // bm), -(-sk // bn), dtype=torch.bool)

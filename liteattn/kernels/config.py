@@ -13,17 +13,18 @@ SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 16))
 def default_block_sizes(head_dim: int) -> tuple[int, int]:
     """(block_m, block_n) query/key tile sizes for a head_dim.
 
-    Chosen by measured dense throughput on Hopper (KERNEL_NOTES.md): 64x128 at
-    head_dim <= 64, where the Triton loop matches cuDNN; 128x128 at exactly 128,
-    where the warp-specialized kernel (:mod:`liteattn.kernels.hopper`) is faster
-    than cuDNN (128x64 would suit the plain Triton loop on other GPUs better,
-    v1, but the state's tiles must not depend on the GPU); 128x64 for the other
-    head_dims up to 128, which only the Triton kernel runs.
+    Chosen by measured throughput on Hopper (KERNEL_NOTES.md): 128x128 at
+    head_dim 64 and 128, which the warp-specialized persistent kernel
+    (:mod:`liteattn.kernels.hopper_persistent`) runs at or above cuDNN's speed
+    dense and closest to linear when sparse (128x64 would suit the plain Triton
+    loop on other GPUs better, v1, but the state's tiles must not depend on the
+    GPU); 64x128 below 64 and 128x64 for the other head_dims up to 128, which
+    only the Triton kernel runs.
     """
-    if head_dim <= 64:
-        return 64, 128
-    if head_dim == 128:
+    if head_dim in (64, 128):
         return 128, 128
+    if head_dim < 64:
+        return 64, 128
     if head_dim < 128:
         return 128, 64
     return 64, 64

@@ -35,6 +35,8 @@ SCHEDULE_BY_WORK = True
 FLAG_WORDS = True
 # On Hopper (sm90), run the warp-specialized Gluon kernel of :mod:`liteattn.kernels.hopper` where it applies.
 SM90_KERNEL = True
+# ... as one persistent program per SM (:mod:`liteattn.kernels.hopper_persistent`) instead of one per query tile.
+SM90_PERSISTENT = True
 
 
 def _interpreting() -> bool:
@@ -257,6 +259,18 @@ def _hopper_module():
     return hopper
 
 
+@functools.lru_cache(maxsize=None)
+def _persistent_module():
+    """The persistent Gluon kernel's module, or None (as :func:`_hopper_module`)."""
+    if _hopper_module() is None:
+        return None
+    try:
+        from . import hopper_persistent
+    except ImportError:  # a Triton build without host-side Gluon tensor descriptors
+        return None
+    return hopper_persistent
+
+
 def _sm90_kernel_applies(q, k, out, block_m, block_n) -> bool:
     """A Hopper GPU, the kernel's tile shapes and a TMA-ready output; anything else runs the Triton kernel."""
     hopper = _hopper_module()
@@ -292,9 +306,9 @@ def lite_attention_fwd(
     order = torch.argsort(kv_num_blocks, dim=-1, descending=True).to(torch.int32) if use_order else kv_num_blocks
     n_words = triton.cdiv(kt, 32)
     sm90 = SM90_KERNEL and use_tma and _sm90_kernel_applies(q, k, out, block_m, block_n)
-    # The atomics merge into zeroed words.
-    flags = torch.zeros((bsz * nheads * qt * n_words) if write_state and (FLAG_WORDS or sm90) else 1,
-                        dtype=torch.int32, device=q.device)
+    # The atomics merge into zeroed words; one more zeroed word counts the persistent kernel's work items.
+    n_flags = bsz * nheads * qt * n_words if write_state and (FLAG_WORDS or sm90) else 0
+    flags = torch.zeros(n_flags + 1, dtype=torch.int32, device=q.device)
     # Both kernels take the same runtime arguments: the tensors, BHSD strides, shapes and the scaled constants.
     args = (
         q, k, v, out, lse,
@@ -307,8 +321,13 @@ def lite_attention_fwd(
         scale * LOG2E, threshold,
     )
     if sm90:
-        _hopper_module().launch(grid, args, dim=dim, seq_k=seq_k, block_m=block_m, block_n=block_n, dense=dense,
-                                write_state=write_state, return_lse=return_lse, use_order=use_order)
+        options = dict(dim=dim, seq_k=seq_k, block_m=block_m, block_n=block_n, dense=dense, write_state=write_state,
+                       return_lse=return_lse, use_order=use_order)
+        persistent = _persistent_module() if SM90_PERSISTENT else None
+        if persistent is not None:
+            persistent.launch(args, **options)
+        else:
+            _hopper_module().launch(grid, args, **options)
         return out, lse
     _lite_attention_fwd[grid](
         *args,

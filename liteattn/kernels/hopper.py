@@ -16,7 +16,8 @@ cannot overlap the softmax with tensor-core work (KERNEL_NOTES.md, v5-v7); here
 
 Detection is the Triton kernel's (per-row 32-tile bit words merged with atomics); each consumer normalises
 and stores its own rows of the output and LSE; after the partitions join, the first consumer's warps
-compact the survivors into the next list. K/V/Q/O are read and written through device-side TMA
+compact the survivors into the next list. :mod:`liteattn.kernels.hopper_persistent` runs the same partitions
+as one persistent program per SM (the default on Hopper); this module also holds the pieces both share. K/V/Q/O are read and written through device-side TMA
 descriptors, which need Triton's scratch allocator (set by :func:`liteattn.kernels.forward.lite_attention_fwd`).
 """
 from __future__ import annotations
@@ -37,6 +38,8 @@ PRODUCER_REGS = gl.constexpr(24)
 CONSUMER_REGS = gl.constexpr(240)
 # The two consumers take turns issuing tensor-core work (FlashAttention-3's inter-warpgroup overlap).
 PINGPONG = True
+# Read list entries one tile ahead (producer) and before the barrier waits (consumers' ragged-tile check).
+PREFETCH = True
 # Registers per thread over all warps (consumers + the producer's warpgroup) of one program: one program
 # per SM, so the whole register file (64 K) is split between them.
 MAX_REGS = 168
@@ -51,14 +54,27 @@ def _add(a, b):
 
 
 @gluon.jit
-def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, idx_ptr, n_active, full_row,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """Issue the K and V copies of every active tile, ``STAGES`` tiles ahead of the consumers at most."""
+def _tile_at(idx_ptr, full_row, t, KT):
+    """The key tile visited ``t``-th: ``t`` on a full row, else the list's entry. ``t`` is clamped to the
+    list's buffer, so reading one entry ahead of the last one stays in bounds."""
+    listed = gl.load(idx_ptr + gl.minimum(t, KT - 1)).to(gl.int32)
+    return gl.where(full_row, t, listed)
+
+
+@gluon.jit
+def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, idx_ptr, n_active, full_row, KT,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr):
+    """Issue the K and V copies of every active tile, ``STAGES`` tiles ahead of the consumers at most.
+
+    With ``PREFETCH`` the list entry of tile t+1 is read before waiting for tile t's stage, so its latency
+    hides behind the wait instead of delaying the copy (the ring is only 2 deep at 128x128 tiles)."""
+    j_next = _tile_at(idx_ptr, full_row, 0, KT)
     for t in range(n_active):
-        if full_row:
-            j = t
+        if PREFETCH:
+            j = j_next
+            j_next = _tile_at(idx_ptr, full_row, t + 1, KT)
         else:
-            j = gl.load(idx_ptr + t).to(gl.int32)
+            j = _tile_at(idx_ptr, full_row, t, KT)
         stage = t % STAGES
         phase = (t // STAGES) & 1
         # A fresh mbarrier is in phase 0, and waiting on parity 1 (the phase before it) returns at once:
@@ -72,14 +88,11 @@ def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty
 
 
 @gluon.jit
-def _scores(s, t, idx_ptr, full_row, m_i, bits, row_valid, flag_words, n_active, qk_scale, threshold, SEQ_K, KT,
+def _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, threshold, SEQ_K, KT,
             BLOCK_N: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, s_layout: gl.constexpr):
-    """Online-softmax step on one raw score tile: mask, detection bits, new max, P in fp32, row scale."""
+    """Online-softmax step on one raw score tile (the ``t``-th visited, key tile ``j``): mask, detection bits,
+    new max, P in fp32, row scale."""
     if RAGGED_K:
-        if full_row:
-            j = t
-        else:
-            j = gl.load(idx_ptr + t).to(gl.int32)
         if j == KT - 1:  # only the last key tile has columns past SEQ_K
             cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             s = gl.where(gl.expand_dims(cols < SEQ_K, 0), s, float("-inf"))
@@ -100,11 +113,35 @@ def _scores(s, t, idx_ptr, full_row, m_i, bits, row_valid, flag_words, n_active,
 
 
 @gluon.jit
+def _compact_chunk(c, n_keep, state_off, pid_m, n_active, KV_IDX, NEXT_IDX, Q_PROT, K_PROT, FLAGS, NW, KT,
+                   DENSE: gl.constexpr, BLOCK_C: gl.constexpr, c_layout: gl.constexpr):
+    """List positions ``c .. c+BLOCK_C-1`` of one query tile: append the survivors (flagged, first visited or
+    must-do) to the ``n_keep`` already written to the next list, in visiting order; returns the new count."""
+    offs_c = c + gl.arange(0, BLOCK_C, layout=c_layout)
+    in_range = offs_c < n_active
+    # Merged by the consumers' atomics at L2: read past L1.
+    words = gl.load(FLAGS + state_off * NW + offs_c // 32, mask=in_range, other=0, cache_modifier=".cg")
+    flag = (words >> (offs_c % 32)) & 1
+    if DENSE:
+        ids = offs_c
+    else:
+        listed = gl.load(KV_IDX + state_off * KT + offs_c, mask=in_range, other=0).to(gl.int32)
+        ids = gl.where(n_active == KT, offs_c, listed)  # a full row is visited in ascending order
+    k_protected = gl.load(K_PROT + ids, mask=in_range, other=0) != 0
+    q_protected = gl.load(Q_PROT + pid_m) != 0
+    keep = in_range & ((flag != 0) | (offs_c == 0) | k_protected | q_protected)
+    keep_i = keep.to(gl.int32)
+    pos = n_keep + gl.associative_scan(keep_i, 0, _add) - keep_i
+    gl.store(NEXT_IDX + state_off * KT + pos, ids.to(gl.int16), mask=keep)
+    return n_keep + gl.sum(keep_i, axis=0)
+
+
+@gluon.jit
 def _consumer(row0, q_rows, q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, idx_ptr, n_active,
               full_row, flag_words, qk_scale, threshold, o_desc, LSE, lse_off, SEQ_Q, SEQ_K, KT,
               ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
               RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
-              TURN: gl.constexpr, PINGPONG: gl.constexpr):
+              TURN: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr):
     """``ROWS`` query rows starting at ``row0``: Q·Kᵀ of tile t is issued before the softmax of tile t runs
     behind P·V of tile t-1 (FA3's intra-warpgroup overlap). With ``PINGPONG``, two consumers take turns
     issuing their tensor-core work, so one's softmax runs while the other's products do."""
@@ -135,9 +172,12 @@ def _consumer(row0, q_rows, q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_
         s_tok = warpgroup_mma(q_rows, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
+        j = 0
+        if RAGGED_K:  # only the ragged-tile check needs the tile's index
+            j = _tile_at(idx_ptr, full_row, 0, KT)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(0), count=1)
-        p, alpha, m_i, bits = _scores(s, 0, idx_ptr, full_row, m_i, bits, row_valid, flag_words, n_active, qk_scale,
+        p, alpha, m_i, bits = _scores(s, 0, j, m_i, bits, row_valid, flag_words, n_active, qk_scale,
                                       threshold, SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, s_layout)
         l_i = gl.sum(p, axis=1)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -145,6 +185,9 @@ def _consumer(row0, q_rows, q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_
         for t in range(1, n_active):
             stage = t % STAGES
             prev = (t - 1) % STAGES
+            j = t
+            if RAGGED_K and PREFETCH:  # read tile t's list entry before the waits, not after the scores arrive
+                j = _tile_at(idx_ptr, full_row, t, KT)
             if PINGPONG:  # consumer TURN issues its t-th products after the other one issued theirs
                 mbarrier.wait(turn_bars.index(TURN), (t & 1) ^ TURN ^ 1)
             mbarrier.wait(k_ready.index(stage), (t // STAGES) & 1)
@@ -155,7 +198,9 @@ def _consumer(row0, q_rows, q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_
                 mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
             s = warpgroup_mma_wait(1, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(stage), count=1)
-            p, alpha, m_i, bits = _scores(s, t, idx_ptr, full_row, m_i, bits, row_valid, flag_words, n_active,
+            if RAGGED_K and not PREFETCH:
+                j = _tile_at(idx_ptr, full_row, t, KT)
+            p, alpha, m_i, bits = _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active,
                                           qk_scale, threshold, SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, s_layout)
             l_i = l_i * alpha + gl.sum(p, axis=1)
             acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
@@ -196,7 +241,7 @@ def _lite_attention_fwd_sm90(
     BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     DENSE: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
     RAGGED_K: gl.constexpr, BLOCK_C: gl.constexpr, USE_ORDER: gl.constexpr,
-    PINGPONG: gl.constexpr,
+    PINGPONG: gl.constexpr, PREFETCH: gl.constexpr,
 ):
     dtype: gl.constexpr = Q.dtype.element_ty
     ROWS: gl.constexpr = BLOCK_M // 2  # two consumer partitions (one warpgroup each) share a query tile
@@ -261,38 +306,22 @@ def _lite_attention_fwd_sm90(
         (_consumer, (row0, q_smem.slice(0, ROWS), q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
                      turn_bars, idx_ptr, n_active, full_row, flag_words, qk_scale, threshold, o_desc, LSE,
                      lse_off, SEQ_Q, SEQ_K, KT, ROWS, BLOCK_N, BLOCK_D, STAGES, RAGGED_K, WRITE_STATE,
-                     RETURN_LSE, 0, PINGPONG)),
+                     RETURN_LSE, 0, PINGPONG, PREFETCH)),
         (_consumer, (row0 + ROWS, q_smem.slice(ROWS, ROWS), q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty,
                      v_empty, turn_bars, idx_ptr, n_active, full_row, flag_words, qk_scale, threshold, o_desc, LSE,
                      lse_off, SEQ_Q, SEQ_K, KT, ROWS, BLOCK_N, BLOCK_D, STAGES, RAGGED_K, WRITE_STATE,
-                     RETURN_LSE, 1, PINGPONG)),
+                     RETURN_LSE, 1, PINGPONG, PREFETCH)),
         (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, idx_ptr, n_active,
-                     full_row, BLOCK_N, STAGES)),
+                     full_row, KT, BLOCK_N, STAGES, PREFETCH)),
     ], [NUM_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
     if WRITE_STATE:
-        # Compact the survivors in visiting order into the next list (the flags were merged by atomics at
-        # L2: read them past L1, after every consumer's atomics were issued).
+        # Compact the survivors in visiting order into the next list (after every consumer's atomics).
         gl.thread_barrier()
         c_layout: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
-        next_idx_ptr = NEXT_IDX + state_off * KT
-        q_protected = gl.load(Q_PROT + pid_m) != 0
-        n_keep = 0
+        n_keep = gl.to_tensor(0)
         for c in range(0, n_active, BLOCK_C):
-            offs_c = c + gl.arange(0, BLOCK_C, layout=c_layout)
-            in_range = offs_c < n_active
-            words = gl.load(flag_words + offs_c // 32, mask=in_range, other=0, cache_modifier=".cg")
-            flag = (words >> (offs_c % 32)) & 1
-            if DENSE:
-                ids = offs_c
-            else:
-                listed = gl.load(idx_ptr + offs_c, mask=in_range, other=0).to(gl.int32)
-                ids = gl.where(full_row, offs_c, listed)
-            k_protected = gl.load(K_PROT + ids, mask=in_range, other=0) != 0
-            keep = in_range & ((flag != 0) | (offs_c == 0) | k_protected | q_protected)
-            keep_i = keep.to(gl.int32)
-            pos = n_keep + gl.associative_scan(keep_i, 0, _add) - keep_i
-            gl.store(next_idx_ptr + pos, ids.to(gl.int16), mask=keep)
-            n_keep += gl.sum(keep_i, axis=0)
+            n_keep = _compact_chunk(c, n_keep, state_off, pid_m, n_active, KV_IDX, NEXT_IDX, Q_PROT, K_PROT, FLAGS,
+                                    NW, KT, DENSE, BLOCK_C, c_layout)
         gl.store(NEXT_COUNT + state_off, n_keep)
 
 
@@ -329,7 +358,7 @@ def launch(grid, args, *, dim, seq_k, block_m, block_n, dense, write_state, retu
         BLOCK_D=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages_for(block_m, block_n, dim),
         DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse,
         RAGGED_K=seq_k % block_n != 0, BLOCK_C=32 * warps, USE_ORDER=use_order,
-        PINGPONG=PINGPONG, num_warps=warps, maxnreg=MAX_REGS,
+        PINGPONG=PINGPONG, PREFETCH=PREFETCH, num_warps=warps, maxnreg=MAX_REGS,
     )
 
 
@@ -346,7 +375,7 @@ def compile_offline(block_n: int = 128, head_dim: int = 128, dense: bool = False
     fn = _lite_attention_fwd_sm90
     constexprs = dict(BLOCK_D=head_dim, BLOCK_M=128, BLOCK_N=block_n, STAGES=stages_for(128, block_n, head_dim),
                       DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=True, RAGGED_K=True, BLOCK_C=128,
-                      USE_ORDER=not dense, PINGPONG=PINGPONG if pingpong is None else pingpong)
+                      USE_ORDER=not dense, PINGPONG=PINGPONG if pingpong is None else pingpong, PREFETCH=PREFETCH)
     pointers = {"Q": dtype, "K": dtype, "V": dtype, "O": dtype, "LSE": "fp32", "KV_COUNT": "i32", "KV_IDX": "i16",
                 "NEXT_COUNT": "i32", "NEXT_IDX": "i16", "Q_PROT": "i8", "K_PROT": "i8", "ORDER": "i32",
                 "FLAGS": "i32"}

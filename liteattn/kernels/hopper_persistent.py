@@ -1,0 +1,409 @@
+"""Persistent variant of the Hopper kernel: one program per SM streams many query tiles through one pipeline.
+
+The kernel of :mod:`liteattn.kernels.hopper` runs one program per query tile. Each program pays a fixed
+cost before its first tensor-core instruction and after its last one (Q load, pipeline fill, output store,
+compaction of the next list), and with one program per SM nothing else runs on the SM meanwhile. When most
+tiles are skipped (s = 0.9 leaves ~26 of 256 key tiles per query tile) that fixed cost is ~15-20 % of the
+program (KERNEL_NOTES.md, v8). Here each program keeps its partitions alive over a static round-robin of
+work items (query tile x batch*head) and overlaps the seams:
+
+- the producer loads the next item's Q into a second buffer and keeps the K/V ring full across the item
+  boundary, so the consumers start the next item without waiting for memory;
+- the producer also compacts the previous item's survivors into the next list, 32 entries between two of
+  the current item's copies, while it would otherwise wait for a free stage;
+- consumers store their output rows through the Q buffer they just finished and release it once the next
+  item has started (the store has long left shared memory by then, so nobody waits for it).
+
+Descriptors are built on the host over the whole ``(B, H, S, D)`` tensors (rank-4 TMA), so a program
+addresses any head without creating descriptors on the device. Tile semantics, the detection words and the
+state layout are the same as both other kernels'.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .hopper import MAX_REGS, _compact_chunk, _scores, _tile_at
+
+# setmaxnreg: the producer also compacts the finished items (40 registers keep it free of spills); the
+# consumers get what the producer warpgroup gives up: 168 + (168 - 40) / 2 = 232.
+PRODUCER_REGS = gl.constexpr(40)
+CONSUMER_REGS = gl.constexpr(232)
+PINGPONG = True
+PREFETCH = True
+# K/V ring budget beside two Q buffers (bytes).
+SMEM_BUDGET = 220 * 1024
+# The producer's compaction: 32 list positions per step, one per lane of its single warp.
+ONE_WARP = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))
+# At most this many programs (None: one per SM). Tests lower it to put many items through one program.
+MAX_PROGRAMS: int | None = None
+
+
+@gluon.jit
+def _item(w, ORDER, KV_COUNT, H, GROUP, QT, KT, DENSE: gl.constexpr, USE_ORDER: gl.constexpr):
+    """Work item ``w`` (heads in sequence, query tiles of a head in launch order) -> its coordinates."""
+    pid_bh = w // QT
+    if USE_ORDER:
+        pid_m = gl.load(ORDER + w)
+    else:
+        pid_m = w % QT
+    state_off = pid_bh.to(gl.int64) * QT + pid_m
+    if DENSE:
+        n_active = KT
+    else:
+        n_active = gl.load(KV_COUNT + state_off)
+    b = pid_bh // H
+    h = pid_bh % H
+    return b, h, h // GROUP, pid_bh, pid_m, state_off, n_active
+
+
+@gluon.jit
+def _compact_rest(c0, n_keep, state_off, pid_m, n_active, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, FLAGS, NW,
+                  KT, DENSE: gl.constexpr):
+    """The item's list from position ``c0`` on (one warp, in visiting order), then its count."""
+    for c in range(c0, n_active, 32):
+        n_keep = _compact_chunk(c, n_keep, state_off, pid_m, n_active, KV_IDX, NEXT_IDX, Q_PROT, K_PROT, FLAGS, NW,
+                                KT, DENSE, 32, ONE_WARP)
+    gl.store(NEXT_COUNT + state_off, n_keep)
+
+
+@gluon.jit
+def _compact_item(w, i, flags_bars, ORDER, KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, FLAGS, NW, H,
+                  GROUP, QT, KT, DENSE: gl.constexpr, USE_ORDER: gl.constexpr):
+    """Compact this program's ``i``-th item (work index ``w``) once both consumers' atomics are issued."""
+    _, _, _, _, pid_m, state_off, n_active = _item(w, ORDER, KV_COUNT, H, GROUP, QT, KT, DENSE, USE_ORDER)
+    mbarrier.wait(flags_bars.index(i % 2), (i // 2) & 1)
+    _compact_rest(0, gl.to_tensor(0), state_off, pid_m, n_active, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, FLAGS, NW, KT,
+                  DENSE)
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, item_ids, k_ready, v_ready,
+              k_empty, v_empty, flags_bars, COUNTER, ORDER, KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, FLAGS, NW,
+              H, GROUP, QT, KT, n_items,
+              ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
+              DENSE: gl.constexpr, WRITE_STATE: gl.constexpr, USE_ORDER: gl.constexpr, PREFETCH: gl.constexpr):
+    """Q of each item (two buffers), then its K/V tiles into the ring; then the previous item's compaction."""
+    id_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    g = 0  # tiles issued so far by this program: ring position and phase
+    i = 0  # items so far
+    prev_w = 0
+    w = gl.atomic_add(COUNTER, 1, sem="relaxed")  # dynamic schedule: whichever program is free takes the next item
+    while w < n_items:
+        b, h, hk, pid_bh, pid_m, state_off, n_active = _item(w, ORDER, KV_COUNT, H, GROUP, QT, KT, DENSE,
+                                                             USE_ORDER)
+        qb = i % 2
+        mbarrier.wait(q_empty.index(qb), ((i // 2) & 1) ^ 1)
+        # The consumers learn the item from the slot beside its Q buffer, published by the barrier's arrive.
+        item_ids.index(qb).store(gl.full([1], w, gl.int32, layout=id_layout))
+        mbarrier.expect(q_ready.index(qb), 2 * q_desc.block_type.nbytes)
+        for half in gl.static_range(2):
+            tma.async_copy_global_to_shared(q_desc, [b, h, pid_m * (2 * ROWS) + half * ROWS, 0],
+                                            q_ready.index(qb),
+                                            q_bufs.index(2 * qb + half).reshape([1, 1, ROWS, BLOCK_D]))
+        full_row = n_active == KT
+        idx_ptr = KV_IDX + state_off * KT
+        # The previous item's list is compacted 32 entries at a time between this item's copies, from the
+        # STAGES-th on (by then both consumers have finished the previous item), so the ring never drains.
+        _, _, _, _, prev_m, prev_off, prev_n = _item(prev_w, ORDER, KV_COUNT, H, GROUP, QT, KT, DENSE, USE_ORDER)
+        n_keep = gl.to_tensor(0)
+        c = gl.to_tensor(0)
+        j_next = _tile_at(idx_ptr, full_row, 0, KT)
+        for t in range(n_active):
+            if PREFETCH:  # the next list entry is read before this tile's wait (see hopper._producer)
+                j = j_next
+                j_next = _tile_at(idx_ptr, full_row, t + 1, KT)
+            else:
+                j = _tile_at(idx_ptr, full_row, t, KT)
+            stage = g % STAGES
+            phase = (g // STAGES) & 1
+            mbarrier.wait(k_empty.index(stage), phase ^ 1)
+            mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [b, hk, j * BLOCK_N, 0], k_ready.index(stage),
+                                            k_bufs.index(stage).reshape([1, 1, BLOCK_N, BLOCK_D]))
+            mbarrier.wait(v_empty.index(stage), phase ^ 1)
+            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [b, hk, j * BLOCK_N, 0], v_ready.index(stage),
+                                            v_bufs.index(stage).reshape([1, 1, BLOCK_N, BLOCK_D]))
+            g += 1
+            if WRITE_STATE:
+                if (t >= STAGES - 1) & (i > 0) & (c < prev_n):
+                    if c == 0:
+                        mbarrier.wait(flags_bars.index((i - 1) % 2), ((i - 1) // 2) & 1)
+                    n_keep = _compact_chunk(c, n_keep, prev_off, prev_m, prev_n, KV_IDX, NEXT_IDX, Q_PROT, K_PROT,
+                                            FLAGS, NW, KT, DENSE, 32, ONE_WARP)
+                    c += 32
+        # The ring is as full as it gets: claim the next item and finish the previous one's list.
+        w_next = gl.atomic_add(COUNTER, 1, sem="relaxed")
+        if WRITE_STATE:
+            if i > 0:
+                if c == 0:  # no chunk done yet (short item or empty list): its flags are not waited for yet
+                    mbarrier.wait(flags_bars.index((i - 1) % 2), ((i - 1) // 2) & 1)
+                _compact_rest(c, n_keep, prev_off, prev_m, prev_n, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT,
+                              FLAGS, NW, KT, DENSE)
+            prev_w = w
+        i += 1
+        w = w_next
+    # No items left: an id past the end, with a plain arrive instead of a Q copy, tells the consumers to stop.
+    qb = i % 2
+    mbarrier.wait(q_empty.index(qb), ((i // 2) & 1) ^ 1)
+    item_ids.index(qb).store(gl.full([1], n_items, gl.int32, layout=id_layout))
+    mbarrier.arrive(q_ready.index(qb), count=1)
+    if WRITE_STATE:
+        if i > 0:
+            _compact_item(prev_w, i - 1, flags_bars, ORDER, KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT,
+                          FLAGS, NW, H, GROUP, QT, KT, DENSE, USE_ORDER)
+
+
+@gluon.jit
+def _consumer(o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars,
+              flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, H, GROUP, SEQ_Q, SEQ_K, QT, KT, n_items,
+              qk_scale, threshold,
+              ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
+              DENSE: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
+              USE_ORDER: gl.constexpr, TURN: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr):
+    """Rows ``TURN * ROWS`` to ``(TURN + 1) * ROWS`` of every item's query tile; the loop body is
+    :func:`liteattn.kernels.hopper._consumer`'s, with ring and turn phases counted over the whole program."""
+    NUM_WARPS: gl.constexpr = ROWS // 16
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    dtype: gl.constexpr = q_bufs.dtype
+    id_layout: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
+    g = 0
+    i = 0
+    mbarrier.wait(q_ready.index(0), 0)
+    w = gl.max(item_ids.index(0).load(id_layout), axis=0)
+    while w < n_items:
+        b, h, hk, pid_bh, pid_m, state_off, n_active = _item(w, ORDER, KV_COUNT, H, GROUP, QT, KT, DENSE,
+                                                             USE_ORDER)
+        full_row = n_active == KT
+        idx_ptr = KV_IDX + state_off * KT
+        flag_words = FLAGS + state_off * NW
+        row0 = pid_m * (2 * ROWS) + TURN * ROWS
+        offs_m = row0 + gl.arange(0, ROWS, layout=row_layout)
+        row_valid = offs_m < SEQ_Q
+        qb = i % 2
+        q_rows = q_bufs.index(2 * qb + TURN)
+        acc = gl.zeros([ROWS, BLOCK_D], gl.float32, layout=o_layout)
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
+        l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
+        bits = gl.zeros([ROWS], gl.int32, layout=row_layout)
+        if n_active > 0:
+            stage = g % STAGES
+            if PINGPONG:
+                mbarrier.wait(turn_bars.index(TURN), (g & 1) ^ TURN ^ 1)
+            mbarrier.wait(k_ready.index(stage), (g // STAGES) & 1)
+            s_tok = warpgroup_mma(q_rows, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
+            j = 0
+            if RAGGED_K:
+                j = _tile_at(idx_ptr, full_row, 0, KT)
+            s = warpgroup_mma_wait(0, deps=(s_tok, ))
+            mbarrier.arrive(k_empty.index(stage), count=1)
+            p, alpha, m_i, bits = _scores(s, 0, j, m_i, bits, row_valid, flag_words, n_active,
+                                          qk_scale, threshold, SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, s_layout)
+            l_i = gl.sum(p, axis=1)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            for t in range(1, n_active):
+                gt = g + t
+                stage = gt % STAGES
+                prev = (gt - 1) % STAGES
+                j = t
+                if RAGGED_K and PREFETCH:
+                    j = _tile_at(idx_ptr, full_row, t, KT)
+                if PINGPONG:
+                    mbarrier.wait(turn_bars.index(TURN), (gt & 1) ^ TURN ^ 1)
+                mbarrier.wait(k_ready.index(stage), (gt // STAGES) & 1)
+                s_tok = warpgroup_mma(q_rows, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False,
+                                      is_async=True)
+                mbarrier.wait(v_ready.index(prev), ((gt - 1) // STAGES) & 1)
+                o_tok = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+                if PINGPONG:
+                    mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
+                s = warpgroup_mma_wait(1, deps=(s_tok, ))
+                mbarrier.arrive(k_empty.index(stage), count=1)
+                if RAGGED_K and not PREFETCH:
+                    j = _tile_at(idx_ptr, full_row, t, KT)
+                p, alpha, m_i, bits = _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active,
+                                              qk_scale, threshold, SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE,
+                                              s_layout)
+                l_i = l_i * alpha + gl.sum(p, axis=1)
+                acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+                mbarrier.arrive(v_empty.index(prev), count=1)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+            last_g = g + n_active - 1
+            last = last_g % STAGES
+            mbarrier.wait(v_ready.index(last), (last_g // STAGES) & 1)
+            o_tok = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(o_tok, ))
+            mbarrier.arrive(v_empty.index(last), count=1)
+        if WRITE_STATE:  # this consumer's detection atomics for the item are issued
+            mbarrier.arrive(flags_bars.index(i % 2), count=1)
+
+        has_mass = l_i > 0
+        safe_l = gl.where(has_mass, l_i, 1.0)
+        inv_l = gl.convert_layout(gl.where(has_mass, 1.0 / safe_l, 0.0), gl.SliceLayout(1, o_layout))
+        out = acc * gl.expand_dims(inv_l, 1)
+        q_rows.store(out.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(o_desc, [b, h, row0, 0], q_rows.reshape([1, 1, ROWS, BLOCK_D]))
+        if RETURN_LSE:
+            lse = gl.where(has_mass, (m_i + gl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
+            gl.store(LSE + pid_bh.to(gl.int64) * SEQ_Q + offs_m, lse, mask=row_valid)
+        g += n_active
+        i += 1
+        # The next item (or the stop signal); then this item's Q buffer goes back once its output has left it.
+        mbarrier.wait(q_ready.index(i % 2), (i // 2) & 1)
+        tma.store_wait(0)
+        mbarrier.arrive(q_empty.index(qb), count=1)
+        w = gl.max(item_ids.index(i % 2).load(id_layout), axis=0)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _lite_attention_fwd_sm90_persistent(
+    q_desc, k_desc, v_desc, o_desc, LSE,
+    KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, ORDER, FLAGS, NW, COUNTER,
+    H, GROUP, SEQ_Q, SEQ_K, QT, KT, n_items,
+    qk_scale, threshold,
+    BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    DENSE: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
+    RAGGED_K: gl.constexpr, USE_ORDER: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr,
+):
+    dtype: gl.constexpr = q_desc.dtype
+    ROWS: gl.constexpr = BLOCK_M // 2
+    NUM_WARPS: gl.constexpr = ROWS // 16
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_D], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_D], dtype)
+    # Two Q buffers of two halves (one per consumer); a half also stages that consumer's output.
+    q_bufs = gl.allocate_shared_memory(dtype, [4, ROWS, BLOCK_D], q_layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_D], kv_layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_D], kv_layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    flags_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    item_ids = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for x in gl.static_range(2):
+        mbarrier.init(q_ready.index(x), count=1)
+        mbarrier.init(q_empty.index(x), count=2)
+        mbarrier.init(flags_bars.index(x), count=2)
+        mbarrier.init(turn_bars.index(x), count=1)
+    for x in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(x), count=1)
+        mbarrier.init(v_ready.index(x), count=1)
+        mbarrier.init(k_empty.index(x), count=2)
+        mbarrier.init(v_empty.index(x), count=2)
+    fence_async_shared()
+
+    gl.warp_specialize([
+        (_consumer, (o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
+                     turn_bars, flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, H, GROUP, SEQ_Q, SEQ_K, QT,
+                     KT, n_items, qk_scale, threshold, ROWS, BLOCK_N, BLOCK_D, STAGES, DENSE, RAGGED_K,
+                     WRITE_STATE, RETURN_LSE, USE_ORDER, 0, PINGPONG, PREFETCH)),
+        (_consumer, (o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
+                     turn_bars, flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, H, GROUP, SEQ_Q, SEQ_K, QT,
+                     KT, n_items, qk_scale, threshold, ROWS, BLOCK_N, BLOCK_D, STAGES, DENSE, RAGGED_K,
+                     WRITE_STATE, RETURN_LSE, USE_ORDER, 1, PINGPONG, PREFETCH)),
+        (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, item_ids, k_ready, v_ready,
+                     k_empty, v_empty, flags_bars, COUNTER, ORDER, KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT,
+                     K_PROT, FLAGS, NW, H, GROUP, QT, KT, n_items, ROWS, BLOCK_N, BLOCK_D, STAGES, DENSE, WRITE_STATE,
+                     USE_ORDER, PREFETCH)),
+    ], [NUM_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def stages_for(block_m: int, block_n: int, head_dim: int) -> int:
+    """K/V ring depth beside two Q buffers, capped at 4 (at least 2)."""
+    tile_bytes = block_n * head_dim * 2
+    return max(2, min(4, (SMEM_BUDGET - 2 * block_m * head_dim * 2) // (2 * tile_bytes)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
+    """Rank-4 ``(B, H, S, D)`` descriptor over any TMA-ready strides; one tile is ``rows`` x D of one head."""
+    block = [1, 1, rows, x.shape[-1]]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float16 if x.dtype == torch.float16 else gl.bfloat16)
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), block, layout)
+
+
+def launch(args, *, dim, seq_k, block_m, block_n, dense, write_state, return_lse, use_order):
+    """Launch with the runtime arguments :func:`liteattn.kernels.forward.lite_attention_fwd` builds for every
+    kernel; this one reads the tensors, state buffers, shapes and constants from them (strides are in the
+    descriptors). The last word of the zeroed flags buffer is the work counter of the dynamic schedule."""
+    q, k, v, out, lse = args[:5]
+    state = args[5:14]
+    flags = state[7]
+    counter = flags[flags.numel() - 1:]  # the zeroed word past the detection flags: next work item
+    nheads, group, seq_q, seq_k_, qt, kt, qk_scale, threshold = args[-8:]
+    bsz = q.shape[0]
+    n_items = bsz * nheads * qt
+    programs = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    grid = (min(n_items, programs if MAX_PROGRAMS is None else MAX_PROGRAMS),)
+    _lite_attention_fwd_sm90_persistent[grid](
+        _descriptor(q, block_m // 2), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(out, block_m // 2),
+        lse, *state, counter, nheads, group, seq_q, seq_k_, qt, kt, n_items, qk_scale, threshold,
+        BLOCK_D=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages_for(block_m, block_n, dim),
+        DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse, RAGGED_K=seq_k % block_n != 0,
+        USE_ORDER=use_order, PINGPONG=PINGPONG, PREFETCH=PREFETCH, num_warps=block_m // 32, maxnreg=MAX_REGS,
+    )
+
+
+def compile_offline(block_n: int = 128, head_dim: int = 128, dense: bool = False, write_state: bool = True,
+                    pingpong: bool | None = None, dtype: str = "bf16"):
+    """Compile one specialization for sm90a without a GPU (see :func:`liteattn.kernels.hopper.compile_offline`)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    fn = _lite_attention_fwd_sm90_persistent
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
+    x = torch.empty(1, 1, 256, head_dim, dtype=torch_dtype)
+    descs = {"q_desc": _descriptor(x, 64), "k_desc": _descriptor(x, block_n), "v_desc": _descriptor(x, block_n),
+             "o_desc": _descriptor(x, 64)}
+    constexprs = dict(BLOCK_D=head_dim, BLOCK_M=128, BLOCK_N=block_n, STAGES=stages_for(128, block_n, head_dim),
+                      DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=True, RAGGED_K=True, USE_ORDER=not dense,
+                      PINGPONG=PINGPONG if pingpong is None else pingpong, PREFETCH=PREFETCH)
+    pointers = {"LSE": "fp32", "KV_COUNT": "i32", "KV_IDX": "i16", "NEXT_COUNT": "i32", "NEXT_IDX": "i16",
+                "Q_PROT": "i8", "K_PROT": "i8", "ORDER": "i32", "FLAGS": "i32", "COUNTER": "i32"}
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in descs:
+            signature[name] = mangle_type(descs[name])
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("qk_scale", "threshold"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    src = GluonASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": MAX_REGS})
