@@ -238,8 +238,10 @@ def tma_supported(device: torch.device) -> bool:
 
 
 def _tma_ready(x: torch.Tensor) -> bool:
-    """Unit head_dim stride and 16-byte aligned strides and base, as TMA tile copies need."""
-    aligned = x.stride(-1) == 1 and all((s * x.element_size()) % 16 == 0 for s in x.stride()[:-1])
+    """Unit head_dim stride and 16-byte aligned, non-zero strides and base, as TMA tile copies need (a
+    broadcast dimension, stride 0, is copied rather than handed to a tensor map)."""
+    strides = x.stride()[:-1]
+    aligned = x.stride(-1) == 1 and all(s > 0 and (s * x.element_size()) % 16 == 0 for s in strides)
     return aligned and x.data_ptr() % 16 == 0
 
 

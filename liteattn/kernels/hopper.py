@@ -137,93 +137,119 @@ def _compact_chunk(c, n_keep, state_off, pid_m, n_active, KV_IDX, NEXT_IDX, Q_PR
 
 
 @gluon.jit
+def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, g, idx_ptr, n_active,
+                  full_row, flag_words, row_valid, acc, m_i, l_i, qk_scale, threshold, SEQ_K, KT,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr,
+                  TURN: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr,
+                  s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """One consumer's rows over a query tile's ``n_active`` (> 0) listed key tiles; returns acc, m, l.
+
+    Q·Kᵀ of tile t is issued before the softmax of tile t runs behind P·V of tile t-1 (FA3's
+    intra-warpgroup overlap). With ``PINGPONG``, two consumers take turns issuing their tensor-core work, so
+    one's softmax runs while the other's products do. Ring stages and barrier phases count from ``g``, the
+    tiles this program consumed before (0 with one query tile per program); every stage is released."""
+    ROWS: gl.constexpr = q_rows.shape[0]
+    dtype: gl.constexpr = q_rows.dtype
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    bits = gl.zeros([ROWS], gl.int32, layout=gl.SliceLayout(1, s_layout))
+    # Tile 0: no P·V to overlap yet.
+    stage = g % STAGES
+    if PINGPONG:
+        mbarrier.wait(turn_bars.index(TURN), (g & 1) ^ TURN ^ 1)
+    mbarrier.wait(k_ready.index(stage), (g // STAGES) & 1)
+    s_tok = warpgroup_mma(q_rows, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    if PINGPONG:
+        mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
+    j = 0
+    if RAGGED_K:  # only the ragged-tile check needs the tile's index
+        j = _tile_at(idx_ptr, full_row, 0, KT)
+    s = warpgroup_mma_wait(0, deps=(s_tok, ))
+    mbarrier.arrive(k_empty.index(stage), count=1)
+    p, alpha, m_i, bits = _scores(s, 0, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, threshold, SEQ_K,
+                                  KT, BLOCK_N, RAGGED_K, WRITE_STATE, s_layout)
+    l_i = gl.sum(p, axis=1)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    for t in range(1, n_active):
+        gt = g + t
+        stage = gt % STAGES
+        prev = (gt - 1) % STAGES
+        j = t
+        if RAGGED_K and PREFETCH:  # read tile t's list entry before the waits, not after the scores arrive
+            j = _tile_at(idx_ptr, full_row, t, KT)
+        if PINGPONG:  # consumer TURN issues its t-th products after the other one issued theirs
+            mbarrier.wait(turn_bars.index(TURN), (gt & 1) ^ TURN ^ 1)
+        mbarrier.wait(k_ready.index(stage), (gt // STAGES) & 1)
+        s_tok = warpgroup_mma(q_rows, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(prev), ((gt - 1) // STAGES) & 1)
+        o_tok = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
+        s = warpgroup_mma_wait(1, deps=(s_tok, ))
+        mbarrier.arrive(k_empty.index(stage), count=1)
+        if RAGGED_K and not PREFETCH:
+            j = _tile_at(idx_ptr, full_row, t, KT)
+        p, alpha, m_i, bits = _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, threshold,
+                                      SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, s_layout)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+        mbarrier.arrive(v_empty.index(prev), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+    last_g = g + n_active - 1
+    last = last_g % STAGES
+    mbarrier.wait(v_ready.index(last), (last_g // STAGES) & 1)
+    o_tok = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(o_tok, ))
+    mbarrier.arrive(v_empty.index(last), count=1)
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _normalize(acc, m_i, l_i, o_layout: gl.constexpr):
+    """Output rows (acc / l, zero where nothing was attended) and their natural-log LSE (-inf there)."""
+    has_mass = l_i > 0
+    safe_l = gl.where(has_mass, l_i, 1.0)
+    inv_l = gl.convert_layout(gl.where(has_mass, 1.0 / safe_l, 0.0), gl.SliceLayout(1, o_layout))
+    lse = gl.where(has_mass, (m_i + gl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
+    return acc * gl.expand_dims(inv_l, 1), lse
+
+
+@gluon.jit
 def _consumer(row0, q_rows, q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, idx_ptr, n_active,
               full_row, flag_words, qk_scale, threshold, o_desc, LSE, lse_off, SEQ_Q, SEQ_K, KT,
               ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
               RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
               TURN: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr):
-    """``ROWS`` query rows starting at ``row0``: Q·Kᵀ of tile t is issued before the softmax of tile t runs
-    behind P·V of tile t-1 (FA3's intra-warpgroup overlap). With ``PINGPONG``, two consumers take turns
-    issuing their tensor-core work, so one's softmax runs while the other's products do."""
+    """``ROWS`` query rows starting at ``row0`` (:func:`_attend_tiles`), then their output and LSE."""
     NUM_WARPS: gl.constexpr = ROWS // 16
     dtype: gl.constexpr = q_rows.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                        instr_shape=[16, BLOCK_D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     offs_m = row0 + gl.arange(0, ROWS, layout=row_layout)
     row_valid = offs_m < SEQ_Q
-    zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
     acc = gl.zeros([ROWS, BLOCK_D], gl.float32, layout=o_layout)
     m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
-    bits = gl.zeros([ROWS], gl.int32, layout=row_layout)
-
     l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
     mbarrier.wait(q_bar, 0)
     # An empty list (possible in a hand-built state) attends to nothing: zero output, LSE -inf, and no
     # waits on tiles that never come.
     if n_active > 0:
-        # Tile 0 (stage 0, phase 0): no P·V to overlap yet.
-        if PINGPONG:
-            mbarrier.wait(turn_bars.index(TURN), TURN ^ 1)
-        mbarrier.wait(k_ready.index(0), 0)
-        s_tok = warpgroup_mma(q_rows, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        if PINGPONG:
-            mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
-        j = 0
-        if RAGGED_K:  # only the ragged-tile check needs the tile's index
-            j = _tile_at(idx_ptr, full_row, 0, KT)
-        s = warpgroup_mma_wait(0, deps=(s_tok, ))
-        mbarrier.arrive(k_empty.index(0), count=1)
-        p, alpha, m_i, bits = _scores(s, 0, j, m_i, bits, row_valid, flag_words, n_active, qk_scale,
-                                      threshold, SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, s_layout)
-        l_i = gl.sum(p, axis=1)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        acc, m_i, l_i = _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, 0,
+                                      idx_ptr, n_active, full_row, flag_words, row_valid, acc, m_i, l_i, qk_scale,
+                                      threshold, SEQ_K, KT, BLOCK_N, STAGES, RAGGED_K, WRITE_STATE, TURN, PINGPONG,
+                                      PREFETCH, s_layout, o_layout)
 
-        for t in range(1, n_active):
-            stage = t % STAGES
-            prev = (t - 1) % STAGES
-            j = t
-            if RAGGED_K and PREFETCH:  # read tile t's list entry before the waits, not after the scores arrive
-                j = _tile_at(idx_ptr, full_row, t, KT)
-            if PINGPONG:  # consumer TURN issues its t-th products after the other one issued theirs
-                mbarrier.wait(turn_bars.index(TURN), (t & 1) ^ TURN ^ 1)
-            mbarrier.wait(k_ready.index(stage), (t // STAGES) & 1)
-            s_tok = warpgroup_mma(q_rows, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
-            o_tok = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
-            s = warpgroup_mma_wait(1, deps=(s_tok, ))
-            mbarrier.arrive(k_empty.index(stage), count=1)
-            if RAGGED_K and not PREFETCH:
-                j = _tile_at(idx_ptr, full_row, t, KT)
-            p, alpha, m_i, bits = _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active,
-                                          qk_scale, threshold, SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, s_layout)
-            l_i = l_i * alpha + gl.sum(p, axis=1)
-            acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
-            mbarrier.arrive(v_empty.index(prev), count=1)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-
-        last = (n_active - 1) % STAGES
-        mbarrier.wait(v_ready.index(last), ((n_active - 1) // STAGES) & 1)
-        o_tok = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(o_tok, ))
-
-    # Epilogue: normalise, stage through this consumer's rows of Q's shared memory (no longer read) and
-    # store with TMA, which clips the rows past SEQ_Q.
-    has_mass = l_i > 0
-    safe_l = gl.where(has_mass, l_i, 1.0)
-    inv_l = gl.convert_layout(gl.where(has_mass, 1.0 / safe_l, 0.0), gl.SliceLayout(1, o_layout))
-    out = acc * gl.expand_dims(inv_l, 1)
+    # Epilogue: stage through this consumer's rows of Q's shared memory (no longer read) and store with TMA,
+    # which clips the rows past SEQ_Q.
+    out, lse = _normalize(acc, m_i, l_i, o_layout)
     q_rows.store(out.to(dtype))
     fence_async_shared()
     tma.async_copy_shared_to_global(o_desc, [row0, 0], q_rows)
     if RETURN_LSE:
-        lse = gl.where(has_mass, (m_i + gl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
         gl.store(LSE + lse_off + offs_m, lse, mask=row_valid)
     tma.store_wait(0)
 
@@ -369,28 +395,37 @@ def compile_offline(block_n: int = 128, head_dim: int = 128, dense: bool = False
     For compiler reports and for the test that keeps the kernel free of register spills on machines
     without a Hopper GPU. Returns Triton's compiled kernel (``.asm`` has ``ttgir``, ``ptx``, ``cubin``).
     """
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    fn = _lite_attention_fwd_sm90
     constexprs = dict(BLOCK_D=head_dim, BLOCK_M=128, BLOCK_N=block_n, STAGES=stages_for(128, block_n, head_dim),
                       DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=True, RAGGED_K=True, BLOCK_C=128,
                       USE_ORDER=not dense, PINGPONG=PINGPONG if pingpong is None else pingpong, PREFETCH=PREFETCH)
-    pointers = {"Q": dtype, "K": dtype, "V": dtype, "O": dtype, "LSE": "fp32", "KV_COUNT": "i32", "KV_IDX": "i16",
-                "NEXT_COUNT": "i32", "NEXT_IDX": "i16", "Q_PROT": "i8", "K_PROT": "i8", "ORDER": "i32",
-                "FLAGS": "i32"}
+    fn = _lite_attention_fwd_sm90
+    types = {name: "*" + dtype for name in ("Q", "K", "V", "O")}
+    return compile_sm90a(fn, constexprs, types, aligned={n for n in fn.arg_names if n.startswith("stride")})
+
+
+# Pointer arguments shared by both Gluon kernels, and their element types.
+POINTER_TYPES = {"LSE": "*fp32", "KV_COUNT": "*i32", "KV_IDX": "*i16", "NEXT_COUNT": "*i32", "NEXT_IDX": "*i16",
+                 "Q_PROT": "*i8", "K_PROT": "*i8", "ORDER": "*i32", "FLAGS": "*i32", "COUNTER": "*i32",
+                 "qk_scale": "fp32", "threshold": "fp32"}
+
+
+def compile_sm90a(fn, constexprs: dict, types: dict, aligned=()):
+    """Compile a Gluon kernel for sm90a with Triton's bundled assembler (no GPU needed).
+
+    Arguments not in ``constexprs`` take their type from ``types`` or :data:`POINTER_TYPES`, else i32;
+    pointers and the names in ``aligned`` are declared 16-byte divisible, as the launcher would specialize
+    them for TMA-ready tensors.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = "*" + pointers[name]
+            continue
+        signature[name] = types.get(name) or POINTER_TYPES.get(name, "i32")
+        if signature[name].startswith("*") or name in aligned:
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("qk_scale", "threshold"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if name.startswith("stride"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
     src = GluonASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": MAX_REGS})

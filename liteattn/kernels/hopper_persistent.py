@@ -4,15 +4,23 @@ The kernel of :mod:`liteattn.kernels.hopper` runs one program per query tile. Ea
 cost before its first tensor-core instruction and after its last one (Q load, pipeline fill, output store,
 compaction of the next list), and with one program per SM nothing else runs on the SM meanwhile. When most
 tiles are skipped (s = 0.9 leaves ~26 of 256 key tiles per query tile) that fixed cost is ~15-20 % of the
-program (KERNEL_NOTES.md, v8). Here each program keeps its partitions alive over a static round-robin of
-work items (query tile x batch*head) and overlaps the seams:
+program (KERNEL_NOTES.md, v8). Here each program keeps its partitions alive over many work items (query
+tile x batch*head) and overlaps the seams:
 
+- the producer claims the next item from a global counter (longest lists first, as the launch order
+  sorts them), so programs finish together however uneven the lists are, and hands its id to the
+  consumers through a shared-memory slot beside the item's Q buffer;
 - the producer loads the next item's Q into a second buffer and keeps the K/V ring full across the item
   boundary, so the consumers start the next item without waiting for memory;
 - the producer also compacts the previous item's survivors into the next list, 32 entries between two of
   the current item's copies, while it would otherwise wait for a free stage;
 - consumers store their output rows through the Q buffer they just finished and release it once the next
-  item has started (the store has long left shared memory by then, so nobody waits for it).
+  item's Q has arrived.
+
+Ordering within a consumer partition: its four warps issue the detection atomics and the two halves of the
+output store, but one thread arrives on ``flags_bars`` and ``q_empty``; Triton 3.6 precedes every
+``mbarrier.arrive`` of a multi-warp partition with a barrier over that partition's warps, which is what
+makes all warps' atomics and store reads complete before the arrive (checked in the PTX).
 
 Descriptors are built on the host over the whole ``(B, H, S, D)`` tensors (rank-4 TMA), so a program
 addresses any head without creating descriptors on the device. Tile semantics, the detection words and the
@@ -23,19 +31,16 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
     tma,
-    warpgroup_mma,
-    warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .hopper import MAX_REGS, _compact_chunk, _scores, _tile_at
+from .hopper import MAX_REGS, _attend_tiles, _compact_chunk, _normalize, _tile_at, compile_sm90a
 
 # setmaxnreg: the producer also compacts the finished items (40 registers keep it free of spills); the
 # consumers get what the producer warpgroup gives up: 168 + (168 - 40) / 2 = 232.
@@ -174,16 +179,15 @@ def _consumer(o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_read
               ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
               DENSE: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
               USE_ORDER: gl.constexpr, TURN: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr):
-    """Rows ``TURN * ROWS`` to ``(TURN + 1) * ROWS`` of every item's query tile; the loop body is
-    :func:`liteattn.kernels.hopper._consumer`'s, with ring and turn phases counted over the whole program."""
+    """Rows ``TURN * ROWS`` to ``(TURN + 1) * ROWS`` of every item's query tile
+    (:func:`liteattn.kernels.hopper._attend_tiles`, ring and turn phases counted over the whole program), then
+    their output and LSE."""
     NUM_WARPS: gl.constexpr = ROWS // 16
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                        instr_shape=[16, BLOCK_D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
     dtype: gl.constexpr = q_bufs.dtype
     id_layout: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
     g = 0
@@ -204,70 +208,19 @@ def _consumer(o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_read
         acc = gl.zeros([ROWS, BLOCK_D], gl.float32, layout=o_layout)
         m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
         l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
-        bits = gl.zeros([ROWS], gl.int32, layout=row_layout)
         if n_active > 0:
-            stage = g % STAGES
-            if PINGPONG:
-                mbarrier.wait(turn_bars.index(TURN), (g & 1) ^ TURN ^ 1)
-            mbarrier.wait(k_ready.index(stage), (g // STAGES) & 1)
-            s_tok = warpgroup_mma(q_rows, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
-            j = 0
-            if RAGGED_K:
-                j = _tile_at(idx_ptr, full_row, 0, KT)
-            s = warpgroup_mma_wait(0, deps=(s_tok, ))
-            mbarrier.arrive(k_empty.index(stage), count=1)
-            p, alpha, m_i, bits = _scores(s, 0, j, m_i, bits, row_valid, flag_words, n_active,
-                                          qk_scale, threshold, SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, s_layout)
-            l_i = gl.sum(p, axis=1)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-            for t in range(1, n_active):
-                gt = g + t
-                stage = gt % STAGES
-                prev = (gt - 1) % STAGES
-                j = t
-                if RAGGED_K and PREFETCH:
-                    j = _tile_at(idx_ptr, full_row, t, KT)
-                if PINGPONG:
-                    mbarrier.wait(turn_bars.index(TURN), (gt & 1) ^ TURN ^ 1)
-                mbarrier.wait(k_ready.index(stage), (gt // STAGES) & 1)
-                s_tok = warpgroup_mma(q_rows, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False,
-                                      is_async=True)
-                mbarrier.wait(v_ready.index(prev), ((gt - 1) // STAGES) & 1)
-                o_tok = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
-                if PINGPONG:
-                    mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
-                s = warpgroup_mma_wait(1, deps=(s_tok, ))
-                mbarrier.arrive(k_empty.index(stage), count=1)
-                if RAGGED_K and not PREFETCH:
-                    j = _tile_at(idx_ptr, full_row, t, KT)
-                p, alpha, m_i, bits = _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active,
-                                              qk_scale, threshold, SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE,
-                                              s_layout)
-                l_i = l_i * alpha + gl.sum(p, axis=1)
-                acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
-                mbarrier.arrive(v_empty.index(prev), count=1)
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
-            last_g = g + n_active - 1
-            last = last_g % STAGES
-            mbarrier.wait(v_ready.index(last), (last_g // STAGES) & 1)
-            o_tok = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
-            acc = warpgroup_mma_wait(0, deps=(o_tok, ))
-            mbarrier.arrive(v_empty.index(last), count=1)
+            acc, m_i, l_i = _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, g,
+                                          idx_ptr, n_active, full_row, flag_words, row_valid, acc, m_i, l_i,
+                                          qk_scale, threshold, SEQ_K, KT, BLOCK_N, STAGES, RAGGED_K, WRITE_STATE,
+                                          TURN, PINGPONG, PREFETCH, s_layout, o_layout)
         if WRITE_STATE:  # this consumer's detection atomics for the item are issued
             mbarrier.arrive(flags_bars.index(i % 2), count=1)
 
-        has_mass = l_i > 0
-        safe_l = gl.where(has_mass, l_i, 1.0)
-        inv_l = gl.convert_layout(gl.where(has_mass, 1.0 / safe_l, 0.0), gl.SliceLayout(1, o_layout))
-        out = acc * gl.expand_dims(inv_l, 1)
+        out, lse = _normalize(acc, m_i, l_i, o_layout)
         q_rows.store(out.to(dtype))
         fence_async_shared()
         tma.async_copy_shared_to_global(o_desc, [b, h, row0, 0], q_rows.reshape([1, 1, ROWS, BLOCK_D]))
         if RETURN_LSE:
-            lse = gl.where(has_mass, (m_i + gl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
             gl.store(LSE + pid_bh.to(gl.int64) * SEQ_Q + offs_m, lse, mask=row_valid)
         g += n_active
         i += 1
@@ -276,7 +229,6 @@ def _consumer(o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_read
         tma.store_wait(0)
         mbarrier.arrive(q_empty.index(qb), count=1)
         w = gl.max(item_ids.index(i % 2).load(id_layout), axis=0)
-    tma.store_wait(0)
 
 
 @gluon.jit
@@ -378,11 +330,8 @@ def launch(args, *, dim, seq_k, block_m, block_n, dense, write_state, return_lse
 def compile_offline(block_n: int = 128, head_dim: int = 128, dense: bool = False, write_state: bool = True,
                     pingpong: bool | None = None, dtype: str = "bf16"):
     """Compile one specialization for sm90a without a GPU (see :func:`liteattn.kernels.hopper.compile_offline`)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    fn = _lite_attention_fwd_sm90_persistent
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
     x = torch.empty(1, 1, 256, head_dim, dtype=torch_dtype)
     descs = {"q_desc": _descriptor(x, 64), "k_desc": _descriptor(x, block_n), "v_desc": _descriptor(x, block_n),
@@ -390,20 +339,5 @@ def compile_offline(block_n: int = 128, head_dim: int = 128, dense: bool = False
     constexprs = dict(BLOCK_D=head_dim, BLOCK_M=128, BLOCK_N=block_n, STAGES=stages_for(128, block_n, head_dim),
                       DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=True, RAGGED_K=True, USE_ORDER=not dense,
                       PINGPONG=PINGPONG if pingpong is None else pingpong, PREFETCH=PREFETCH)
-    pointers = {"LSE": "fp32", "KV_COUNT": "i32", "KV_IDX": "i16", "NEXT_COUNT": "i32", "NEXT_IDX": "i16",
-                "Q_PROT": "i8", "K_PROT": "i8", "ORDER": "i32", "FLAGS": "i32", "COUNTER": "i32"}
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in descs:
-            signature[name] = mangle_type(descs[name])
-        elif name in pointers:
-            signature[name] = "*" + pointers[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("qk_scale", "threshold"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    src = GluonASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": MAX_REGS})
+    types = {name: mangle_type(desc) for name, desc in descs.items()}
+    return compile_sm90a(_lite_attention_fwd_sm90_persistent, constexprs, types)
