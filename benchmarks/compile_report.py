@@ -5,12 +5,13 @@ SASS holds and how many "wait for all wgmma" points follow them (equal counts = 
 tensor-core pipeline), and ptxas's own performance warnings. This is how the detection overhead was
 traced (KERNEL_NOTES.md, v5); it needs only Triton's bundled ptxas/nvdisasm.
 Run: ``python benchmarks/compile_report.py [--arch 90] [--head-dim 128] [--warps 4] [--stages 2]`` for the Triton
-kernel, ``python benchmarks/compile_report.py --kernel sm90 [--block-n 128]`` for the warp-specialized Hopper
-kernel (always sm90a).
+kernel, ``python benchmarks/compile_report.py --kernel sm90|persistent [--block-n 128]`` for the
+warp-specialized Hopper kernels (one program per query tile / per SM; always sm90a).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import os
 import re
@@ -98,11 +99,12 @@ def main():
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--set", action="append", default=[], help="constexpr override NAME=VALUE (int/bool)")
-    p.add_argument("--kernel", choices=("triton", "sm90"), default="triton")
+    p.add_argument("--kernel", choices=("triton", "sm90", "persistent"), default="triton")
     p.add_argument("--block-n", type=int, default=128, help="key tile width of the sm90 kernel (64 or 128)")
     args = p.parse_args()
-    if args.kernel == "sm90":
-        from liteattn.kernels.hopper import compile_offline
+    if args.kernel in ("sm90", "persistent"):
+        module = "hopper" if args.kernel == "sm90" else "hopper_persistent"
+        compile_offline = importlib.import_module(f"liteattn.kernels.{module}").compile_offline
 
         for dense, write in itertools.product((True, False), (False, True)):
             for pingpong in (True, False):
