@@ -35,7 +35,8 @@ SHAPES = {"wan1.3b": (1, 32760, 12, 128), "hdim64": (1, 16384, 24, 64), "wan14b"
 
 
 PER_TILE = {"SM90_KERNEL": True, "SM90_PERSISTENT": False, "hopper.PREFETCH": True}
-PERSISTENT = {"SM90_KERNEL": True, "SM90_PERSISTENT": True, "persistent.PREFETCH": True}
+PERSISTENT = {"SM90_KERNEL": True, "SM90_PERSISTENT": True, "persistent.PREFETCH": True,
+              "persistent.REGS": (40, 232)}
 N128 = {"tiles": {64: (128, 128), 128: (128, 128)}}
 VARIANTS = {
     "words": {"FLAG_WORDS": True, "SM90_KERNEL": False},
@@ -51,6 +52,7 @@ VARIANTS = {
     "persist-nopf": {**PERSISTENT, "persistent.PINGPONG": True, "persistent.PREFETCH": False},
     "persist": {**PERSISTENT, "persistent.PINGPONG": True},
     "persist-nopp": {**PERSISTENT, "persistent.PINGPONG": False},
+    "persist-r240": {**PERSISTENT, "persistent.PINGPONG": True, "persistent.REGS": (24, 240)},
     "persist-n128": {**PERSISTENT, "persistent.PINGPONG": True, **N128},
     "persist-n128-s3": {**PERSISTENT, "persistent.PINGPONG": True, "persistent.SMEM_BUDGET": 226 * 1024, **N128},
 }

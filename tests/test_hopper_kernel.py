@@ -28,11 +28,12 @@ ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == 
 needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper (sm90) GPU")
 
 
-def _compile_ptx(module, block_n, head_dim, dense, write_state, pingpong) -> str:
+def _compile_ptx(module, block_n, head_dim, dense, write_state, pingpong, regs=None) -> str:
     """PTX of one specialization, compiled in a fresh process: this one runs Triton in interpreter mode."""
+    extra = f", regs={regs}" if regs else ""
     code = (f"import sys; from liteattn.kernels.{module} import compile_offline; "
             f"k = compile_offline(block_n={block_n}, head_dim={head_dim}, dense={dense}, "
-            f"write_state={write_state}, pingpong={pingpong}); sys.stdout.write(k.asm['ptx'])")
+            f"write_state={write_state}, pingpong={pingpong}{extra}); sys.stdout.write(k.asm['ptx'])")
     env = dict(os.environ, TRITON_INTERPRET="0")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -51,7 +52,8 @@ def _ptxas_report(ptx: str) -> str:
     return res.stdout + res.stderr
 
 
-@pytest.mark.parametrize("module,regs", [("hopper", (24, 240)), ("hopper_persistent", (40, 232))])
+@pytest.mark.parametrize("module,regs", [("hopper", (24, 240)), ("hopper_persistent", persistent.REGS),
+                                         ("hopper_persistent", (24, 240))])
 @pytest.mark.parametrize("block_n,head_dim,dense,write_state,pingpong", [
     (128, 128, True, True, False),  # first step: dense walk, state written
     (128, 128, False, True, False),  # later steps: list walk with detection
@@ -60,7 +62,8 @@ def _ptxas_report(ptx: str) -> str:
     (128, 64, False, True, True),
 ])
 def test_sm90_kernel_compiles_without_spills(module, regs, block_n, head_dim, dense, write_state, pingpong):
-    ptx = _compile_ptx(module, block_n, head_dim, dense, write_state, pingpong)
+    ptx = _compile_ptx(module, block_n, head_dim, dense, write_state, pingpong,
+                       regs if module == "hopper_persistent" else None)
     report = _ptxas_report(ptx)
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
     assert spills and max(spills) == 0, report

@@ -42,10 +42,10 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .hopper import MAX_REGS, _attend_tiles, _compact_chunk, _normalize, _tile_at, compile_sm90a
 
-# setmaxnreg: the producer also compacts the finished items (40 registers keep it free of spills); the
-# consumers get what the producer warpgroup gives up: 168 + (168 - 40) / 2 = 232.
-PRODUCER_REGS = gl.constexpr(40)
-CONSUMER_REGS = gl.constexpr(232)
+# setmaxnreg (producer, consumer) registers per thread: the producer also compacts the finished items; the
+# consumers get what the producer's warpgroup gives up, 168 + (168 - producer) / 2. Measured: (40, 232); with
+# the chunked compaction (24, 240) compiles without spills too (not timed yet, KERNEL_NOTES.md v9).
+REGS = (40, 232)
 PINGPONG = True
 PREFETCH = True
 # K/V ring budget beside two Q buffers (bytes).
@@ -240,6 +240,7 @@ def _lite_attention_fwd_sm90_persistent(
     BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     DENSE: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
     RAGGED_K: gl.constexpr, USE_ORDER: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr,
+    PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     dtype: gl.constexpr = q_desc.dtype
     ROWS: gl.constexpr = BLOCK_M // 2
@@ -323,12 +324,13 @@ def launch(args, *, dim, seq_k, block_m, block_n, dense, write_state, return_lse
         lse, *state, counter, nheads, group, seq_q, seq_k_, qt, kt, n_items, qk_scale, threshold,
         BLOCK_D=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages_for(block_m, block_n, dim),
         DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse, RAGGED_K=seq_k % block_n != 0,
-        USE_ORDER=use_order, PINGPONG=PINGPONG, PREFETCH=PREFETCH, num_warps=block_m // 32, maxnreg=MAX_REGS,
+        USE_ORDER=use_order, PINGPONG=PINGPONG, PREFETCH=PREFETCH, PRODUCER_REGS=REGS[0], CONSUMER_REGS=REGS[1],
+        num_warps=block_m // 32, maxnreg=MAX_REGS,
     )
 
 
 def compile_offline(block_n: int = 128, head_dim: int = 128, dense: bool = False, write_state: bool = True,
-                    pingpong: bool | None = None, dtype: str = "bf16"):
+                    pingpong: bool | None = None, dtype: str = "bf16", regs: tuple[int, int] | None = None):
     """Compile one specialization for sm90a without a GPU (see :func:`liteattn.kernels.hopper.compile_offline`)."""
     from triton.runtime.jit import mangle_type
 
@@ -339,5 +341,6 @@ def compile_offline(block_n: int = 128, head_dim: int = 128, dense: bool = False
     constexprs = dict(BLOCK_D=head_dim, BLOCK_M=128, BLOCK_N=block_n, STAGES=stages_for(128, block_n, head_dim),
                       DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=True, RAGGED_K=True, USE_ORDER=not dense,
                       PINGPONG=PINGPONG if pingpong is None else pingpong, PREFETCH=PREFETCH)
+    constexprs["PRODUCER_REGS"], constexprs["CONSUMER_REGS"] = regs or REGS
     types = {name: mangle_type(desc) for name, desc in descs.items()}
     return compile_sm90a(_lite_attention_fwd_sm90_persistent, constexprs, types)
