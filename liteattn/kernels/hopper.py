@@ -62,29 +62,43 @@ def _tile_at(idx_ptr, full_row, t, KT):
 
 
 @gluon.jit
+def _next_tile(idx_ptr, full_row, t, KT, j_next, PREFETCH: gl.constexpr):
+    """The key tile to copy t-th, and the list entry read ahead for t+1.
+
+    With ``PREFETCH`` the entry of tile t+1 is read before waiting for tile t's stage, so its latency hides
+    behind the wait instead of delaying the copy (the ring is only 2 deep at 128x128 tiles)."""
+    if PREFETCH:
+        j = j_next
+        j_next = _tile_at(idx_ptr, full_row, t + 1, KT)
+    else:
+        j = _tile_at(idx_ptr, full_row, t, KT)
+    return j, j_next
+
+
+@gluon.jit
+def _copy_when_free(desc, coord, ready, empty, dst, phase):
+    """TMA-copy one tile into a ring stage once both consumers released it (``phase``: the pass over the ring).
+
+    A fresh mbarrier is in phase 0, and waiting on parity 1 (the phase before it) returns at once: the first
+    pass over the ring does not wait."""
+    mbarrier.wait(empty, phase ^ 1)
+    mbarrier.expect(ready, desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(desc, coord, ready, dst)
+
+
+@gluon.jit
 def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, idx_ptr, n_active, full_row, KT,
               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr):
-    """Issue the K and V copies of every active tile, ``STAGES`` tiles ahead of the consumers at most.
-
-    With ``PREFETCH`` the list entry of tile t+1 is read before waiting for tile t's stage, so its latency
-    hides behind the wait instead of delaying the copy (the ring is only 2 deep at 128x128 tiles)."""
+    """Issue the K and V copies of every active tile, ``STAGES`` tiles ahead of the consumers at most."""
     j_next = _tile_at(idx_ptr, full_row, 0, KT)
     for t in range(n_active):
-        if PREFETCH:
-            j = j_next
-            j_next = _tile_at(idx_ptr, full_row, t + 1, KT)
-        else:
-            j = _tile_at(idx_ptr, full_row, t, KT)
+        j, j_next = _next_tile(idx_ptr, full_row, t, KT, j_next, PREFETCH)
         stage = t % STAGES
         phase = (t // STAGES) & 1
-        # A fresh mbarrier is in phase 0, and waiting on parity 1 (the phase before it) returns at once:
-        # the first pass over the ring does not wait.
-        mbarrier.wait(k_empty.index(stage), phase ^ 1)
-        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [j * BLOCK_N, 0], k_ready.index(stage), k_bufs.index(stage))
-        mbarrier.wait(v_empty.index(stage), phase ^ 1)
-        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [j * BLOCK_N, 0], v_ready.index(stage), v_bufs.index(stage))
+        _copy_when_free(k_desc, [j * BLOCK_N, 0], k_ready.index(stage), k_empty.index(stage), k_bufs.index(stage),
+                        phase)
+        _copy_when_free(v_desc, [j * BLOCK_N, 0], v_ready.index(stage), v_empty.index(stage), v_bufs.index(stage),
+                        phase)
 
 
 @gluon.jit

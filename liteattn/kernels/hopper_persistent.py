@@ -40,7 +40,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .hopper import MAX_REGS, _attend_tiles, _compact_chunk, _normalize, _tile_at, compile_sm90a
+from .hopper import (MAX_REGS, _attend_tiles, _compact_chunk, _copy_when_free, _next_tile, _normalize,
+                     _tile_at, compile_sm90a)
 
 # setmaxnreg (producer, consumer) registers per thread: the producer also compacts the finished items; the
 # consumers get what the producer's warpgroup gives up, 168 + (168 - producer) / 2. Measured: (40, 232); with
@@ -127,21 +128,13 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, 
         c = gl.to_tensor(0)
         j_next = _tile_at(idx_ptr, full_row, 0, KT)
         for t in range(n_active):
-            if PREFETCH:  # the next list entry is read before this tile's wait (see hopper._producer)
-                j = j_next
-                j_next = _tile_at(idx_ptr, full_row, t + 1, KT)
-            else:
-                j = _tile_at(idx_ptr, full_row, t, KT)
+            j, j_next = _next_tile(idx_ptr, full_row, t, KT, j_next, PREFETCH)
             stage = g % STAGES
             phase = (g // STAGES) & 1
-            mbarrier.wait(k_empty.index(stage), phase ^ 1)
-            mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [b, hk, j * BLOCK_N, 0], k_ready.index(stage),
-                                            k_bufs.index(stage).reshape([1, 1, BLOCK_N, BLOCK_D]))
-            mbarrier.wait(v_empty.index(stage), phase ^ 1)
-            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [b, hk, j * BLOCK_N, 0], v_ready.index(stage),
-                                            v_bufs.index(stage).reshape([1, 1, BLOCK_N, BLOCK_D]))
+            _copy_when_free(k_desc, [b, hk, j * BLOCK_N, 0], k_ready.index(stage), k_empty.index(stage),
+                            k_bufs.index(stage).reshape([1, 1, BLOCK_N, BLOCK_D]), phase)
+            _copy_when_free(v_desc, [b, hk, j * BLOCK_N, 0], v_ready.index(stage), v_empty.index(stage),
+                            v_bufs.index(stage).reshape([1, 1, BLOCK_N, BLOCK_D]), phase)
             g += 1
             if WRITE_STATE:
                 if (t >= STAGES - 1) & (i > 0) & (c < prev_n):
@@ -310,18 +303,17 @@ def launch(args, *, dim, seq_k, block_m, block_n, dense, write_state, return_lse
     """Launch with the runtime arguments :func:`liteattn.kernels.forward.lite_attention_fwd` builds for every
     kernel; this one reads the tensors, state buffers, shapes and constants from them (strides are in the
     descriptors). The last word of the zeroed flags buffer is the work counter of the dynamic schedule."""
-    q, k, v, out, lse = args[:5]
-    state = args[5:14]
-    flags = state[7]
+    (q, k, v, out, lse, kv_count, kv_idx, next_count, next_idx, q_prot, k_prot, order, flags, n_words,
+     *_strides, nheads, group, seq_q, _, qt, kt, qk_scale, threshold) = args
     counter = flags[flags.numel() - 1:]  # the zeroed word past the detection flags: next work item
-    nheads, group, seq_q, seq_k_, qt, kt, qk_scale, threshold = args[-8:]
     bsz = q.shape[0]
     n_items = bsz * nheads * qt
     programs = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
     grid = (min(n_items, programs if MAX_PROGRAMS is None else MAX_PROGRAMS),)
     _lite_attention_fwd_sm90_persistent[grid](
         _descriptor(q, block_m // 2), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(out, block_m // 2),
-        lse, *state, counter, nheads, group, seq_q, seq_k_, qt, kt, n_items, qk_scale, threshold,
+        lse, kv_count, kv_idx, next_count, next_idx, q_prot, k_prot, order, flags, n_words, counter,
+        nheads, group, seq_q, seq_k, qt, kt, n_items, qk_scale, threshold,
         BLOCK_D=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages_for(block_m, block_n, dim),
         DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse, RAGGED_K=seq_k % block_n != 0,
         USE_ORDER=use_order, PINGPONG=PINGPONG, PREFETCH=PREFETCH, PRODUCER_REGS=REGS[0], CONSUMER_REGS=REGS[1],
