@@ -4,7 +4,8 @@ A variant is a setting of the module switches of :mod:`liteattn.kernels.forward`
 the warp-specialized Gluon kernel with one program per query tile, ``persist`` = its persistent form (one
 program per SM), ``words`` / ``stores`` = the Triton kernel with ``FLAG_WORDS`` True / False;
 a ``tiles`` entry replaces the state's (block_m, block_n) per head_dim. Result files of earlier kernel versions
-used other tags (``2:0`` = words with atomics, ``0:0`` = per-row stores). Every
+used other tags (``2:0`` = words with atomics, ``0:0`` = per-row stores), and before v10 ``persist`` claimed
+the longest lists first (now ``persist-bywork``). Every
 variant is first checked (output vs cuDNN, written state vs the PyTorch reference on structured inputs),
 then timed in interleaved rounds so that clock drift hits all variants alike.
 Run: ``python benchmarks/kernel_variants.py --out DIR [--shapes wan1.3b,hdim64] [--variants words,stores]``.
@@ -34,9 +35,9 @@ SHAPES = {"wan1.3b": (1, 32760, 12, 128), "hdim64": (1, 16384, 24, 64), "wan14b"
           "hunyuan": (1, 118800, 24, 128)}
 
 
-PER_TILE = {"SM90_KERNEL": True, "SM90_PERSISTENT": False, "hopper.PREFETCH": True}
+PER_TILE = {"SM90_KERNEL": True, "SM90_PERSISTENT": False, "hopper.PREFETCH": True, "SCHEDULE_BY_WORK": True}
 PERSISTENT = {"SM90_KERNEL": True, "SM90_PERSISTENT": True, "persistent.PREFETCH": True,
-              "persistent.REGS": (40, 232)}
+              "persistent.REGS": (40, 232), "persistent.ORDER_BY_WORK": False}
 N128 = {"tiles": {64: (128, 128), 128: (128, 128)}}
 VARIANTS = {
     "words": {"FLAG_WORDS": True, "SM90_KERNEL": False},
@@ -53,6 +54,9 @@ VARIANTS = {
     "persist": {**PERSISTENT, "persistent.PINGPONG": True},
     "persist-nopp": {**PERSISTENT, "persistent.PINGPONG": False},
     "persist-r240": {**PERSISTENT, "persistent.PINGPONG": True, "persistent.REGS": (24, 240)},
+    "persist-bywork": {**PERSISTENT, "persistent.PINGPONG": True, "persistent.ORDER_BY_WORK": True},
+    "persist-r240-bywork": {**PERSISTENT, "persistent.PINGPONG": True, "persistent.REGS": (24, 240),
+                            "persistent.ORDER_BY_WORK": True},
     "persist-n128": {**PERSISTENT, "persistent.PINGPONG": True, **N128},
     "persist-n128-s3": {**PERSISTENT, "persistent.PINGPONG": True, "persistent.SMEM_BUDGET": 226 * 1024, **N128},
 }

@@ -116,10 +116,10 @@ def lite_attention(
             spare_counts, spare_indices = state.next_buffers()
             counts, indices = spare_counts.copy_(counts), spare_indices.copy_(indices)
     else:
-        from .kernels.op import lite_attention_op
+        from .kernels.op import run_forward
 
         counts, indices = state.next_buffers() if write else (state.kv_num_blocks, state.kv_indices)
-        out, lse = lite_attention_op(
+        out, lse = run_forward(
             qh, kh, vh, state.kv_num_blocks, state.kv_indices, counts, indices,
             tile_protection(ranges, seq_q, state.block_m, q.device),
             tile_protection(ranges, seq_k, state.block_n, q.device),

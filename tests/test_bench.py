@@ -288,6 +288,14 @@ def test_rows_carry_tflops_and_effective_tflops():
     assert sparse.effective_tflops == pytest.approx(0.5 * flops / 5e-3 / 1e12)
 
 
+def test_rows_carry_the_host_time_per_call():
+    """The host's time per call travels with the GPU time, so a host-bound method is visible in the JSON."""
+    shape = registry.SHAPES["wan1.3b-480p"]
+    row = results.timed_row(shape.name, shape.flops, "liteattn-dense", timing.Timing(10.0, 9.8, 10.3, 20, 0.42))
+    assert row.host_ms == 0.42 and row.to_dict()["host_ms"] == 0.42
+    assert results.timed_row(shape.name, shape.flops, "sdpa-cudnn", timing.Timing(10.0, 9.8, 10.3, 20)).host_ms is None
+
+
 def test_ratios_from_hand_made_rows():
     ratios = {(r.name, r.pattern, r.fraction): r for r in results.compute_ratios(_fake_rows())}
     dense = ratios[("liteattn-dense / sdpa-cudnn", None, 0.0)]

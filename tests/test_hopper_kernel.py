@@ -74,13 +74,15 @@ def test_sm90_kernel_compiles_without_spills(module, regs, block_n, head_dim, de
     assert re.search(rf"setmaxnreg\.inc\.sync\.aligned\.u32\s+{consumer};", ptx)
 
 
-@pytest.fixture(params=["per-tile", "persistent", "persistent-5-programs"])
+@pytest.fixture(params=["per-tile", "persistent", "persistent-5-programs-by-work"])
 def gluon_launches(request, monkeypatch):
     """Run the test on one Gluon kernel: one program per query tile, one per SM, or five programs (many
-    work items each, the K/V ring wrapping across items). The returned list counts that kernel's launches."""
+    work items each, the K/V ring wrapping across items) claiming a head's query tiles longest list first
+    (the non-default ``ORDER_BY_WORK``). The returned list counts that kernel's launches."""
     is_persistent = request.param.startswith("persistent")
     monkeypatch.setattr(fwd, "SM90_PERSISTENT", is_persistent)
-    monkeypatch.setattr(persistent, "MAX_PROGRAMS", 5 if request.param.endswith("programs") else None)
+    monkeypatch.setattr(persistent, "MAX_PROGRAMS", 5 if "5-programs" in request.param else None)
+    monkeypatch.setattr(persistent, "ORDER_BY_WORK", request.param.endswith("by-work"))
     module = persistent if is_persistent else hopper
     launches = []
     launch = module.launch

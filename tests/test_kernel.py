@@ -94,12 +94,16 @@ def test_long_lists(gen, local_qkv, shuffled_state, check):
     the second chunk land in the first one's region. Query tile 0 keeps a full
     list (ascending walk), query tile 1 a shuffled partial one (walk by index).
     """
-    q, k, v = (x.half() for x in local_qkv(1, 32, 1, 1, 16, seq_len_k=2100, generator=gen))
     mask = torch.ones(1, 1, 2, 132, dtype=torch.bool)
     mask[0, 0, 1, 17] = False
-    state = shuffled_state(SkipState.from_dense(mask, 32, 2100, 16, 16), generator=gen)
-    *_, scores = lite_attention_reference(q.float(), k.float(), v.float(), state, -2.0, return_scores=True)
-    assert (scores[..., :128] < -2.0).any(-1).all() and (scores[..., 128:] < -2.0).any(-1).all()
+    for _ in range(20):  # ~3 % of draws mark nothing on one side of position 128 (a shuffled walk): redraw
+        q, k, v = (x.half() for x in local_qkv(1, 32, 1, 1, 16, seq_len_k=2100, generator=gen))
+        state = shuffled_state(SkipState.from_dense(mask, 32, 2100, 16, 16), generator=gen)
+        *_, scores = lite_attention_reference(q.float(), k.float(), v.float(), state, -2.0, return_scores=True)
+        if (scores[..., :128] < -2.0).any(-1).all() and (scores[..., 128:] < -2.0).any(-1).all():
+            break
+    else:
+        pytest.fail("no draw marks tiles both before and after visit position 128")
     nxt, marked = check(q, k, v, state, threshold=-2.0)
     assert (nxt.kv_num_blocks < 128).all() and marked > 0
 

@@ -48,6 +48,7 @@ class Row:
     reps: int = 0
     tflops: float | None = None  # dense FLOPs / time: comparable across methods
     effective_tflops: float | None = None  # FLOPs actually computed ((1 - skipped) x dense) / time
+    host_ms: float | None = None  # host time to issue one call (with the flush and events around it)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,7 +58,8 @@ def timed_row(shape: str, flops: int, method: str, timing: Timing, *, pattern: s
               fraction: float = 0.0, skipped: float = 0.0) -> Row:
     """A successful row with its TFLOP/s filled in from the dense FLOP count."""
     return Row(shape, method, pattern, fraction, skipped, "ok", "", timing.median_ms, timing.p20_ms, timing.p80_ms,
-               timing.reps, tflops(flops, timing.median_ms), tflops(flops * (1.0 - skipped), timing.median_ms))
+               timing.reps, tflops(flops, timing.median_ms), tflops(flops * (1.0 - skipped), timing.median_ms),
+               timing.host_ms)
 
 
 def failed_row(shape: str, method: str, error: str, *, pattern: str | None = None, fraction: float = 0.0,

@@ -166,7 +166,7 @@ class BenchRun:
         self.rows.append(row)
         if row.status == "ok":
             self._say(f"   {where:<44} {row.median_ms:9.3f} ms  p20 {row.p20_ms:.3f}  p80 {row.p80_ms:.3f}  "
-                      f"{row.tflops:6.1f} TFLOP/s  ({row.reps} reps)")
+                      f"{row.tflops:6.1f} TFLOP/s  ({row.reps} reps, host {row.host_ms or 0:.3f} ms/call)")
         else:
             error = row.error if len(row.error) <= 300 else row.error[:297] + "..."
             self._say(f"   {where:<44} {row.status.upper()}: {error}")

@@ -26,6 +26,7 @@ class Timing:
     p20_ms: float
     p80_ms: float
     reps: int
+    host_ms: float | None = None  # host time to issue one timed run (flush, events, the call)
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -61,15 +62,46 @@ def tflops(flops: float, ms: float) -> float:
     return flops / (ms * 1e-3) / 1e12
 
 
+def _cycles_per_ms() -> float:
+    """GPU clock cycles per millisecond of ``torch.cuda._sleep`` (measured once: the clock is not exposed)."""
+    import torch
+
+    global _CYCLES_PER_MS
+    if _CYCLES_PER_MS is None:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cycles = 20_000_000
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        torch.cuda.synchronize()
+        _CYCLES_PER_MS = cycles / max(start.elapsed_time(end), 1e-3)
+    return _CYCLES_PER_MS
+
+
+_CYCLES_PER_MS: float | None = None
+MAX_LEAD_MS = 5000.0
+
+
 def time_cuda(fn: Callable[[], object], *, budget_ms: float = 300.0, min_reps: int = 5, max_reps: int = 100,
               warmup: int = 1, flush_l2: bool = True) -> Timing:
     """Time ``fn`` on the current CUDA stream.
 
     ``warmup`` untimed calls absorb compilation and autotuning; one timed call
-    sizes the repetition count; then each run is bracketed by CUDA events
-    (after an L2 flush that is not timed) and all are read after a single
-    synchronisation, so the host never stalls the GPU between runs.
+    sizes the repetition count and measures the host's time per run; then each
+    run is bracketed by CUDA events (after an L2 flush that is not timed) and
+    all are read after a single synchronisation.
+
+    Why the GPU first sleeps: a short call (0.4 ms at s = 0.9) can take the
+    host nearly as long to issue as the GPU to run, and whenever the GPU
+    catches up with the host, an event pair measures Python, not the kernel
+    (seen as bimodal timings, KERNEL_NOTES.md v10). So the GPU is held in a
+    spin for 1.5x the host's time to issue all runs; the host then enqueues
+    every run before the GPU starts the first. The host's time per run is
+    returned beside the GPU times (``host_ms``): a method whose host time
+    exceeds its GPU time would be host-bound in a real loop.
     """
+    import time
+
     import torch
 
     for _ in range(warmup):
@@ -77,17 +109,23 @@ def time_cuda(fn: Callable[[], object], *, budget_ms: float = 300.0, min_reps: i
     torch.cuda.synchronize()
     scratch = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda") if flush_l2 else None
 
-    def timed(reps: int) -> list[float]:
+    def timed(reps: int, lead_ms: float) -> tuple[list[float], float]:
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        if lead_ms > 0:
+            torch.cuda._sleep(int(min(lead_ms, MAX_LEAD_MS) * _cycles_per_ms()))
+        t0 = time.perf_counter()
         for start, end in events:
             if scratch is not None:
                 scratch.zero_()
             start.record()
             fn()
             end.record()
+        host_ms = (time.perf_counter() - t0) * 1e3 / reps
         torch.cuda.synchronize()
-        return [start.elapsed_time(end) for start, end in events]
+        return [start.elapsed_time(end) for start, end in events], host_ms
 
-    estimate = timed(1)[0]
+    (estimate,), host_ms = timed(1, 0.0)
     reps = reps_for_budget(estimate, budget_ms, min_reps, max_reps)
-    return summarize(timed(reps))
+    samples, host_ms = timed(reps, 1.5 * host_ms * reps + 1.0)
+    result = summarize(samples)
+    return Timing(result.median_ms, result.p20_ms, result.p80_ms, result.reps, host_ms)

@@ -7,9 +7,9 @@ tiles are skipped (s = 0.9 leaves ~26 of 256 key tiles per query tile) that fixe
 program (KERNEL_NOTES.md, v8). Here each program keeps its partitions alive over many work items (query
 tile x batch*head) and overlaps the seams:
 
-- the producer claims the next item from a global counter (longest lists first, as the launch order
-  sorts them), so programs finish together however uneven the lists are, and hands its id to the
-  consumers through a shared-memory slot beside the item's Q buffer;
+- the producer claims the next item from a global counter, heads in sequence and the query tiles of a
+  head in index order (``ORDER_BY_WORK``), so programs finish together however uneven the lists are,
+  and hands its id to the consumers through a shared-memory slot beside the item's Q buffer;
 - the producer loads the next item's Q into a second buffer and keeps the K/V ring full across the item
   boundary, so the consumers start the next item without waiting for memory;
 - the producer also compacts the previous item's survivors into the next list, 32 entries between two of
@@ -53,6 +53,11 @@ PREFETCH = True
 SMEM_BUDGET = 220 * 1024
 # The producer's compaction: 32 list positions per step, one per lane of its single warp.
 ONE_WARP = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))
+# Claim a head's query tiles longest list first (an argsort per call) rather than in index order. Off: with
+# items claimed dynamically the order only shapes the last few items, and on an H200 index order was faster
+# on the GPU for every mask tried (s = 0.9: 1-4 % at head_dim 64, 2-14 % at the Wan 1.3B shape; KERNEL_NOTES
+# v10), and the argsort's host time and two small kernels are gone from every call.
+ORDER_BY_WORK = False
 # At most this many programs (None: one per SM). Tests lower it to put many items through one program.
 MAX_PROGRAMS: int | None = None
 
@@ -331,7 +336,7 @@ def compile_offline(block_n: int = 128, head_dim: int = 128, dense: bool = False
     descs = {"q_desc": _descriptor(x, 64), "k_desc": _descriptor(x, block_n), "v_desc": _descriptor(x, block_n),
              "o_desc": _descriptor(x, 64)}
     constexprs = dict(BLOCK_D=head_dim, BLOCK_M=128, BLOCK_N=block_n, STAGES=stages_for(128, block_n, head_dim),
-                      DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=True, RAGGED_K=True, USE_ORDER=not dense,
+                      DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=True, RAGGED_K=True, USE_ORDER=ORDER_BY_WORK and not dense,
                       PINGPONG=PINGPONG if pingpong is None else pingpong, PREFETCH=PREFETCH)
     constexprs["PRODUCER_REGS"], constexprs["CONSUMER_REGS"] = regs or REGS
     types = {name: mangle_type(desc) for name, desc in descs.items()}
