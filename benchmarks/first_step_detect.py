@@ -1,43 +1,67 @@
-"""Dense, first-step detection (fresh state) and later-step detection (full list) at the HunyuanVideo 720p
-shape (1, 118800, 24, 128), per kernel variant: four back-to-back calls each, CUDA events, no L2 flush (a call
-takes ~0.28 s, far beyond what the L2 holds). A cross-check of `liteattn bench`'s detection ratios
-(KERNEL_NOTES.md, v9). Run: ``python benchmarks/first_step_detect.py sm90,persist``.
+"""Dense, first-step detection (fresh state) and later-step detection (full list) at large shapes, per kernel
+variant; a cross-check of `liteattn bench`'s detection ratios (KERNEL_NOTES.md, v9 and v10).
+
+A fresh state is walked as dense attention with detection (``DENSE`` specialization); ``fresh-as-list`` runs
+the same fresh state through the list specialization instead (full rows are visited in ascending order
+without index loads either way), to tell whether the first step's extra cost is that specialization's.
+Cases are timed in interleaved rounds (``liteattn.bench.timing.time_cuda``: L2 flush, CUDA events, host ahead
+of the GPU), so clock drift hits all alike.
+Run: ``python benchmarks/first_step_detect.py [--variants persist] [--shapes hunyuan,wan14b] [--rounds 3]``.
 """
 from __future__ import annotations
 
-import sys
+import argparse
+import statistics
+from unittest import mock
 
 import torch
 
-from kernel_variants import set_variant  # same folder: the script's directory is on sys.path
+from kernel_variants import SHAPES, set_variant  # same folder: the script's directory is on sys.path
 from liteattn import SkipState, lite_attention
+from liteattn.bench.timing import time_cuda
 
 
-def main(variants):
-    b, s, h, d = 1, 118800, 24, 128
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+def cases_for(q, k, v):
+    b, s, h, _ = q.shape
     qt = kt = -(-s // 128)
     full = SkipState.full(b, h, s, s, 128, 128, "cuda")
     listed = SkipState.from_dense(torch.ones(b, h, qt, kt, dtype=torch.bool, device="cuda"), s, s, 128, 128)
-    cases = {"dense": lambda: lite_attention(q, k, v, enabled=False),
-             "fresh": lambda: lite_attention(q, k, v, full, threshold=-1e4),
-             "list": lambda: lite_attention(q, k, v, listed, threshold=-1e4)}
-    for var in variants:
-        set_variant(var)
-        for case, fn in cases.items():
-            fn()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            times = []
-            for _ in range(4):
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            print(var, case, sorted(times), flush=True)
+
+    def fresh_as_list():
+        with mock.patch.object(SkipState, "is_fresh", lambda self: False):
+            return lite_attention(q, k, v, full, threshold=-1e4)
+
+    return {"dense": lambda: lite_attention(q, k, v, enabled=False),
+            "fresh": lambda: lite_attention(q, k, v, full, threshold=-1e4),
+            "fresh-as-list": fresh_as_list,
+            "list": lambda: lite_attention(q, k, v, listed, threshold=-1e4)}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--variants", default="persist")
+    p.add_argument("--shapes", default="hunyuan")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--reps", type=int, default=3, help="timed calls per case and round")
+    args = p.parse_args()
+    for shape in args.shapes.split(","):
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(*SHAPES[shape], device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        cases = cases_for(q, k, v)
+        times = {(var, case): [] for var in args.variants.split(",") for case in cases}
+        for _ in range(args.rounds):
+            for var, case in times:
+                set_variant(var)
+                times[var, case].append(time_cuda(cases[case], budget_ms=0, min_reps=args.reps,
+                                                  max_reps=args.reps).median_ms)
+        for var in args.variants.split(","):
+            med = {case: statistics.median(times[var, case]) for case in cases}
+            ratios = {case: round(med[case] / med["dense"], 4) for case in cases}
+            print(shape, var, {c: round(t, 2) for c, t in med.items()}, "ms; / dense:", ratios,
+                  "rounds:", {c: [round(x, 1) for x in times[var, c]] for c in cases}, flush=True)
+        del q, k, v, cases
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1].split(",") if len(sys.argv) > 1 else ["sm90", "persist"])
+    main()
