@@ -1,9 +1,9 @@
 """Dense, first-step detection (fresh state) and later-step detection (full list) at large shapes, per kernel
 variant; a cross-check of `liteattn bench`'s detection ratios (KERNEL_NOTES.md, v9 and v10).
 
-A fresh state is walked as dense attention with detection (``DENSE`` specialization); ``fresh-as-list`` runs
-the same fresh state through the list specialization instead (full rows are visited in ascending order
-without index loads either way), to tell whether the first step's extra cost is that specialization's.
+A fresh state with detection on runs the list specialization (full rows are visited in ascending order
+without index loads); ``fresh-dense-walk`` launches the kernel's ``DENSE`` specialization on the same state,
+which was the default for a fresh state until v10 measured it slower here.
 Cases are timed in interleaved rounds (``liteattn.bench.timing.time_cuda``: L2 flush, CUDA events, host ahead
 of the GPU), so clock drift hits all alike.
 Run: ``python benchmarks/first_step_detect.py [--variants persist] [--shapes hunyuan,wan14b] [--rounds 3]``.
@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from unittest import mock
 
 import torch
 
 from kernel_variants import SHAPES, set_variant  # same folder: the script's directory is on sys.path
 from liteattn import SkipState, lite_attention
 from liteattn.bench.timing import time_cuda
+from liteattn.kernels.forward import lite_attention_fwd
+from liteattn.state import tile_protection
 
 
 def cases_for(q, k, v):
@@ -27,13 +28,16 @@ def cases_for(q, k, v):
     full = SkipState.full(b, h, s, s, 128, 128, "cuda")
     listed = SkipState.from_dense(torch.ones(b, h, qt, kt, dtype=torch.bool, device="cuda"), s, s, 128, 128)
 
-    def fresh_as_list():
-        with mock.patch.object(SkipState, "is_fresh", lambda self: False):
-            return lite_attention(q, k, v, full, threshold=-1e4)
+    def fresh_dense_walk():
+        counts, indices = full.next_buffers()
+        protect = tile_protection(None, s, 128, q.device)
+        return lite_attention_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), full.kv_num_blocks,
+                                  full.kv_indices, counts, indices, protect, protect, q.shape[-1] ** -0.5, -1e4,
+                                  128, 128, dense=True, write_state=True, return_lse=False)
 
     return {"dense": lambda: lite_attention(q, k, v, enabled=False),
             "fresh": lambda: lite_attention(q, k, v, full, threshold=-1e4),
-            "fresh-as-list": fresh_as_list,
+            "fresh-dense-walk": fresh_dense_walk,
             "list": lambda: lite_attention(q, k, v, listed, threshold=-1e4)}
 
 

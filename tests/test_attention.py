@@ -336,3 +336,34 @@ def test_torch_compile_triton_custom_op(fullgraph, local_qkv, kernel_device, fre
     for _ in range(3):
         torch.testing.assert_close(fn(q, k, v), eager_attn(q, k, v))
     assert compiled_attn.history == eager_attn.history and compiled_attn.history[-1] > 0
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # interpreter noise
+def test_kernel_walk_and_eager_launch(local_qkv, kernel_device, gen, monkeypatch):
+    """A fresh state is walked as dense attention only when nothing can be marked: with detection on, the
+    list specialization walks it (measured faster on Hopper). Eager calls launch without the custom op."""
+    pytest.importorskip("triton")
+    import liteattn.kernels.op as op
+
+    launched = []
+    real = op.lite_attention_fwd
+
+    def spy(*args):
+        launched.append(args[13:15])  # (dense, write_state)
+        return real(*args)
+
+    def no_op(*args):
+        raise AssertionError("an eager call went through the custom op")
+
+    monkeypatch.setattr(op, "lite_attention_fwd", spy)
+    monkeypatch.setattr(op, "lite_attention_op", no_op)
+    q, k, v = (x.half().to(kernel_device) for x in local_qkv(1, 48, 2, 2, 32, generator=gen))
+    fresh = SkipState.full(1, 2, 48, 48, 16, 16, kernel_device)
+    kw = dict(layout="bhsd", backend="triton")
+    out_detect, nxt = lite_attention(q, k, v, fresh, threshold=-3.0, **kw)
+    out_none, same = lite_attention(q, k, v, fresh, threshold=-math.inf, **kw)
+    out_off, _ = lite_attention(q, k, v, fresh, enabled=False, **kw)
+    assert launched == [(False, True), (True, False), (True, False)]
+    assert same is fresh and nxt is not fresh
+    for out in (out_detect, out_none):  # nothing is skipped on the first step: all three are dense attention
+        torch.testing.assert_close(out, out_off, rtol=0, atol=2e-3)
