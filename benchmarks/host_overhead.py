@@ -28,8 +28,8 @@ CASES = {"hdim64-s0.9": ((1, 16384, 24, 64), 0.9), "wan1.3b-s0.9": ((1, 32760, 1
          "wan1.3b-s0.5": ((1, 32760, 12, 128), 0.5)}
 
 
-def graph_time(fn, reps=30):
-    """Median GPU time of ``fn`` replayed from a CUDA graph, with the same L2 flush before each replay."""
+def capture(fn):
+    """``fn`` captured in a CUDA graph (after two warm-up calls on a side stream); returns the replay."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -39,12 +39,18 @@ def graph_time(fn, reps=30):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
+    return graph.replay
+
+
+def graph_time(fn, reps=30):
+    """Median GPU time of ``fn`` replayed from a CUDA graph, with the same L2 flush before each replay."""
+    replay = capture(fn)
     scratch = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for start, end in events:
         scratch.zero_()
         start.record()
-        graph.replay()
+        replay()
         end.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in events)

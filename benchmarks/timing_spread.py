@@ -28,6 +28,7 @@ import time
 import torch
 
 import liteattn.kernels.hopper_persistent as persistent
+from host_overhead import capture  # same folder: the script's directory is on sys.path
 from liteattn import lite_attention
 from liteattn.bench import methods as M
 from liteattn.bench.masks import achieved_fraction, build_mask
@@ -50,19 +51,6 @@ def _events(fn, reps, scratch):
         end.record()
     torch.cuda.synchronize()
     return [s.elapsed_time(e) for s, e in pairs]
-
-
-def _graph(fn):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def _summary(samples):
@@ -90,7 +78,7 @@ def _measure(fn, reps, scratch, **row):
     torch.cuda.synchronize()
     row["syncs"] = _syncs(fn)
     row["events"] = _events(fn, reps, scratch)
-    row["graph"] = _events(_graph(fn), reps, scratch)
+    row["graph"] = _events(capture(fn), reps, scratch)
     row["warm"] = _events(fn, reps, None)
     n = 50
     t0 = time.perf_counter()
