@@ -1,9 +1,9 @@
 """Dense, first-step detection (fresh state) and later-step detection (full list) at large shapes, per kernel
 variant; a cross-check of `liteattn bench`'s detection ratios (KERNEL_NOTES.md, v9 and v10).
 
-A fresh state with detection on runs the list specialization (full rows are visited in ascending order
-without index loads); ``fresh-dense-walk`` launches the kernel's ``DENSE`` specialization on the same state,
-which was the default for a fresh state until v10 measured it slower here.
+A fresh state with detection on runs the list specialization (full rows are visited in ascending order);
+``fresh-dense-walk`` launches the kernel's ``DENSE`` specialization on the same state, which was the default
+for a fresh state until v10 measured it slower here.
 Cases are timed in interleaved rounds (``liteattn.bench.timing.time_cuda``: L2 flush, CUDA events, host ahead
 of the GPU), so clock drift hits all alike.
 Run: ``python benchmarks/first_step_detect.py [--variants persist] [--shapes hunyuan,wan14b] [--rounds 3]``.

@@ -1,7 +1,8 @@
 """How much of a short call's measured time is the host's (Python, validation, launch) rather than the GPU's.
 
 For a few short cases (high skipped fractions), compares three timings of the same call:
-``events`` (L2 flush, CUDA events around each call, as ``liteattn bench`` and ``do_bench`` do),
+``events`` (L2 flush, CUDA events around each call, as ``do_bench`` does and ``liteattn bench`` did before it
+let the host get ahead of the GPU),
 ``graph`` (the call captured in a CUDA graph and replayed between the same flushes: GPU time only) and
 ``host`` (wall time per call while the GPU keeps up), plus a cProfile of the host path.
 Run: ``python benchmarks/host_overhead.py --out DIR``.
@@ -72,7 +73,7 @@ def main():
         for mode, thr in (("no-detect", float("-inf")), ("detect", -1e4)):
             def fn():
                 return lite_attention(q, k, v, state, threshold=thr)
-            events_ms = time_cuda(fn, budget_ms=300, min_reps=30).median_ms
+            events_ms = time_cuda(fn, budget_ms=300, min_reps=30, host_lead=False).median_ms
             graph_ms = graph_time(fn)
             torch.cuda.synchronize()
             n = 50

@@ -124,9 +124,10 @@ def lite_attention(
             tile_protection(ranges, seq_q, state.block_m, q.device),
             tile_protection(ranges, seq_k, state.block_n, q.device),
             scale, threshold, state.block_m, state.block_n,
-            # A fresh state (every list ascending and full) is walked like dense attention when nothing is
-            # marked; with detection on, the list specialization walks it (full rows ascend without index
-            # loads there too) and was 1.5-5 % faster than the dense one at 75k-119k tokens (KERNEL_NOTES v10).
+            # A fresh state (every list ascending and full) is walked like dense attention when nothing can
+            # be marked; with detection on, the list specialization walks it (full rows ascend there too,
+            # whatever the list holds), which was 1.5-5 % faster than the dense one at 75k-119k tokens
+            # (KERNEL_NOTES v10).
             not enabled or (state.is_fresh() and not write), write, return_lse,
         )
     next_state = state.advanced(counts, indices) if write else state

@@ -59,7 +59,8 @@ class SkipState:
     the tiles visited before it. A fresh state visits tiles in ascending order
     and marking preserves the order of the survivors. A *full* row (every key
     tile active) is always visited in ascending order, whatever its list holds,
-    and a fresh state (:meth:`full`) is walked by address like dense attention.
+    and a fresh state (:meth:`full`) called with nothing to mark is walked by
+    address like dense attention.
 
     The skip set only grows: a call's next state is its current list minus
     the tiles it marked.
@@ -74,8 +75,8 @@ class SkipState:
     calls: int = 0  # how many attention calls produced this state since it was created
     _spare: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     # Set by full(): the tensors' version counters at creation. While they are unchanged every list is
-    # [0, 1, ..., KT-1], so the kernel may walk tiles by address instead of loading indices (known
-    # without a device sync). Any in-place edit bumps a counter and the state is walked as a list.
+    # [0, 1, ..., KT-1], so a call that marks nothing may walk tiles by address like dense attention
+    # (known without a device sync). Any in-place edit, and every kernel write, bumps a counter.
     _fresh_versions: tuple[int, int] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -204,7 +205,9 @@ class SkipState:
         return moved._mark_fresh() if self.is_fresh() else moved
 
     def _mark_fresh(self) -> "SkipState":
-        self._fresh_versions = (self.kv_num_blocks._version, self.kv_indices._version)
+        # Inference-mode tensors track no versions: such a state is walked as a list (same result).
+        if not (self.kv_num_blocks.is_inference() or self.kv_indices.is_inference()):
+            self._fresh_versions = (self.kv_num_blocks._version, self.kv_indices._version)
         return self
 
     def is_fresh(self) -> bool:

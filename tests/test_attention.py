@@ -367,3 +367,42 @@ def test_kernel_walk_and_eager_launch(local_qkv, kernel_device, gen, monkeypatch
     assert same is fresh and nxt is not fresh
     for out in (out_detect, out_none):  # nothing is skipped on the first step: all three are dense attention
         torch.testing.assert_close(out, out_off, rtol=0, atol=2e-3)
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # interpreter noise
+def test_kernel_writes_end_a_states_freshness(local_qkv, kernel_device, gen):
+    """The second call after a fresh state writes its next list into that state's buffers (double buffering):
+    the state must then stop counting as fresh, or a later call would walk it densely."""
+    pytest.importorskip("triton")
+    q, k, v = (x.half().to(kernel_device) for x in local_qkv(1, 64, 2, 2, 32, generator=gen))
+    s0 = SkipState.full(1, 2, 64, 64, 16, 16, kernel_device)
+    kw = dict(layout="bhsd", backend="triton", threshold=-3.0)
+    _, s1 = lite_attention(q, k, v, s0, **kw)
+    assert s0.is_fresh() and not s1.is_fresh()
+    _, s2 = lite_attention(q, k, v, s1, **kw)
+    assert s2.kv_num_blocks is s0.kv_num_blocks and s2.sparsity() > 0
+    assert not s0.is_fresh() and not s0.clone().is_fresh()
+
+
+def test_first_call_under_inference_mode(local_qkv, dense_attention, gen):
+    """A state created in inference mode has no version counters; it is walked as a list, same result."""
+    q, k, v = local_qkv(1, 40, 2, 2, 16, generator=gen)
+    with torch.inference_mode():
+        out, state = lite_attention(q, k, v, layout="bhsd", threshold=-math.inf, block_size=(16, 16))
+        again, _ = lite_attention(q, k, v, SkipState.full(1, 2, 40, 40, 16, 16), layout="bhsd", threshold=-3.0)
+    assert not state.is_fresh()
+    want, _, _ = dense_attention(q, k, v)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(again.double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # interpreter noise
+def test_kernel_output_does_not_silently_drop_gradients(local_qkv, kernel_device, gen):
+    """The kernel has no backward: inputs that require grad go through the custom op, whose output says so
+    when differentiated, instead of coming back detached from the graph."""
+    pytest.importorskip("triton")
+    q, k, v = (x.half().to(kernel_device).requires_grad_() for x in local_qkv(1, 32, 1, 1, 16, generator=gen))
+    out, _ = lite_attention(q, k, v, layout="bhsd", backend="triton", block_size=(16, 16))
+    assert out.requires_grad
+    with pytest.raises(RuntimeError):
+        out.float().sum().backward()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -370,3 +371,75 @@ def test_cli_imports_no_heavy_optional_dependency():
 def test_row_round_trips_as_dict():
     row = Row("s", "flex", "random", 0.5, 0.49, "ok", "", 1.0, 0.9, 1.1, 10, 3.0, 1.5)
     assert Row(**row.to_dict()) == row
+
+
+class _FakeGpu:
+    """A GPU timeline for ``time_cuda`` on a CPU machine: events read the clock, a sleep and each call
+    advance it; ``_sleep`` runs at 1e6 cycles per ms."""
+
+    def __init__(self, call_ms: float):
+        self.now, self.call_ms, self.sleeps = 0.0, call_ms, []
+        gpu = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = None
+
+            def record(self):
+                self.t = gpu.now
+
+            def elapsed_time(self, end):
+                return end.t - self.t
+
+        self.Event = Event
+
+    def sleep(self, cycles):
+        self.sleeps.append(cycles / 1e6)
+        self.now += cycles / 1e6
+
+    def call(self):
+        self.now += self.call_ms
+
+
+def _fake_cuda(monkeypatch, gpu):
+    monkeypatch.setattr(torch.cuda, "Event", gpu.Event)
+    monkeypatch.setattr(torch.cuda, "_sleep", gpu.sleep, raising=False)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+
+def test_time_cuda_lets_the_host_get_ahead(monkeypatch):
+    """The GPU sleeps 1.5x the host's time to issue every run (plus 1 ms) before the first timed run, then
+    the runs' GPU times and the host's time per run come back."""
+    gpu = _FakeGpu(call_ms=2.0)
+    _fake_cuda(monkeypatch, gpu)
+    host = {"ms": 0.5}
+
+    def fn():
+        time.sleep(host["ms"] / 1e3)
+        gpu.call()
+
+    t = timing.time_cuda(fn, budget_ms=20.0, min_reps=4, max_reps=8, flush_l2=False)
+    assert t.reps == 8 and t.median_ms == t.p20_ms == t.p80_ms == pytest.approx(2.0)
+    assert t.host_ms >= 0.5
+    calibration, lead, *retry = gpu.sleeps  # one to measure the clock, one lead before the timed runs
+    assert lead >= 1.5 * 0.5 * 8 + 1.0 and len(retry) <= 1  # (a retry only if this machine's host stalled)
+
+    gpu.sleeps.clear()
+    timing.time_cuda(fn, budget_ms=20.0, min_reps=4, max_reps=8, flush_l2=False, host_lead=False)
+    assert gpu.sleeps == []
+
+
+def test_time_cuda_repeats_with_a_longer_lead_when_the_gpu_caught_up(monkeypatch):
+    """A host that slows down after the estimate outlasts the first lead: the runs are repeated."""
+    gpu = _FakeGpu(call_ms=1.0)
+    _fake_cuda(monkeypatch, gpu)
+    host = {"ms": 0.0}
+
+    def fn():
+        time.sleep(host["ms"] / 1e3)
+        gpu.call()
+        host["ms"] = 2.0  # the warm-up call was instant, every later one takes 2 ms
+
+    timing.time_cuda(fn, budget_ms=5.0, min_reps=5, max_reps=5, warmup=0, flush_l2=False)
+    _, first_lead, second_lead = gpu.sleeps
+    assert first_lead < 5 * 2.0 <= second_lead

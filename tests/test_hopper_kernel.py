@@ -55,7 +55,7 @@ def _ptxas_report(ptx: str) -> str:
 @pytest.mark.parametrize("module,regs", [("hopper", (24, 240)), ("hopper_persistent", persistent.REGS),
                                          ("hopper_persistent", (24, 240))])
 @pytest.mark.parametrize("block_n,head_dim,dense,write_state,pingpong", [
-    (128, 128, True, True, False),  # first step: dense walk, state written
+    (128, 128, True, True, False),  # dense walk, state written (first step before v10; benchmarks only now)
     (128, 128, False, True, False),  # later steps: list walk with detection
     (128, 128, False, False, True),  # list walk, no detection, consumers taking turns
     (64, 128, False, True, True),
@@ -74,11 +74,12 @@ def test_sm90_kernel_compiles_without_spills(module, regs, block_n, head_dim, de
     assert re.search(rf"setmaxnreg\.inc\.sync\.aligned\.u32\s+{consumer};", ptx)
 
 
-@pytest.fixture(params=["per-tile", "persistent", "persistent-5-programs-by-work"])
+@pytest.fixture(params=["per-tile", "persistent", "persistent-5-programs", "persistent-5-programs-by-work"])
 def gluon_launches(request, monkeypatch):
     """Run the test on one Gluon kernel: one program per query tile, one per SM, or five programs (many
-    work items each, the K/V ring wrapping across items) claiming a head's query tiles longest list first
-    (the non-default ``ORDER_BY_WORK``). The returned list counts that kernel's launches."""
+    work items each, the K/V ring wrapping across items) claiming query tiles in index order or, with the
+    non-default ``ORDER_BY_WORK``, a head's longest lists first. The returned list counts that kernel's
+    launches."""
     is_persistent = request.param.startswith("persistent")
     monkeypatch.setattr(fwd, "SM90_PERSISTENT", is_persistent)
     monkeypatch.setattr(persistent, "MAX_PROGRAMS", 5 if "5-programs" in request.param else None)
@@ -95,7 +96,7 @@ def gluon_launches(request, monkeypatch):
 @pytest.mark.parametrize("block", [(128, 128), (128, 64)])
 def test_sm90_kernel_matches_reference(block, pingpong, monkeypatch, gluon_launches, gen, local_qkv, shuffled_state,
                                        check, dense_attention):
-    """Fresh state (dense walk), a shuffled list with full, partial and empty rows, the list it writes, and
+    """Fresh state, a shuffled list with full, partial and empty rows, the list it writes, and
     dense mode, with GQA, ragged lengths and must-do tokens; and the calls did run the Gluon kernel."""
     monkeypatch.setattr(hopper, "PINGPONG", pingpong)
     monkeypatch.setattr(persistent, "PINGPONG", pingpong)

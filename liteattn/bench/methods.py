@@ -100,8 +100,8 @@ def liteattn_detect(inputs: Inputs, fresh: bool = True) -> tuple[Callable[[], to
     marked, which must be 0 for the time to mean "detection overhead".
     Every call reads the same full state and writes its spare buffers, so
     repeated calls do identical work. ``fresh=True`` is the first step of a
-    generation (a new state, walked by address); ``fresh=False`` is a later
-    step whose lists are still full (walked through the index list).
+    generation (a new state); ``fresh=False`` is a later step whose lists are
+    still full. Both run the kernel's list walk with detection.
     """
     b, h, qt, kt = inputs.tiles
     s = inputs.shape.seq_len

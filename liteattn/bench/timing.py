@@ -63,27 +63,24 @@ def tflops(flops: float, ms: float) -> float:
 
 
 def _cycles_per_ms() -> float:
-    """GPU clock cycles per millisecond of ``torch.cuda._sleep`` (measured once: the clock is not exposed)."""
+    """GPU clock cycles per millisecond of ``torch.cuda._sleep`` on the current device, measured now (the
+    clock is not exposed, and it differs between an idle and a busy GPU)."""
     import torch
 
-    global _CYCLES_PER_MS
-    if _CYCLES_PER_MS is None:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        cycles = 20_000_000
-        start.record()
-        torch.cuda._sleep(cycles)
-        end.record()
-        torch.cuda.synchronize()
-        _CYCLES_PER_MS = cycles / max(start.elapsed_time(end), 1e-3)
-    return _CYCLES_PER_MS
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cycles = 10_000_000
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    torch.cuda.synchronize()
+    return cycles / max(start.elapsed_time(end), 1e-3)
 
 
-_CYCLES_PER_MS: float | None = None
 MAX_LEAD_MS = 5000.0
 
 
 def time_cuda(fn: Callable[[], object], *, budget_ms: float = 300.0, min_reps: int = 5, max_reps: int = 100,
-              warmup: int = 1, flush_l2: bool = True) -> Timing:
+              warmup: int = 1, flush_l2: bool = True, host_lead: bool = True) -> Timing:
     """Time ``fn`` on the current CUDA stream.
 
     ``warmup`` untimed calls absorb compilation and autotuning; one timed call
@@ -91,14 +88,16 @@ def time_cuda(fn: Callable[[], object], *, budget_ms: float = 300.0, min_reps: i
     run is bracketed by CUDA events (after an L2 flush that is not timed) and
     all are read after a single synchronisation.
 
-    Why the GPU first sleeps: a short call (0.4 ms at s = 0.9) can take the
-    host nearly as long to issue as the GPU to run, and whenever the GPU
-    catches up with the host, an event pair measures Python, not the kernel
-    (seen as bimodal timings, KERNEL_NOTES.md v10). So the GPU is held in a
-    spin for 1.5x the host's time to issue all runs; the host then enqueues
-    every run before the GPU starts the first. The host's time per run is
-    returned beside the GPU times (``host_ms``): a method whose host time
-    exceeds its GPU time would be host-bound in a real loop.
+    Why the GPU first sleeps (``host_lead``): a short call (0.4 ms at s = 0.9)
+    can take the host nearly as long to issue as the GPU to run, and whenever
+    the GPU catches up with the host, an event pair measures Python, not the
+    kernel (seen as bimodal timings, KERNEL_NOTES.md v10). So the GPU is held
+    in a spin for 1.5x the host's time to issue all runs, and the host
+    enqueues every run before the GPU starts the first; if the spin still
+    ended before the host was done, the runs are repeated with a longer one.
+    The host's time per run is returned beside the GPU times (``host_ms``): a
+    method whose host time exceeds its GPU time would be host-bound in a real
+    loop. ``fn`` must not synchronise (the host would wait out the spin).
     """
     import time
 
@@ -108,11 +107,18 @@ def time_cuda(fn: Callable[[], object], *, budget_ms: float = 300.0, min_reps: i
         fn()
     torch.cuda.synchronize()
     scratch = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda") if flush_l2 else None
+    host_lead = host_lead and hasattr(torch.cuda, "_sleep")
+    cycles_per_ms = _cycles_per_ms() if host_lead else 0.0
 
-    def timed(reps: int, lead_ms: float) -> tuple[list[float], float]:
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        if lead_ms > 0:
-            torch.cuda._sleep(int(min(lead_ms, MAX_LEAD_MS) * _cycles_per_ms()))
+    def timed(reps: int, lead_ms: float) -> tuple[list[float], float, bool]:
+        """GPU ms per run, host ms per run, and whether the lead outlasted the host's enqueueing."""
+        new_event = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+        events = [(new_event(), new_event()) for _ in range(reps)]
+        lead = (new_event(), new_event()) if lead_ms > 0 else None
+        if lead is not None:
+            lead[0].record()
+            torch.cuda._sleep(int(min(lead_ms, MAX_LEAD_MS) * cycles_per_ms))
+            lead[1].record()
         t0 = time.perf_counter()
         for start, end in events:
             if scratch is not None:
@@ -120,12 +126,16 @@ def time_cuda(fn: Callable[[], object], *, budget_ms: float = 300.0, min_reps: i
             start.record()
             fn()
             end.record()
-        host_ms = (time.perf_counter() - t0) * 1e3 / reps
+        host_total_ms = (time.perf_counter() - t0) * 1e3
         torch.cuda.synchronize()
-        return [start.elapsed_time(end) for start, end in events], host_ms
+        ahead = lead is None or lead[0].elapsed_time(lead[1]) >= host_total_ms
+        return [start.elapsed_time(end) for start, end in events], host_total_ms / reps, ahead
 
-    (estimate,), host_ms = timed(1, 0.0)
+    (estimate,), host_ms, _ = timed(1, 0.0)
     reps = reps_for_budget(estimate, budget_ms, min_reps, max_reps)
-    samples, host_ms = timed(reps, 1.5 * host_ms * reps + 1.0)
+    lead_ms = 1.5 * host_ms * reps + 1.0 if host_lead else 0.0
+    samples, host_ms, ahead = timed(reps, lead_ms)
+    if not ahead:  # the GPU caught up with the host: once more with a longer lead
+        samples, host_ms, _ = timed(reps, 3.0 * host_ms * reps + 1.0)
     result = summarize(samples)
     return Timing(result.median_ms, result.p20_ms, result.p80_ms, result.reps, host_ms)

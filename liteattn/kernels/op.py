@@ -27,17 +27,26 @@ def lite_attention_op(
 
 
 def run_forward(*args) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel launch: through the custom op while ``torch.compile`` traces, directly otherwise.
+    """The kernel launch: through the custom op while ``torch.compile`` traces or autograd records, directly
+    otherwise.
 
     Why: the op's eager dispatch (autograd and in-place-view handling, default filling for the mutated
     arguments) took 0.1-0.2 ms of host time per call, which is more than the launch itself and, at
-    s = 0.9, comparable to the kernel (0.38 ms at head_dim 64): the GPU then waits on Python. The op
-    has no autograd formula and its only effects are the writes into the spare state buffers, so
-    the direct call does the same thing.
+    s = 0.9, comparable to the kernel (0.38 ms at head_dim 64): the GPU then waits on Python. What the
+    op adds besides is kept: inputs that require grad still go through it (so ``backward`` says there is
+    no gradient instead of the graph silently ending here), and the written state buffers get their
+    version counters bumped as a declared mutation would (``SkipState.is_fresh`` relies on them).
     """
-    if torch.compiler.is_compiling():
+    q, k, v = args[:3]
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                                      or v.requires_grad)):
         return lite_attention_op(*args)
-    return lite_attention_fwd(*args)
+    result = lite_attention_fwd(*args)
+    if args[14]:  # write_state: the spare (counts, indices) pair was written
+        for written in args[5:7]:
+            if not written.is_inference():
+                torch.autograd.graph.increment_version(written)
+    return result
 
 
 @lite_attention_op.register_fake
