@@ -205,7 +205,10 @@ class SkipState:
         return moved._mark_fresh() if self.is_fresh() else moved
 
     def _mark_fresh(self) -> "SkipState":
-        # Inference-mode tensors track no versions: such a state is walked as a list (same result).
+        # Inference-mode tensors track no versions: such a state is walked as a list (same result), as is
+        # any state under torch.compile (is_fresh is False while tracing).
+        if torch.compiler.is_compiling():
+            return self
         if not (self.kv_num_blocks.is_inference() or self.kv_indices.is_inference()):
             self._fresh_versions = (self.kv_num_blocks._version, self.kv_indices._version)
         return self
