@@ -55,8 +55,8 @@ def _ptxas_report(ptx: str) -> str:
 @pytest.mark.parametrize("module,regs", [("hopper", (24, 240)), ("hopper_persistent", persistent.REGS),
                                          ("hopper_persistent", (24, 240))])
 @pytest.mark.parametrize("block_n,head_dim,dense,write_state,pingpong", [
-    (128, 128, True, True, False),  # dense walk, state written (first step before v10; benchmarks only now)
-    (128, 128, False, True, False),  # later steps: list walk with detection
+    (128, 128, True, False, True),  # dense walk (enabled=False, or nothing to mark on a fresh state)
+    (128, 128, False, True, False),  # list walk with detection: every step, the first included
     (128, 128, False, False, True),  # list walk, no detection, consumers taking turns
     (64, 128, False, True, True),
     (128, 64, False, True, True),
