@@ -43,18 +43,26 @@ def capture(fn):
     return graph.replay
 
 
+def event_times(fn, reps, scratch=None):
+    """GPU ms of ``reps`` calls of ``fn``, each bracketed by CUDA events after an L2 flush (a write of
+    ``scratch``; None: no flush), all read after one synchronisation. No host lead: a host slower than
+    the GPU shows in these times, which is what this script and ``timing_spread.py`` look for."""
+    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in pairs:
+        if scratch is not None:
+            scratch.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in pairs]
+
+
 def graph_time(fn, reps=30):
     """Median GPU time of ``fn`` replayed from a CUDA graph, with the same L2 flush before each replay."""
     replay = capture(fn)
     scratch = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        scratch.zero_()
-        start.record()
-        replay()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
+    return statistics.median(event_times(replay, reps, scratch))
 
 
 def main():

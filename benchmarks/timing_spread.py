@@ -22,18 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch
 
 import liteattn.kernels.hopper_persistent as persistent
-from host_overhead import capture  # same folder: the script's directory is on sys.path
+from host_overhead import capture, event_times  # same folder: the script's directory is on sys.path
 from liteattn import lite_attention
 from liteattn.bench import methods as M
 from liteattn.bench.masks import achieved_fraction, build_mask
 from liteattn.bench.registry import SHAPES
-from liteattn.bench.timing import L2_FLUSH_BYTES
+from liteattn.bench.timing import L2_FLUSH_BYTES, summarize
 
 SHAPE_NAMES = ("hdim64-16k", "wan1.3b-480p")
 PATTERNS = ("banded", "per-head", "random")
@@ -41,22 +40,9 @@ PATTERNS = ("banded", "per-head", "random")
 MODES = (("sparse", False), ("sparse", True), ("detect", False), ("detect", True))
 
 
-def _events(fn, reps, scratch):
-    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in pairs:
-        if scratch is not None:
-            scratch.zero_()
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in pairs]
-
-
 def _summary(samples):
-    s = sorted(samples)
-    q = lambda p: s[min(len(s) - 1, int(p * (len(s) - 1) + 0.5))]  # noqa: E731
-    return {"median": statistics.median(s), "p20": q(0.2), "p80": q(0.8), "min": s[0], "max": s[-1]}
+    t = summarize(samples)
+    return {"median": t.median_ms, "p20": t.p20_ms, "p80": t.p80_ms, "min": min(samples), "max": max(samples)}
 
 
 def _syncs(fn) -> str:
@@ -77,9 +63,9 @@ def _measure(fn, reps, scratch, **row):
     fn()
     torch.cuda.synchronize()
     row["syncs"] = _syncs(fn)
-    row["events"] = _events(fn, reps, scratch)
-    row["graph"] = _events(capture(fn), reps, scratch)
-    row["warm"] = _events(fn, reps, None)
+    row["events"] = event_times(fn, reps, scratch)
+    row["graph"] = event_times(capture(fn), reps, scratch)
+    row["warm"] = event_times(fn, reps)
     n = 50
     t0 = time.perf_counter()
     for _ in range(n):

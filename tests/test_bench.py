@@ -375,10 +375,10 @@ def test_row_round_trips_as_dict():
 
 class _FakeGpu:
     """A GPU timeline for ``time_cuda`` on a CPU machine: events read the clock, a sleep and each call
-    advance it; ``_sleep`` runs at 1e6 cycles per ms."""
+    advance it; ``_sleep`` runs at 1e6 cycles per ms. A call also takes ``host_ms`` of real host time."""
 
-    def __init__(self, call_ms: float):
-        self.now, self.call_ms, self.sleeps = 0.0, call_ms, []
+    def __init__(self, monkeypatch, call_ms: float, host_ms: float):
+        self.now, self.call_ms, self.host_ms, self.sleeps = 0.0, call_ms, host_ms, []
         gpu = self
 
         class Event:
@@ -391,54 +391,41 @@ class _FakeGpu:
             def elapsed_time(self, end):
                 return end.t - self.t
 
-        self.Event = Event
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "_sleep", self.sleep, raising=False)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
 
     def sleep(self, cycles):
         self.sleeps.append(cycles / 1e6)
         self.now += cycles / 1e6
 
     def call(self):
+        time.sleep(self.host_ms / 1e3)
         self.now += self.call_ms
-
-
-def _fake_cuda(monkeypatch, gpu):
-    monkeypatch.setattr(torch.cuda, "Event", gpu.Event)
-    monkeypatch.setattr(torch.cuda, "_sleep", gpu.sleep, raising=False)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
 
 
 def test_time_cuda_lets_the_host_get_ahead(monkeypatch):
     """The GPU sleeps 1.5x the host's time to issue every run (plus 1 ms) before the first timed run, then
     the runs' GPU times and the host's time per run come back."""
-    gpu = _FakeGpu(call_ms=2.0)
-    _fake_cuda(monkeypatch, gpu)
-    host = {"ms": 0.5}
-
-    def fn():
-        time.sleep(host["ms"] / 1e3)
-        gpu.call()
-
-    t = timing.time_cuda(fn, budget_ms=20.0, min_reps=4, max_reps=8, flush_l2=False)
+    gpu = _FakeGpu(monkeypatch, call_ms=2.0, host_ms=0.5)
+    t = timing.time_cuda(gpu.call, budget_ms=20.0, min_reps=4, max_reps=8, flush_l2=False)
     assert t.reps == 8 and t.median_ms == t.p20_ms == t.p80_ms == pytest.approx(2.0)
     assert t.host_ms >= 0.5
     calibration, lead, *retry = gpu.sleeps  # one to measure the clock, one lead before the timed runs
     assert lead >= 1.5 * 0.5 * 8 + 1.0 and len(retry) <= 1  # (a retry only if this machine's host stalled)
 
     gpu.sleeps.clear()
-    timing.time_cuda(fn, budget_ms=20.0, min_reps=4, max_reps=8, flush_l2=False, host_lead=False)
+    timing.time_cuda(gpu.call, budget_ms=20.0, min_reps=4, max_reps=8, flush_l2=False, host_lead=False)
     assert gpu.sleeps == []
 
 
 def test_time_cuda_repeats_with_a_longer_lead_when_the_gpu_caught_up(monkeypatch):
     """A host that slows down after the estimate outlasts the first lead: the runs are repeated."""
-    gpu = _FakeGpu(call_ms=1.0)
-    _fake_cuda(monkeypatch, gpu)
-    host = {"ms": 0.0}
+    gpu = _FakeGpu(monkeypatch, call_ms=1.0, host_ms=0.0)
 
     def fn():
-        time.sleep(host["ms"] / 1e3)
         gpu.call()
-        host["ms"] = 2.0  # the warm-up call was instant, every later one takes 2 ms
+        gpu.host_ms = 2.0  # the estimate's call was instant, every later one takes 2 ms
 
     timing.time_cuda(fn, budget_ms=5.0, min_reps=5, max_reps=5, warmup=0, flush_l2=False)
     _, first_lead, second_lead = gpu.sleeps
