@@ -430,3 +430,106 @@ def test_time_cuda_repeats_with_a_longer_lead_when_the_gpu_caught_up(monkeypatch
     timing.time_cuda(fn, budget_ms=5.0, min_reps=5, max_reps=5, warmup=0, flush_l2=False)
     _, first_lead, second_lead = gpu.sleeps
     assert first_lead < 5 * 2.0 <= second_lead
+
+
+def test_split_reps_spreads_runs_over_rounds():
+    assert timing.split_reps(5, 3) == [2, 2, 1]
+    assert timing.split_reps(2, 3) == [1, 1]  # no empty round
+    assert timing.split_reps(7, 1) == [7]
+    with pytest.raises(ValueError, match="reps/rounds"):
+        timing.split_reps(0, 3)
+
+
+def _bench_run(tmp_path, monkeypatch, rounds: int):
+    """A BenchRun on the CPU: the fake GPU's clock, no L2 flush buffer on a device."""
+    from liteattn.bench.runner import BenchRun
+
+    monkeypatch.setattr(timing, "_flush_buffer", lambda: torch.empty(16, dtype=torch.int8))
+    cfg = _parse(["--quick", "--shapes", "quick-d64", "--out", str(tmp_path), "--rounds", str(rounds),
+                  "--budget-ms", "16", "--min-reps", "8"])
+    return BenchRun(cfg), cfg.shapes[0]
+
+
+def _drifting_case(gpu, shape, method, fail_in_round=None, fail_after=False):
+    """A case whose calls all cost the same work, while the fake GPU's clock slows 0.5 % per call."""
+    from liteattn.bench.runner import _Case
+
+    calls = {"n": 0}
+
+    def call():
+        calls["n"] += 1
+        if fail_in_round is not None and calls["n"] > 2 + 2 * fail_in_round:  # warm-up + sizing + 2 per round
+            raise RuntimeError(f"{method} broke")
+        gpu.call_ms = 2.0 * (1.005 ** gpu.calls)
+        gpu.calls += 1
+        gpu.call()
+
+    def after():
+        if fail_after:
+            raise RuntimeError("the state changed while timing")
+
+    return _Case(shape, method, lambda: (call, after))
+
+
+@pytest.mark.parametrize("rounds,close", [(1, False), (4, True)])
+def test_interleaved_rounds_give_cases_the_same_clock(tmp_path, monkeypatch, rounds, close):
+    """Two cases of equal work on a GPU that slows down as it runs: timed back to back the second looks
+    several percent slower; in rounds (in shuffled order) both see nearly the same clocks."""
+    gpu = _FakeGpu(monkeypatch, call_ms=2.0, host_ms=0.0)
+    gpu.calls = 0
+    bench_run, shape = _bench_run(tmp_path, monkeypatch, rounds)
+    cases = [_drifting_case(gpu, shape, m) for m in ("sdpa-cudnn", "liteattn-dense")]
+    bench_run.time_cases(cases)
+    first, second = bench_run.rows
+    assert [first.method, second.method] == ["sdpa-cudnn", "liteattn-dense"]
+    assert first.status == second.status == "ok" and first.reps == second.reps == 8
+    assert len(first.round_medians_ms) == rounds
+    ratio = second.median_ms / first.median_ms
+    assert (abs(ratio - 1) < 0.012) if close else (abs(ratio - 1) > 0.03), ratio
+
+
+def test_rounds_shuffle_the_order_and_report_in_case_order(tmp_path, monkeypatch):
+    """Each round times the cases in a new order (no case always follows the same one); rows keep the
+    cases' order."""
+    from liteattn.bench.runner import _Case
+
+    gpu = _FakeGpu(monkeypatch, call_ms=1.0, host_ms=0.0)
+    bench_run, shape = _bench_run(tmp_path, monkeypatch, 4)
+    timed = []
+    names = ["sdpa-cudnn", "sdpa-flash", "liteattn-dense", "liteattn-detect", "liteattn-detect-list", "flex"]
+
+    def case(name):
+        def call():
+            timed.append(name)
+            gpu.call()
+        return _Case(shape, name, lambda: (call, None))
+
+    sleep = gpu.sleep
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: timed.append("lead") or sleep(cycles))
+    bench_run.time_cases([case(n) for n in names])
+    assert [r.method for r in bench_run.rows] == names
+    assert [n for n in timed if n != "lead"][:2 * len(names)] == [n for n in names for _ in range(2)]
+    batches = [timed[i + 1] for i, n in enumerate(timed[:-1]) if n == "lead" and timed[i + 1] != "lead"]
+    batches = batches[len(names):]  # after warm-up and sizing (the clock calibration sleeps before each sizing)
+    per_round = [batches[i * len(names):(i + 1) * len(names)] for i in range(4)]
+    assert len(batches) == 4 * len(names) and all(sorted(r) == sorted(names) for r in per_round)
+    assert len({tuple(r) for r in per_round}) > 1, per_round
+
+
+def test_rounds_record_failures_per_case_and_keep_the_others(tmp_path, monkeypatch):
+    gpu = _FakeGpu(monkeypatch, call_ms=2.0, host_ms=0.0)
+    gpu.calls = 0
+    bench_run, shape = _bench_run(tmp_path, monkeypatch, 4)
+    cases = [_drifting_case(gpu, shape, "sdpa-cudnn", fail_in_round=2),
+             _drifting_case(gpu, shape, "liteattn-dense", fail_after=True),
+             _drifting_case(gpu, shape, "liteattn-detect")]
+    bench_run.time_cases(cases)
+    broke, changed, fine = bench_run.rows
+    assert broke.status == "failed" and "sdpa-cudnn broke" in broke.error
+    assert changed.status == "failed" and "state changed" in changed.error
+    assert fine.status == "ok" and fine.reps == 8 and len(fine.round_medians_ms) == 4
+    assert all(c.timer is None and c.fn is None for c in cases)  # buffers released
+
+    bench_run.deadline = time.monotonic() - 1.0
+    bench_run.time_cases([_drifting_case(gpu, shape, "sdpa-flash")])
+    assert bench_run.rows[-1].status == "skipped" and "--max-minutes" in bench_run.rows[-1].error

@@ -59,7 +59,8 @@ def _ptxas_report(ptx: str) -> str:
     (128, 128, False, True, False),  # list walk with detection: every step, the first included
     (128, 128, False, False, True),  # list walk, no detection, consumers taking turns
     (64, 128, False, True, True),
-    (128, 64, False, True, True),
+    (128, 64, False, True, None),  # head_dim 64 with each module's own turn-taking rule
+    (128, 64, False, True, True),  # head_dim 64 with turns forced (PINGPONG = True)
 ])
 def test_sm90_kernel_compiles_without_spills(module, regs, block_n, head_dim, dense, write_state, pingpong):
     ptx = _compile_ptx(module, block_n, head_dim, dense, write_state, pingpong,
@@ -72,6 +73,32 @@ def test_sm90_kernel_compiles_without_spills(module, regs, block_n, head_dim, de
     producer, consumer = regs
     assert re.search(rf"setmaxnreg\.dec\.sync\.aligned\.u32\s+{producer};", ptx)
     assert re.search(rf"setmaxnreg\.inc\.sync\.aligned\.u32\s+{consumer};", ptx)
+
+
+@pytest.mark.parametrize("forced", [None, True, False])
+def test_persistent_launch_takes_turns_above_head_dim_64(forced, monkeypatch):
+    """The persistent launch passes ``pingpong_for(head_dim)`` and the ring depth the shared memory allows
+    (checked on the CPU: the kernel is replaced by a recorder)."""
+    seen = {}
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.update(kwargs, grid=grid)
+
+    monkeypatch.setattr(persistent, "_lite_attention_fwd_sm90_persistent", Recorder())
+    monkeypatch.setattr(persistent, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(persistent, "PINGPONG", forced)
+    for head_dim in (64, 128):
+        q = torch.randn(1, 2, 256, head_dim).bfloat16()
+        small = torch.zeros(4, dtype=torch.int32)
+        args = (q, q, q, torch.empty_like(q), small, small, small, small, small, small, small, small, small, 1,
+                0, 0, 2, 1, 256, 256, 2, 2, 0.1, -10.0)
+        persistent.launch(args, dim=head_dim, seq_k=256, block_m=128, block_n=128, dense=False, write_state=True,
+                          return_lse=False, use_order=False)
+        assert seen["PINGPONG"] is (head_dim > 64 if forced is None else forced)
+        assert seen["STAGES"] == (4 if head_dim == 64 else 2)
+        assert seen["grid"] == (4,)  # 1 batch x 2 heads x 2 query tiles, fewer than the SMs
 
 
 @pytest.fixture(params=["per-tile", "persistent", "persistent-5-programs", "persistent-5-programs-by-work"])

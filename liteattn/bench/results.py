@@ -49,6 +49,7 @@ class Row:
     tflops: float | None = None  # dense FLOPs / time: comparable across methods
     effective_tflops: float | None = None  # FLOPs actually computed ((1 - skipped) x dense) / time
     host_ms: float | None = None  # host time to issue one call (with the flush and events around it)
+    round_medians_ms: list[float] | None = None  # median of each interleaved round (clock drift shows here)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,7 +60,7 @@ def timed_row(shape: str, flops: int, method: str, timing: Timing, *, pattern: s
     """A successful row with its TFLOP/s filled in from the dense FLOP count."""
     return Row(shape, method, pattern, fraction, skipped, "ok", "", timing.median_ms, timing.p20_ms, timing.p80_ms,
                timing.reps, tflops(flops, timing.median_ms), tflops(flops * (1.0 - skipped), timing.median_ms),
-               timing.host_ms)
+               timing.host_ms, None if timing.round_medians_ms is None else list(timing.round_medians_ms))
 
 
 def failed_row(shape: str, method: str, error: str, *, pattern: str | None = None, fraction: float = 0.0,

@@ -57,6 +57,7 @@ class BenchConfig:
     min_reps: int
     max_reps: int
     quick: bool
+    rounds: int = 5  # each shape's cases are timed in this many interleaved rounds
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -114,6 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timing budget per case in ms (default 500, with --quick 50); "
                              "at least --min-reps runs are timed whatever the budget")
     parser.add_argument("--min-reps", type=_positive(int), default=None, help="default 10 (with --quick 3)")
+    parser.add_argument("--rounds", type=_positive(int), default=5,
+                        help="time a shape's cases in this many interleaved rounds, so that all see the same "
+                             "drift of the GPU's clock, each round in a new order (default 5; 1 = each case's runs in one batch)")
 
 
 def resolve_config(args: argparse.Namespace) -> BenchConfig:
@@ -125,7 +129,7 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         shapes=shapes, methods=list(args.methods), patterns=list(args.patterns), fractions=list(args.fractions),
         layout=args.layout, out=Path(args.out), seed=args.seed, max_minutes=args.max_minutes,
         budget_ms=args.budget_ms or (50.0 if quick else 500.0), min_reps=min_reps,
-        max_reps=max(min_reps, 20 if quick else 100), quick=quick,
+        max_reps=max(min_reps, 20 if quick else 100), quick=quick, rounds=args.rounds,
     )
 
 

@@ -8,9 +8,11 @@ shape, so a run stopped by a time limit still leaves its finished shapes.
 """
 from __future__ import annotations
 
+import random
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -22,7 +24,7 @@ from .registry import Shape
 from .report import environment, format_checks, format_ratios, format_rows, write_json, write_text
 from .results import RATIO_TARGETS, Check, Row, compute_ratios, failed_row, judge_errors, run_status, timed_row
 from .run import SPARSE_CHECK_FRACTION, BenchConfig
-from .timing import time_cuda
+from .timing import CaseTimer, release_flush_buffers, split_reps
 
 __all__ = ["BenchRun"]
 
@@ -55,6 +57,7 @@ class BenchRun:
                 self.notes.append(f"{shape.name}: {_describe(exc)}")
                 self.rows.append(failed_row(shape.name, "*", _describe(exc)))
                 self._say(f"   shape failed: {_describe(exc)}")
+            release_flush_buffers()
             _release()
             self._write(final=False)
         return self._finish()
@@ -70,23 +73,67 @@ class BenchRun:
             "liteattn-detect": lambda: _with_detect_check(*M.liteattn_detect(inputs)),
             "liteattn-detect-list": lambda: _with_detect_check(*M.liteattn_detect(inputs, fresh=False)),
         }
-        for name, build in dense.items():
-            if name in self.selected:
-                self._case(shape, name, build)
+        cases = [_Case(shape, name, build) for name, build in dense.items() if name in self.selected]
         sparse = [m for m in ("flex", "liteattn-sparse") if m in self.selected]
-        if not sparse:
-            return
         gen = torch.Generator(device="cuda").manual_seed(c.seed + 1)
-        for pattern in c.patterns:
+        for pattern in c.patterns if sparse else ():
             for fraction in c.fractions:
                 mask = build_mask(pattern.name, inputs.tiles, fraction, generator=gen, device="cuda")
-                got = achieved_fraction(mask)
                 builders = {
-                    "flex": lambda: (M.flex(inputs, mask), None),
-                    "liteattn-sparse": lambda: _with_sparse_check(*M.liteattn_sparse(inputs, mask), mask),
+                    "flex": lambda mask=mask: (M.flex(inputs, mask), None),
+                    "liteattn-sparse": lambda mask=mask: _with_sparse_check(*M.liteattn_sparse(inputs, mask), mask),
                 }
-                for name in sparse:
-                    self._case(shape, name, builders[name], pattern=pattern.name, fraction=fraction, skipped=got)
+                got = achieved_fraction(mask)
+                cases += [_Case(shape, name, builders[name], pattern.name, fraction, got) for name in sparse]
+        self.time_cases(cases)
+
+    def time_cases(self, cases: list[_Case]) -> None:
+        """Build and size every case, time them all in ``config.rounds`` rounds (each in its own shuffled
+        order), then check and report them in the given order.
+
+        A case that fails at any step becomes a failed row with its error and warnings; the others go on.
+        The deadline stops new cases from being built, not the rounds of those already built.
+        """
+        c = self.config
+        for case in cases:
+            if time.monotonic() > self.deadline:
+                case.row = failed_row(case.shape.name, case.method, f"not run: --max-minutes {c.max_minutes} used up",
+                                      pattern=case.pattern, fraction=case.fraction, skipped=case.skipped,
+                                      status="skipped")
+                continue
+            self._attempt(case, lambda case=case: case.start(c))
+        for i in range(c.rounds):
+            self._say(f"   round {i + 1}/{c.rounds}")
+            # A new order every round: under a power cap a kernel runs faster right after a light one (the
+            # clock moved between 1320 and 1980 MHz on an H200 at 700 W), so no case may always follow the same one.
+            for case in random.Random(c.seed * 1000 + i).sample(cases, len(cases)):
+                if case.row is None and i < len(case.rounds):
+                    self._attempt(case, lambda case=case: case.timer.run(case.rounds[i]))
+        for case in cases:
+            if case.row is None:
+                self._attempt(case, lambda case=case: case.after and case.after())
+            if case.row is None:
+                case.row = timed_row(case.shape.name, case.shape.flops, case.method, case.timer.result(),
+                                     pattern=case.pattern, fraction=case.fraction, skipped=case.skipped)
+            case.release()
+            self._report(case)
+
+    def _attempt(self, case: _Case, step: Callable[[], object]) -> None:
+        """Run one step of a case; on an exception the case becomes a failed row (with the warnings seen)."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                step()
+            except Exception as exc:
+                case.row = failed_row(case.shape.name, case.method, _describe(exc, case.warnings + caught),
+                                      pattern=case.pattern, fraction=case.fraction, skipped=case.skipped)
+            finally:
+                if case.fn is not None:
+                    self._note(case.shape.name, getattr(case.fn, "note", ""))
+            case.warnings += caught
+            if case.row is not None:
+                case.release()
+                _release()
 
     # ------------------------------------------------------------------ correctness gate
     def _gate(self, inputs: M.Inputs) -> None:
@@ -138,31 +185,11 @@ class BenchRun:
                                                 f"rel L2 {check.rel_l2:.2e}")
         self._say(f"   check {check.name}:{errs} -> {check.status.upper()} {check.detail}".rstrip())
 
-    # ------------------------------------------------------------------ timing one case
-    def _case(self, shape: Shape, method: str, build: Callable, *, pattern: str | None = None,
-              fraction: float = 0.0, skipped: float = 0.0) -> None:
-        c = self.config
-        where = f"{method}" + (f" {pattern} s={fraction:.2f} (got {skipped:.3f})" if pattern else "")
-        if time.monotonic() > self.deadline:
-            row = failed_row(shape.name, method, f"not run: --max-minutes {c.max_minutes} used up",
-                             pattern=pattern, fraction=fraction, skipped=skipped, status="skipped")
-        else:
-            try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    try:
-                        fn, after = build()
-                        self._note(shape.name, getattr(fn, "note", ""))
-                        timing = time_cuda(fn, budget_ms=c.budget_ms, min_reps=c.min_reps, max_reps=c.max_reps)
-                        if after is not None:
-                            after()
-                    except Exception as exc:
-                        raise _Failure(_describe(exc, caught)) from exc
-                row = timed_row(shape.name, shape.flops, method, timing, pattern=pattern, fraction=fraction,
-                                skipped=skipped)
-            except _Failure as exc:
-                row = failed_row(shape.name, method, str(exc), pattern=pattern, fraction=fraction, skipped=skipped)
-                _release()
+    # ------------------------------------------------------------------ reporting one case
+    def _report(self, case: _Case) -> None:
+        row = case.row
+        where = f"{case.method}" + (f" {case.pattern} s={case.fraction:.2f} (got {case.skipped:.3f})"
+                                    if case.pattern else "")
         self.rows.append(row)
         if row.status == "ok":
             self._say(f"   {where:<44} {row.median_ms:9.3f} ms  p20 {row.p20_ms:.3f}  p80 {row.p80_ms:.3f}  "
@@ -224,8 +251,33 @@ class BenchRun:
         print(f"[{time.monotonic() - self.start:6.1f}s] {text}", flush=True)
 
 
-class _Failure(Exception):
-    """A case failed; the message already holds the error text and any warnings explaining it."""
+@dataclass
+class _Case:
+    """One method (and mask) of a shape, from building its call to its row."""
+
+    shape: Shape
+    method: str
+    build: Callable[[], tuple[Callable[[], object], Callable[[], None] | None]]  # -> (call, check after timing)
+    pattern: str | None = None
+    fraction: float = 0.0
+    skipped: float = 0.0
+    fn: Callable[[], object] | None = None
+    after: Callable[[], None] | None = None
+    timer: CaseTimer | None = None
+    rounds: list[int] = field(default_factory=list)  # runs per round
+    warnings: list = field(default_factory=list)
+    row: Row | None = None
+
+    def start(self, config) -> None:
+        """Build the call, warm it up and size its repetitions."""
+        self.fn, self.after = self.build()
+        self.timer = CaseTimer(self.fn, budget_ms=config.budget_ms, min_reps=config.min_reps,
+                               max_reps=config.max_reps)
+        self.rounds = split_reps(self.timer.reps, config.rounds)
+
+    def release(self) -> None:
+        """Drop the call, its state, mask and timer (a shape's cases are alive together until reported)."""
+        self.build = self.fn = self.after = self.timer = None
 
 
 def _with_detect_check(call, marked):

@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-__all__ = ["L2_FLUSH_BYTES", "Timing", "reps_for_budget", "summarize", "tflops", "time_cuda"]
+__all__ = ["L2_FLUSH_BYTES", "CaseTimer", "Timing", "release_flush_buffers", "reps_for_budget", "split_reps", "summarize", "tflops",
+           "time_cuda"]
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024  # well above any current GPU's L2 (H100: 50 MB)
 
@@ -27,6 +28,7 @@ class Timing:
     p80_ms: float
     reps: int
     host_ms: float | None = None  # host time to issue one timed run (flush, events, the call)
+    round_medians_ms: tuple[float, ...] | None = None  # median of each round's runs, in the order timed
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -77,65 +79,125 @@ def _cycles_per_ms() -> float:
 
 
 MAX_LEAD_MS = 5000.0
+_FLUSH_BUFFERS: dict = {}
 
 
-def time_cuda(fn: Callable[[], object], *, budget_ms: float = 300.0, min_reps: int = 5, max_reps: int = 100,
-              warmup: int = 1, flush_l2: bool = True, host_lead: bool = True) -> Timing:
-    """Time ``fn`` on the current CUDA stream.
+def _flush_buffer():
+    """One L2-flush scratch buffer per device, shared by every timer (a shape's cases are alive together)."""
+    import torch
 
-    ``warmup`` untimed calls absorb compilation and autotuning; one timed call
-    sizes the repetition count and measures the host's time per run; then each
-    run is bracketed by CUDA events (after an L2 flush that is not timed) and
-    all are read after a single synchronisation.
+    device = torch.cuda.current_device()
+    if device not in _FLUSH_BUFFERS:
+        _FLUSH_BUFFERS[device] = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    return _FLUSH_BUFFERS[device]
+
+
+def release_flush_buffers() -> None:
+    """Free the flush buffers (the next timer allocates one again)."""
+    _FLUSH_BUFFERS.clear()
+
+
+def split_reps(reps: int, rounds: int) -> list[int]:
+    """``reps`` runs spread over at most ``rounds`` rounds as evenly as possible (no empty round)."""
+    if reps < 1 or rounds < 1:
+        raise ValueError(f"reps/rounds: expected positive counts, got {reps}, {rounds}")
+    rounds = min(rounds, reps)
+    return [reps // rounds + (1 if i < reps % rounds else 0) for i in range(rounds)]
+
+
+class CaseTimer:
+    """Times one call on the current CUDA stream, in one go or in rounds.
+
+    Construction runs ``warmup`` untimed calls (compilation, autotuning) and
+    one timed call that sizes the repetition count (``reps``: the budget's
+    worth, clamped to ``[min_reps, max_reps]``) and measures the host's time
+    per run. Each :meth:`run` then times a batch: every run bracketed by
+    CUDA events after an L2 flush that is not timed, all read after one
+    synchronisation.
+
+    Why rounds: the GPU's clock drifts while it works (power and temperature
+    limits), by a few percent over the minute a large shape takes. Cases timed
+    one after the other would see different clocks, and the ratios between
+    them would move by as much from run to run; a few rounds over all cases
+    give each case the same mix of clocks.
 
     Why the GPU first sleeps (``host_lead``): a short call (0.4 ms at s = 0.9)
     can take the host nearly as long to issue as the GPU to run, and whenever
     the GPU catches up with the host, an event pair measures Python, not the
     kernel (seen as bimodal timings, KERNEL_NOTES.md v10). So the GPU is held
-    in a spin for 1.5x the host's time to issue all runs, and the host
+    in a spin for 1.5x the host's time to issue the batch, and the host
     enqueues every run before the GPU starts the first; if the spin still
-    ended before the host was done, the runs are repeated with a longer one.
-    The host's time per run is returned beside the GPU times (``host_ms``): a
+    ended before the host was done, the batch is repeated with a longer one.
+    The host's time per run is kept beside the GPU times (``host_ms``): a
     method whose host time exceeds its GPU time would be host-bound in a real
     loop. ``fn`` must not synchronise (the host would wait out the spin).
     """
-    import time
 
-    import torch
+    def __init__(self, fn: Callable[[], object], *, budget_ms: float = 300.0, min_reps: int = 5,
+                 max_reps: int = 100, warmup: int = 1, flush_l2: bool = True, host_lead: bool = True):
+        import torch
 
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    scratch = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda") if flush_l2 else None
-    host_lead = host_lead and hasattr(torch.cuda, "_sleep")
-    cycles_per_ms = _cycles_per_ms() if host_lead else 0.0
+        self.fn = fn
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        self.scratch = _flush_buffer() if flush_l2 else None
+        self.host_lead = host_lead and hasattr(torch.cuda, "_sleep")
+        self.cycles_per_ms = _cycles_per_ms() if self.host_lead else 0.0
+        (estimate,), self.host_ms, _ = self._timed(1, 0.0)
+        self.reps = reps_for_budget(estimate, budget_ms, min_reps, max_reps)
+        self.samples: list[float] = []
+        self.round_medians: list[float] = []
+        self._host_total_ms = 0.0
 
-    def timed(reps: int, lead_ms: float) -> tuple[list[float], float, bool]:
+    def _timed(self, reps: int, lead_ms: float) -> tuple[list[float], float, bool]:
         """GPU ms per run, host ms per run, and whether the lead outlasted the host's enqueueing."""
+        import time
+
+        import torch
+
         new_event = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
         events = [(new_event(), new_event()) for _ in range(reps)]
         lead = (new_event(), new_event()) if lead_ms > 0 else None
         if lead is not None:
             lead[0].record()
-            torch.cuda._sleep(int(min(lead_ms, MAX_LEAD_MS) * cycles_per_ms))
+            torch.cuda._sleep(int(min(lead_ms, MAX_LEAD_MS) * self.cycles_per_ms))
             lead[1].record()
         t0 = time.perf_counter()
         for start, end in events:
-            if scratch is not None:
-                scratch.zero_()
+            if self.scratch is not None:
+                self.scratch.zero_()
             start.record()
-            fn()
+            self.fn()
             end.record()
         host_total_ms = (time.perf_counter() - t0) * 1e3
         torch.cuda.synchronize()
         ahead = lead is None or lead[0].elapsed_time(lead[1]) >= host_total_ms
         return [start.elapsed_time(end) for start, end in events], host_total_ms / reps, ahead
 
-    (estimate,), host_ms, _ = timed(1, 0.0)
-    reps = reps_for_budget(estimate, budget_ms, min_reps, max_reps)
-    lead_ms = 1.5 * host_ms * reps + 1.0 if host_lead else 0.0
-    samples, host_ms, ahead = timed(reps, lead_ms)
-    if not ahead:  # the GPU caught up with the host: once more with a longer lead
-        samples, host_ms, _ = timed(reps, 3.0 * host_ms * reps + 1.0)
-    result = summarize(samples)
-    return Timing(result.median_ms, result.p20_ms, result.p80_ms, result.reps, host_ms)
+    def run(self, reps: int) -> None:
+        """Time a batch of ``reps`` runs and add them to the samples."""
+        if self.host_lead and self.samples:  # the clock may have moved since the last batch (power cap)
+            self.cycles_per_ms = _cycles_per_ms()
+        lead_ms = 1.5 * self.host_ms * reps + 1.0 if self.host_lead else 0.0
+        samples, host_ms, ahead = self._timed(reps, lead_ms)
+        if not ahead:  # the GPU caught up with the host: once more with a longer lead
+            samples, host_ms, _ = self._timed(reps, 3.0 * host_ms * reps + 1.0)
+        self.samples += samples
+        self.round_medians.append(summarize(samples).median_ms)
+        self._host_total_ms += host_ms * reps
+        self.host_ms = self._host_total_ms / len(self.samples)
+
+    def result(self) -> Timing:
+        result = summarize(self.samples)
+        return Timing(result.median_ms, result.p20_ms, result.p80_ms, result.reps, self.host_ms,
+                      tuple(self.round_medians))
+
+
+def time_cuda(fn: Callable[[], object], *, budget_ms: float = 300.0, min_reps: int = 5, max_reps: int = 100,
+              warmup: int = 1, flush_l2: bool = True, host_lead: bool = True) -> Timing:
+    """Time ``fn`` in one batch (:class:`CaseTimer`): warm-up, sizing, then the budget's worth of runs."""
+    timer = CaseTimer(fn, budget_ms=budget_ms, min_reps=min_reps, max_reps=max_reps, warmup=warmup,
+                      flush_l2=flush_l2, host_lead=host_lead)
+    timer.run(timer.reps)
+    return timer.result()

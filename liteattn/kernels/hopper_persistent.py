@@ -47,10 +47,15 @@ from .hopper import (MAX_REGS, _attend_tiles, _compact_chunk, _copy_when_free, _
 # consumers get what the producer's warpgroup gives up, 168 + (168 - producer) / 2. Measured: (40, 232); with
 # the chunked compaction (24, 240) compiles without spills too (not timed yet, KERNEL_NOTES.md v9).
 REGS = (40, 232)
-PINGPONG = True
+# The two consumers take turns issuing their tensor-core work (ping-pong, :func:`liteattn.kernels.hopper._attend_tiles`).
+# None: above head_dim 64 only; True / False force it. At head_dim 64 a tile's products take half as long and the
+# handoff costs more than the overlap saves: on an H200, without it detection cost 1.7-2.3 % less and s = 0.5 ran
+# 1.3 % faster, dense equal (KERNEL_NOTES.md v11).
+PINGPONG: bool | None = None
 PREFETCH = True
-# K/V ring budget beside two Q buffers (bytes).
+# K/V ring budget beside two Q buffers (bytes), and the most stages it is split into.
 SMEM_BUDGET = 220 * 1024
+MAX_STAGES = 4
 # The producer's compaction: 32 list positions per step, one per lane of its single warp.
 ONE_WARP = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))
 # Claim a head's query tiles longest list first (an argsort per call) rather than in index order. Off: with
@@ -287,9 +292,14 @@ def _lite_attention_fwd_sm90_persistent(
 
 
 def stages_for(block_m: int, block_n: int, head_dim: int) -> int:
-    """K/V ring depth beside two Q buffers, capped at 4 (at least 2)."""
+    """K/V ring depth beside two Q buffers, capped at ``MAX_STAGES`` (at least 2)."""
     tile_bytes = block_n * head_dim * 2
-    return max(2, min(4, (SMEM_BUDGET - 2 * block_m * head_dim * 2) // (2 * tile_bytes)))
+    return max(2, min(MAX_STAGES, (SMEM_BUDGET - 2 * block_m * head_dim * 2) // (2 * tile_bytes)))
+
+
+def pingpong_for(head_dim: int) -> bool:
+    """Whether the consumers take turns at this head_dim (``PINGPONG``)."""
+    return head_dim > 64 if PINGPONG is None else PINGPONG
 
 
 @functools.lru_cache(maxsize=None)
@@ -321,7 +331,7 @@ def launch(args, *, dim, seq_k, block_m, block_n, dense, write_state, return_lse
         nheads, group, seq_q, seq_k, qt, kt, n_items, qk_scale, threshold,
         BLOCK_D=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages_for(block_m, block_n, dim),
         DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse, RAGGED_K=seq_k % block_n != 0,
-        USE_ORDER=use_order, PINGPONG=PINGPONG, PREFETCH=PREFETCH, PRODUCER_REGS=REGS[0], CONSUMER_REGS=REGS[1],
+        USE_ORDER=use_order, PINGPONG=pingpong_for(dim), PREFETCH=PREFETCH, PRODUCER_REGS=REGS[0], CONSUMER_REGS=REGS[1],
         num_warps=block_m // 32, maxnreg=MAX_REGS,
     )
 
@@ -337,7 +347,8 @@ def compile_offline(block_n: int = 128, head_dim: int = 128, dense: bool = False
              "o_desc": _descriptor(x, 64)}
     constexprs = dict(BLOCK_D=head_dim, BLOCK_M=128, BLOCK_N=block_n, STAGES=stages_for(128, block_n, head_dim),
                       DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=True, RAGGED_K=True, USE_ORDER=ORDER_BY_WORK and not dense,
-                      PINGPONG=PINGPONG if pingpong is None else pingpong, PREFETCH=PREFETCH)
+                      PINGPONG=pingpong_for(head_dim) if pingpong is None else pingpong,
+                      PREFETCH=PREFETCH)
     constexprs["PRODUCER_REGS"], constexprs["CONSUMER_REGS"] = regs or REGS
     types = {name: mangle_type(desc) for name, desc in descs.items()}
     return compile_sm90a(_lite_attention_fwd_sm90_persistent, constexprs, types)
