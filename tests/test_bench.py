@@ -473,7 +473,7 @@ def _drifting_case(gpu, shape, method, fail_in_round=None, fail_after=False):
 
 @pytest.mark.parametrize("rounds,close", [(1, False), (4, True)])
 def test_interleaved_rounds_give_cases_the_same_clock(tmp_path, monkeypatch, rounds, close):
-    """Two cases of equal work on a GPU that slows down as it runs: timed back to back the second looks
+    """Two cases of equal work on a GPU that slows down as it runs: timed back to back the later one looks
     several percent slower; in rounds (in shuffled order) both see nearly the same clocks."""
     gpu = _FakeGpu(monkeypatch, call_ms=2.0, host_ms=0.0)
     gpu.calls = 0

@@ -116,8 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "at least --min-reps runs are timed whatever the budget")
     parser.add_argument("--min-reps", type=_positive(int), default=None, help="default 10 (with --quick 3)")
     parser.add_argument("--rounds", type=_positive(int), default=5,
-                        help="time a shape's cases in this many interleaved rounds, so that all see the same "
-                             "drift of the GPU's clock, each round in a new order (default 5; 1 = each case's runs in one batch)")
+                        help="time a shape's cases in this many interleaved rounds, each in a new order, so that "
+                             "all see the same drift of the GPU's clock (default 5; 1 = each case's runs in one batch)")
 
 
 def resolve_config(args: argparse.Namespace) -> BenchConfig:

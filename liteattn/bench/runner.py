@@ -97,9 +97,7 @@ class BenchRun:
         c = self.config
         for case in cases:
             if time.monotonic() > self.deadline:
-                case.row = failed_row(case.shape.name, case.method, f"not run: --max-minutes {c.max_minutes} used up",
-                                      pattern=case.pattern, fraction=case.fraction, skipped=case.skipped,
-                                      status="skipped")
+                case.fail(f"not run: --max-minutes {c.max_minutes} used up", status="skipped")
                 continue
             self._attempt(case, lambda case=case: case.start(c))
         for i in range(c.rounds):
@@ -125,8 +123,7 @@ class BenchRun:
             try:
                 step()
             except Exception as exc:
-                case.row = failed_row(case.shape.name, case.method, _describe(exc, case.warnings + caught),
-                                      pattern=case.pattern, fraction=case.fraction, skipped=case.skipped)
+                case.fail(_describe(exc, case.warnings + caught))
             finally:
                 if case.fn is not None:
                     self._note(case.shape.name, getattr(case.fn, "note", ""))
@@ -274,6 +271,10 @@ class _Case:
         self.timer = CaseTimer(self.fn, budget_ms=config.budget_ms, min_reps=config.min_reps,
                                max_reps=config.max_reps)
         self.rounds = split_reps(self.timer.reps, config.rounds)
+
+    def fail(self, error: str, status: str = "failed") -> None:
+        self.row = failed_row(self.shape.name, self.method, error, pattern=self.pattern, fraction=self.fraction,
+                              skipped=self.skipped, status=status)
 
     def release(self) -> None:
         """Drop the call, its state, mask and timer (a shape's cases are alive together until reported)."""

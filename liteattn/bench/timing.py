@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-__all__ = ["L2_FLUSH_BYTES", "CaseTimer", "Timing", "release_flush_buffers", "reps_for_budget", "split_reps", "summarize", "tflops",
-           "time_cuda"]
+__all__ = ["L2_FLUSH_BYTES", "CaseTimer", "Timing", "release_flush_buffers", "reps_for_budget", "split_reps",
+           "summarize", "tflops", "time_cuda"]
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024  # well above any current GPU's L2 (H100: 50 MB)
 

@@ -47,10 +47,10 @@ from .hopper import (MAX_REGS, _attend_tiles, _compact_chunk, _copy_when_free, _
 # consumers get what the producer's warpgroup gives up, 168 + (168 - producer) / 2. Measured: (40, 232); with
 # the chunked compaction (24, 240) compiles without spills too (not timed yet, KERNEL_NOTES.md v9).
 REGS = (40, 232)
-# The two consumers take turns issuing their tensor-core work (ping-pong, :func:`liteattn.kernels.hopper._attend_tiles`).
+# The two consumers take turns issuing their tensor-core work (ping-pong, :func:`.hopper._attend_tiles`).
 # None: above head_dim 64 only; True / False force it. At head_dim 64 a tile's products take half as long and the
-# handoff costs more than the overlap saves: on an H200, without it detection cost 1.7-2.3 % less and s = 0.5 ran
-# 1.3 % faster, dense equal (KERNEL_NOTES.md v11).
+# handoff costs more than the overlap saves: on an H200, without it detection cost 1.5-2.5 % less and sparse calls
+# ran 1-1.6 % faster, dense equal (KERNEL_NOTES.md v11).
 PINGPONG: bool | None = None
 PREFETCH = True
 # K/V ring budget beside two Q buffers (bytes), and the most stages it is split into.
@@ -331,7 +331,8 @@ def launch(args, *, dim, seq_k, block_m, block_n, dense, write_state, return_lse
         nheads, group, seq_q, seq_k, qt, kt, n_items, qk_scale, threshold,
         BLOCK_D=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages_for(block_m, block_n, dim),
         DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse, RAGGED_K=seq_k % block_n != 0,
-        USE_ORDER=use_order, PINGPONG=pingpong_for(dim), PREFETCH=PREFETCH, PRODUCER_REGS=REGS[0], CONSUMER_REGS=REGS[1],
+        USE_ORDER=use_order, PINGPONG=pingpong_for(dim), PREFETCH=PREFETCH,
+        PRODUCER_REGS=REGS[0], CONSUMER_REGS=REGS[1],
         num_warps=block_m // 32, maxnreg=MAX_REGS,
     )
 
