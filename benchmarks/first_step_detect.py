@@ -4,13 +4,14 @@ variant; a cross-check of `liteattn bench`'s detection ratios (KERNEL_NOTES.md, 
 A fresh state with detection on runs the list specialization (full rows are visited in ascending order);
 ``fresh-dense-walk`` launches the kernel's ``DENSE`` specialization on the same state, which was the default
 for a fresh state until v10 measured it slower here.
-Cases are timed in interleaved rounds (``liteattn.bench.timing.time_cuda``: L2 flush, CUDA events, host ahead
-of the GPU), so clock drift hits all alike.
+Cases are timed in interleaved rounds, each in a new seeded order (``liteattn.bench.timing.time_cuda``: L2
+flush, CUDA events, host ahead of the GPU), so clock drift and the power cap hit all alike.
 Run: ``python benchmarks/first_step_detect.py [--variants persist] [--shapes hunyuan,wan14b] [--rounds 3]``.
 """
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 
 import torch
@@ -53,8 +54,10 @@ def main():
         q, k, v = (torch.randn(*SHAPES[shape], device="cuda", dtype=torch.bfloat16) for _ in range(3))
         cases = cases_for(q, k, v)
         times = {(var, case): [] for var in args.variants.split(",") for case in cases}
-        for _ in range(args.rounds):
-            for var, case in times:
+        for r in range(args.rounds):
+            order = list(times)
+            random.Random(r).shuffle(order)  # no case always follows the same one (the power cap, v11)
+            for var, case in order:
                 set_variant(var)
                 times[var, case].append(time_cuda(cases[case], budget_ms=0, min_reps=args.reps,
                                                   max_reps=args.reps).median_ms)

@@ -6,7 +6,8 @@ program per SM), ``words`` / ``stores`` = the Triton kernel with ``FLAG_WORDS`` 
 a ``tiles`` entry replaces the state's (block_m, block_n) per head_dim. Result files of earlier kernel versions
 used other tags (``2:0`` = words with atomics, ``0:0`` = per-row stores), and before v10 ``persist`` claimed
 the longest lists first (now ``persist-bywork``), and before v11 it took turns at every head_dim (now
-``persist-pp``; ``persist`` is the shipped rule, not at head_dim 64). Every
+``persist-pp``; ``persist`` is the shipped rule, not at head_dim 64); ``persist-lr`` reads a full row's list
+as every kernel did before v12. Every
 variant is first checked (output vs cuDNN, written state vs the PyTorch reference on structured inputs),
 then timed in interleaved rounds so that clock drift hits all variants alike.
 Run: ``python benchmarks/kernel_variants.py --out DIR [--shapes wan1.3b,hdim64] [--variants words,stores]``.
@@ -33,14 +34,14 @@ from liteattn.kernels import default_block_sizes
 from liteattn.reference import lite_attention_reference
 
 SHAPES = {"wan1.3b": (1, 32760, 12, 128), "hdim64": (1, 16384, 24, 64), "wan14b": (1, 75600, 40, 128),
-          "hunyuan": (1, 118800, 24, 128)}
+          "hunyuan": (1, 118800, 24, 128), "d128-32k": (1, 32768, 12, 128)}
 
 
 PER_TILE = {"SM90_KERNEL": True, "SM90_PERSISTENT": False, "hopper.PREFETCH": True, "SCHEDULE_BY_WORK": True,
-            "hopper.SMEM_BUDGET": 220 * 1024}
+            "hopper.SMEM_BUDGET": 220 * 1024, "hopper.BY_POSITION": True}
 PERSISTENT = {"SM90_KERNEL": True, "SM90_PERSISTENT": True, "persistent.PREFETCH": True,
               "persistent.REGS": (40, 232), "persistent.ORDER_BY_WORK": False, "persistent.MAX_STAGES": 4,
-              "persistent.PINGPONG": None, "persistent.SMEM_BUDGET": 220 * 1024}
+              "persistent.PINGPONG": None, "persistent.SMEM_BUDGET": 220 * 1024, "persistent.BY_POSITION": True}
 N128 = {"tiles": {64: (128, 128), 128: (128, 128)}}
 VARIANTS = {
     "words": {"FLAG_WORDS": True, "SM90_KERNEL": False},
@@ -57,6 +58,7 @@ VARIANTS = {
     "persist": PERSISTENT,
     "persist-pp": {**PERSISTENT, "persistent.PINGPONG": True},
     "persist-s6": {**PERSISTENT, "persistent.MAX_STAGES": 6},
+    "persist-lr": {**PERSISTENT, "persistent.BY_POSITION": False},
     "persist-nopp": {**PERSISTENT, "persistent.PINGPONG": False},
     "persist-r240": {**PERSISTENT, "persistent.PINGPONG": True, "persistent.REGS": (24, 240)},
     "persist-r240-nopp": {**PERSISTENT, "persistent.PINGPONG": False, "persistent.REGS": (24, 240)},

@@ -28,16 +28,45 @@ ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == 
 needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper (sm90) GPU")
 
 
-def _compile_ptx(module, block_n, head_dim, dense, write_state, pingpong, regs=None) -> str:
-    """PTX of one specialization, compiled in a fresh process: this one runs Triton in interpreter mode."""
+def _compile_ptx(module, block_n, head_dim, dense, write_state, pingpong, regs=None, switches="") -> str:
+    """PTX of one specialization, compiled in a fresh process: this one runs Triton in interpreter mode.
+    ``switches``: Python run on the module (``m``) first, e.g. ``"m.BY_POSITION = False"``."""
     extra = f", regs={regs}" if regs else ""
-    code = (f"import sys; from liteattn.kernels.{module} import compile_offline; "
-            f"k = compile_offline(block_n={block_n}, head_dim={head_dim}, dense={dense}, "
+    code = (f"import sys; import liteattn.kernels.{module} as m; {switches or 'pass'}; "
+            f"k = m.compile_offline(block_n={block_n}, head_dim={head_dim}, dense={dense}, "
             f"write_state={write_state}, pingpong={pingpong}{extra}); sys.stdout.write(k.asm['ptx'])")
     env = dict(os.environ, TRITON_INTERPRET="0")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
+
+
+def _sass(ptx: str) -> str:
+    """SASS of a PTX module (Triton's bundled ptxas and cuobjdump)."""
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "k.ptx"), "w") as f:
+            f.write(ptx)
+        subprocess.run([os.path.join(bin_dir, "ptxas"), "-arch=sm_90a", os.path.join(d, "k.ptx"), "-o",
+                        os.path.join(d, "k.cubin")], check=True, capture_output=True)
+        res = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    return res.stdout
+
+
+def _tile_loops(sass: str) -> list[list[str]]:
+    """The innermost loops (a backward branch with none inside) that issue wgmma: the consumers' tile loops."""
+    code = [(int(a, 16), ins.strip()) for a, ins in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    back = [(int(t, 16), a) for a, ins in code for t in re.findall(r"\bBRA\b.*?0x([0-9a-f]+)", ins)
+            if int(t, 16) <= a]
+    loops = []
+    for lo, hi in back:
+        if any((lo, hi) != other and lo <= other[0] and other[1] <= hi for other in back):
+            continue
+        body = [ins for a, ins in code if lo <= a <= hi]
+        if any("HGMMA" in ins for ins in body):
+            loops.append(body)
+    return loops
 
 
 def _ptxas_report(ptx: str) -> str:
@@ -73,6 +102,23 @@ def test_sm90_kernel_compiles_without_spills(module, regs, block_n, head_dim, de
     producer, consumer = regs
     assert re.search(rf"setmaxnreg\.dec\.sync\.aligned\.u32\s+{producer};", ptx)
     assert re.search(rf"setmaxnreg\.inc\.sync\.aligned\.u32\s+{consumer};", ptx)
+
+
+@pytest.mark.parametrize("module", ["hopper", "hopper_persistent"])
+@pytest.mark.parametrize("by_position", [True, False])
+def test_tile_loop_reads_the_list_only_for_partial_rows(module, by_position):
+    """With ``BY_POSITION`` (the default) a consumer's tile loop loads a list entry for the ragged-tile check
+    only under a predicate (a row that is not full), so detection on full rows waits for no load per tile;
+    without it the same check finds the unconditional load, which shows the check can fail."""
+    ptx = _compile_ptx(module, 128, 128, False, True, None, switches=f"m.BY_POSITION = {by_position}")
+    loops = _tile_loops(_sass(ptx))
+    assert len(loops) == 2, "one tile loop per consumer"
+    for body in loops:
+        loads = [ins for ins in body if "LDG" in ins]
+        assert loads, body  # partial rows still read their list
+        unconditional = [ins for ins in loads if not re.match(r"@!?P[0-6]\b", ins)]  # @PT is unconditional
+        # (A correct kernel could also fail this if ptxas branched around the load instead of predicating it.)
+        assert bool(unconditional) is (not by_position), loads
 
 
 @pytest.mark.parametrize("forced", [None, True, False])

@@ -40,6 +40,8 @@ CONSUMER_REGS = gl.constexpr(240)
 PINGPONG = True
 # Read list entries one tile ahead (producer) and before the barrier waits (consumers' ragged-tile check).
 PREFETCH = True
+# A full row's t-th tile is t: take it without reading the list (:func:`_tile_at`).
+BY_POSITION = True
 # Registers per thread over all warps (consumers + the producer's warpgroup) of one program: one program
 # per SM, so the whole register file (64 K) is split between them.
 MAX_REGS = 168
@@ -54,24 +56,34 @@ def _add(a, b):
 
 
 @gluon.jit
-def _tile_at(idx_ptr, full_row, t, KT):
+def _tile_at(idx_ptr, full_row, t, KT, BY_POSITION: gl.constexpr):
     """The key tile visited ``t``-th: ``t`` on a full row, else the list's entry. ``t`` is clamped to the
-    list's buffer, so reading one entry ahead of the last one stays in bounds."""
-    listed = gl.load(idx_ptr + gl.minimum(t, KT - 1)).to(gl.int32)
-    return gl.where(full_row, t, listed)
+    list's buffer, so reading one entry ahead of the last one stays in bounds.
+
+    With ``BY_POSITION`` a full row's list is not read at all (a uniform branch instead of a load): the
+    consumers' ragged-tile check needs the index before each tile's scores and would otherwise wait for that
+    load every tile (on an H200 detection on full rows cost 0.2-0.4 % less, KERNEL_NOTES.md v12)."""
+    if BY_POSITION:
+        j = gl.to_tensor(t)
+        if not full_row:
+            j = gl.load(idx_ptr + gl.minimum(t, KT - 1)).to(gl.int32)
+    else:
+        listed = gl.load(idx_ptr + gl.minimum(t, KT - 1)).to(gl.int32)
+        j = gl.where(full_row, t, listed)
+    return j
 
 
 @gluon.jit
-def _next_tile(idx_ptr, full_row, t, KT, j_next, PREFETCH: gl.constexpr):
+def _next_tile(idx_ptr, full_row, t, KT, j_next, PREFETCH: gl.constexpr, BY_POSITION: gl.constexpr):
     """The key tile to copy t-th, and the list entry read ahead for t+1.
 
     With ``PREFETCH`` the entry of tile t+1 is read before waiting for tile t's stage, so its latency hides
     behind the wait instead of delaying the copy (the ring is only 2 deep at 128x128 tiles)."""
     if PREFETCH:
         j = j_next
-        j_next = _tile_at(idx_ptr, full_row, t + 1, KT)
+        j_next = _tile_at(idx_ptr, full_row, t + 1, KT, BY_POSITION)
     else:
-        j = _tile_at(idx_ptr, full_row, t, KT)
+        j = _tile_at(idx_ptr, full_row, t, KT, BY_POSITION)
     return j, j_next
 
 
@@ -88,11 +100,11 @@ def _copy_when_free(desc, coord, ready, empty, dst, phase):
 
 @gluon.jit
 def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, idx_ptr, n_active, full_row, KT,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr):
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr, BY_POSITION: gl.constexpr):
     """Issue the K and V copies of every active tile, ``STAGES`` tiles ahead of the consumers at most."""
-    j_next = _tile_at(idx_ptr, full_row, 0, KT)
+    j_next = _tile_at(idx_ptr, full_row, 0, KT, BY_POSITION)
     for t in range(n_active):
-        j, j_next = _next_tile(idx_ptr, full_row, t, KT, j_next, PREFETCH)
+        j, j_next = _next_tile(idx_ptr, full_row, t, KT, j_next, PREFETCH, BY_POSITION)
         stage = t % STAGES
         phase = (t // STAGES) & 1
         _copy_when_free(k_desc, [j * BLOCK_N, 0], k_ready.index(stage), k_empty.index(stage), k_bufs.index(stage),
@@ -154,7 +166,7 @@ def _compact_chunk(c, n_keep, state_off, pid_m, n_active, KV_IDX, NEXT_IDX, Q_PR
 def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, g, idx_ptr, n_active,
                   full_row, flag_words, row_valid, acc, m_i, l_i, qk_scale, threshold, SEQ_K, KT,
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr,
-                  TURN: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr,
+                  TURN: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr, BY_POSITION: gl.constexpr,
                   s_layout: gl.constexpr, o_layout: gl.constexpr):
     """One consumer's rows over a query tile's ``n_active`` (> 0) listed key tiles; returns acc, m, l.
 
@@ -177,7 +189,7 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
         mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
     j = 0
     if RAGGED_K:  # only the ragged-tile check needs the tile's index
-        j = _tile_at(idx_ptr, full_row, 0, KT)
+        j = _tile_at(idx_ptr, full_row, 0, KT, BY_POSITION)
     s = warpgroup_mma_wait(0, deps=(s_tok, ))
     mbarrier.arrive(k_empty.index(stage), count=1)
     p, alpha, m_i, bits = _scores(s, 0, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, threshold, SEQ_K,
@@ -190,7 +202,7 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
         prev = (gt - 1) % STAGES
         j = t
         if RAGGED_K and PREFETCH:  # read tile t's list entry before the waits, not after the scores arrive
-            j = _tile_at(idx_ptr, full_row, t, KT)
+            j = _tile_at(idx_ptr, full_row, t, KT, BY_POSITION)
         if PINGPONG:  # consumer TURN issues its t-th products after the other one issued theirs
             mbarrier.wait(turn_bars.index(TURN), (gt & 1) ^ TURN ^ 1)
         mbarrier.wait(k_ready.index(stage), (gt // STAGES) & 1)
@@ -202,7 +214,7 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
         s = warpgroup_mma_wait(1, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(stage), count=1)
         if RAGGED_K and not PREFETCH:
-            j = _tile_at(idx_ptr, full_row, t, KT)
+            j = _tile_at(idx_ptr, full_row, t, KT, BY_POSITION)
         p, alpha, m_i, bits = _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, threshold,
                                       SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, s_layout)
         l_i = l_i * alpha + gl.sum(p, axis=1)
@@ -234,7 +246,7 @@ def _consumer(row0, q_rows, q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_
               full_row, flag_words, qk_scale, threshold, o_desc, LSE, lse_off, SEQ_Q, SEQ_K, KT,
               ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
               RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
-              TURN: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr):
+              TURN: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr, BY_POSITION: gl.constexpr):
     """``ROWS`` query rows starting at ``row0`` (:func:`_attend_tiles`), then their output and LSE."""
     NUM_WARPS: gl.constexpr = ROWS // 16
     dtype: gl.constexpr = q_rows.dtype
@@ -255,7 +267,7 @@ def _consumer(row0, q_rows, q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_
         acc, m_i, l_i = _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, 0,
                                       idx_ptr, n_active, full_row, flag_words, row_valid, acc, m_i, l_i, qk_scale,
                                       threshold, SEQ_K, KT, BLOCK_N, STAGES, RAGGED_K, WRITE_STATE, TURN, PINGPONG,
-                                      PREFETCH, s_layout, o_layout)
+                                      PREFETCH, BY_POSITION, s_layout, o_layout)
 
     # Epilogue: stage through this consumer's rows of Q's shared memory (no longer read) and store with TMA,
     # which clips the rows past SEQ_Q.
@@ -281,7 +293,7 @@ def _lite_attention_fwd_sm90(
     BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     DENSE: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
     RAGGED_K: gl.constexpr, BLOCK_C: gl.constexpr, USE_ORDER: gl.constexpr,
-    PINGPONG: gl.constexpr, PREFETCH: gl.constexpr,
+    PINGPONG: gl.constexpr, PREFETCH: gl.constexpr, BY_POSITION: gl.constexpr,
 ):
     dtype: gl.constexpr = Q.dtype.element_ty
     ROWS: gl.constexpr = BLOCK_M // 2  # two consumer partitions (one warpgroup each) share a query tile
@@ -346,13 +358,13 @@ def _lite_attention_fwd_sm90(
         (_consumer, (row0, q_smem.slice(0, ROWS), q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
                      turn_bars, idx_ptr, n_active, full_row, flag_words, qk_scale, threshold, o_desc, LSE,
                      lse_off, SEQ_Q, SEQ_K, KT, ROWS, BLOCK_N, BLOCK_D, STAGES, RAGGED_K, WRITE_STATE,
-                     RETURN_LSE, 0, PINGPONG, PREFETCH)),
+                     RETURN_LSE, 0, PINGPONG, PREFETCH, BY_POSITION)),
         (_consumer, (row0 + ROWS, q_smem.slice(ROWS, ROWS), q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty,
                      v_empty, turn_bars, idx_ptr, n_active, full_row, flag_words, qk_scale, threshold, o_desc, LSE,
                      lse_off, SEQ_Q, SEQ_K, KT, ROWS, BLOCK_N, BLOCK_D, STAGES, RAGGED_K, WRITE_STATE,
-                     RETURN_LSE, 1, PINGPONG, PREFETCH)),
+                     RETURN_LSE, 1, PINGPONG, PREFETCH, BY_POSITION)),
         (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, idx_ptr, n_active,
-                     full_row, KT, BLOCK_N, STAGES, PREFETCH)),
+                     full_row, KT, BLOCK_N, STAGES, PREFETCH, BY_POSITION)),
     ], [NUM_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
     if WRITE_STATE:
         # Compact the survivors in visiting order into the next list (after every consumer's atomics).
@@ -398,7 +410,7 @@ def launch(grid, args, *, dim, seq_k, block_m, block_n, dense, write_state, retu
         BLOCK_D=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages_for(block_m, block_n, dim),
         DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse,
         RAGGED_K=seq_k % block_n != 0, BLOCK_C=32 * warps, USE_ORDER=use_order,
-        PINGPONG=PINGPONG, PREFETCH=PREFETCH, num_warps=warps, maxnreg=MAX_REGS,
+        PINGPONG=PINGPONG, PREFETCH=PREFETCH, BY_POSITION=BY_POSITION, num_warps=warps, maxnreg=MAX_REGS,
     )
 
 
@@ -411,7 +423,8 @@ def compile_offline(block_n: int = 128, head_dim: int = 128, dense: bool = False
     """
     constexprs = dict(BLOCK_D=head_dim, BLOCK_M=128, BLOCK_N=block_n, STAGES=stages_for(128, block_n, head_dim),
                       DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=True, RAGGED_K=True, BLOCK_C=128,
-                      USE_ORDER=not dense, PINGPONG=PINGPONG if pingpong is None else pingpong, PREFETCH=PREFETCH)
+                      USE_ORDER=not dense, PINGPONG=PINGPONG if pingpong is None else pingpong, PREFETCH=PREFETCH,
+                      BY_POSITION=BY_POSITION)
     fn = _lite_attention_fwd_sm90
     types = {name: "*" + dtype for name in ("Q", "K", "V", "O")}
     return compile_sm90a(fn, constexprs, types, aligned={n for n in fn.arg_names if n.startswith("stride")})

@@ -53,6 +53,7 @@ REGS = (40, 232)
 # ran 1-1.6 % faster, dense equal (KERNEL_NOTES.md v11).
 PINGPONG: bool | None = None
 PREFETCH = True
+BY_POSITION = True  # see hopper.BY_POSITION
 # K/V ring budget beside two Q buffers (bytes), and the most stages it is split into.
 SMEM_BUDGET = 220 * 1024
 MAX_STAGES = 4
@@ -110,7 +111,8 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, 
               k_empty, v_empty, flags_bars, COUNTER, ORDER, KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, FLAGS, NW,
               H, GROUP, QT, KT, n_items,
               ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
-              DENSE: gl.constexpr, WRITE_STATE: gl.constexpr, USE_ORDER: gl.constexpr, PREFETCH: gl.constexpr):
+              DENSE: gl.constexpr, WRITE_STATE: gl.constexpr, USE_ORDER: gl.constexpr, PREFETCH: gl.constexpr,
+              BY_POSITION: gl.constexpr):
     """Q of each item (two buffers), then its K/V tiles into the ring; then the previous item's compaction."""
     id_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     g = 0  # tiles issued so far by this program: ring position and phase
@@ -136,9 +138,9 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, 
         _, _, _, _, prev_m, prev_off, prev_n = _item(prev_w, ORDER, KV_COUNT, H, GROUP, QT, KT, DENSE, USE_ORDER)
         n_keep = gl.to_tensor(0)
         c = gl.to_tensor(0)
-        j_next = _tile_at(idx_ptr, full_row, 0, KT)
+        j_next = _tile_at(idx_ptr, full_row, 0, KT, BY_POSITION)
         for t in range(n_active):
-            j, j_next = _next_tile(idx_ptr, full_row, t, KT, j_next, PREFETCH)
+            j, j_next = _next_tile(idx_ptr, full_row, t, KT, j_next, PREFETCH, BY_POSITION)
             stage = g % STAGES
             phase = (g // STAGES) & 1
             _copy_when_free(k_desc, [b, hk, j * BLOCK_N, 0], k_ready.index(stage), k_empty.index(stage),
@@ -181,7 +183,8 @@ def _consumer(o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_read
               qk_scale, threshold,
               ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
               DENSE: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
-              USE_ORDER: gl.constexpr, TURN: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr):
+              USE_ORDER: gl.constexpr, TURN: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr,
+              BY_POSITION: gl.constexpr):
     """Rows ``TURN * ROWS`` to ``(TURN + 1) * ROWS`` of every item's query tile
     (:func:`liteattn.kernels.hopper._attend_tiles`, ring and turn phases counted over the whole program), then
     their output and LSE."""
@@ -215,7 +218,7 @@ def _consumer(o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_read
             acc, m_i, l_i = _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, g,
                                           idx_ptr, n_active, full_row, flag_words, row_valid, acc, m_i, l_i,
                                           qk_scale, threshold, SEQ_K, KT, BLOCK_N, STAGES, RAGGED_K, WRITE_STATE,
-                                          TURN, PINGPONG, PREFETCH, s_layout, o_layout)
+                                          TURN, PINGPONG, PREFETCH, BY_POSITION, s_layout, o_layout)
         if WRITE_STATE:  # this consumer's detection atomics for the item are issued
             mbarrier.arrive(flags_bars.index(i % 2), count=1)
 
@@ -243,6 +246,7 @@ def _lite_attention_fwd_sm90_persistent(
     BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     DENSE: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
     RAGGED_K: gl.constexpr, USE_ORDER: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr,
+    BY_POSITION: gl.constexpr,
     PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     dtype: gl.constexpr = q_desc.dtype
@@ -279,15 +283,15 @@ def _lite_attention_fwd_sm90_persistent(
         (_consumer, (o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
                      turn_bars, flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, H, GROUP, SEQ_Q, SEQ_K, QT,
                      KT, n_items, qk_scale, threshold, ROWS, BLOCK_N, BLOCK_D, STAGES, DENSE, RAGGED_K,
-                     WRITE_STATE, RETURN_LSE, USE_ORDER, 0, PINGPONG, PREFETCH)),
+                     WRITE_STATE, RETURN_LSE, USE_ORDER, 0, PINGPONG, PREFETCH, BY_POSITION)),
         (_consumer, (o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
                      turn_bars, flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, H, GROUP, SEQ_Q, SEQ_K, QT,
                      KT, n_items, qk_scale, threshold, ROWS, BLOCK_N, BLOCK_D, STAGES, DENSE, RAGGED_K,
-                     WRITE_STATE, RETURN_LSE, USE_ORDER, 1, PINGPONG, PREFETCH)),
+                     WRITE_STATE, RETURN_LSE, USE_ORDER, 1, PINGPONG, PREFETCH, BY_POSITION)),
         (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, item_ids, k_ready, v_ready,
                      k_empty, v_empty, flags_bars, COUNTER, ORDER, KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT,
                      K_PROT, FLAGS, NW, H, GROUP, QT, KT, n_items, ROWS, BLOCK_N, BLOCK_D, STAGES, DENSE, WRITE_STATE,
-                     USE_ORDER, PREFETCH)),
+                     USE_ORDER, PREFETCH, BY_POSITION)),
     ], [NUM_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -331,7 +335,7 @@ def launch(args, *, dim, seq_k, block_m, block_n, dense, write_state, return_lse
         nheads, group, seq_q, seq_k, qt, kt, n_items, qk_scale, threshold,
         BLOCK_D=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages_for(block_m, block_n, dim),
         DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse, RAGGED_K=seq_k % block_n != 0,
-        USE_ORDER=use_order, PINGPONG=pingpong_for(dim), PREFETCH=PREFETCH,
+        USE_ORDER=use_order, PINGPONG=pingpong_for(dim), PREFETCH=PREFETCH, BY_POSITION=BY_POSITION,
         PRODUCER_REGS=REGS[0], CONSUMER_REGS=REGS[1],
         num_warps=block_m // 32, maxnreg=MAX_REGS,
     )
@@ -349,7 +353,7 @@ def compile_offline(block_n: int = 128, head_dim: int = 128, dense: bool = False
     constexprs = dict(BLOCK_D=head_dim, BLOCK_M=128, BLOCK_N=block_n, STAGES=stages_for(128, block_n, head_dim),
                       DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=True, RAGGED_K=True, USE_ORDER=ORDER_BY_WORK and not dense,
                       PINGPONG=pingpong_for(head_dim) if pingpong is None else pingpong,
-                      PREFETCH=PREFETCH)
+                      PREFETCH=PREFETCH, BY_POSITION=BY_POSITION)
     constexprs["PRODUCER_REGS"], constexprs["CONSUMER_REGS"] = regs or REGS
     types = {name: mangle_type(desc) for name, desc in descs.items()}
     return compile_sm90a(_lite_attention_fwd_sm90_persistent, constexprs, types)

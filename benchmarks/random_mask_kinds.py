@@ -1,0 +1,79 @@
+"""Two kinds of random tile mask at the same skipped fraction: does the per-row count matter?
+
+``exact``: every query tile keeps the same number of random key tiles (``liteattn bench``'s ``random`` pattern,
+:func:`liteattn.bench.masks.random_mask`). ``iid``: every tile is kept independently with probability 1 - s (and
+key tile 0 always), so per-row counts vary (at s = 0.5 and the HunyuanVideo shape: 465 +- 15 of 929), as in
+``kernel_variants.py``. The total work is the same; only the lengths of the work items differ. Cases are timed
+in interleaved rounds, each in a new seeded order, with both timers (``time_cuda``: L2 flush, CUDA events,
+host ahead; ``triton.testing.do_bench``), against liteattn's dense time (KERNEL_NOTES.md, v12). The states use
+128x128 tiles (the default at head_dim 64 and 128) and run with ``threshold=-inf`` (nothing marked), as the
+bench's ``liteattn-sparse`` does.
+Run: ``python benchmarks/random_mask_kinds.py [--shape 1,118800,24,128] [--rounds 5]``.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+
+import torch
+import triton.testing
+
+from liteattn import SkipState, lite_attention
+from liteattn.bench.masks import random_mask
+from liteattn.bench.timing import time_cuda
+
+
+def sparse_cases(q, k, v, fractions):
+    """(call, achieved skipped fraction) per kind and fraction; prints each state's per-row counts."""
+    b, s, h, _ = q.shape
+    qt = kt = -(-s // 128)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cases = {}
+    for f in fractions:
+        exact = random_mask((b, h, qt, kt), f, generator=gen, device="cuda")
+        iid = torch.rand(b, h, qt, kt, device="cuda") >= f
+        iid[..., 0] = True
+        for name, mask in (("exact", exact), ("iid", iid)):
+            state = SkipState.from_dense(mask, s, s, 128, 128)
+            counts = state.kv_num_blocks.float()
+            print(name, f, "skipped", round(state.sparsity(), 4), "count mean/std/min/max", counts.mean().item(),
+                  counts.std().item(), counts.min().item(), counts.max().item(), flush=True)
+            cases[f"{name}{f}"] = (lambda st=state: lite_attention(q, k, v, st, threshold=float("-inf")),
+                                   state.sparsity())
+    return cases
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="1,118800,24,128", help="B,S,H,D")
+    p.add_argument("--fractions", default="0.5,0.9")
+    p.add_argument("--rounds", type=int, default=5, help="time_cuda rounds (do_bench: the first 3)")
+    args = p.parse_args()
+    b, s, h, d = (int(x) for x in args.shape.split(","))
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cases = {"dense": (lambda: lite_attention(q, k, v, enabled=False), 0.0)}
+    cases.update(sparse_cases(q, k, v, [float(f) for f in args.fractions.split(",")]))
+    for fn, _ in cases.values():
+        fn()
+    torch.cuda.synchronize()
+    timed = {"time_cuda": {n: [] for n in cases}, "do_bench": {n: [] for n in cases}}
+    for r in range(args.rounds):
+        order = list(cases)
+        random.Random(r).shuffle(order)
+        for n in order:
+            fn = cases[n][0]
+            timed["time_cuda"][n].append(time_cuda(fn, budget_ms=0, min_reps=3, max_reps=3).median_ms)
+            if r < 3:
+                timed["do_bench"][n].append(triton.testing.do_bench(fn, warmup=10, rep=150))
+    for label, t in timed.items():
+        med = {n: statistics.median(x) for n, x in t.items()}
+        print(label, {n: round(m, 1) for n, m in med.items()})
+        print(label, "ratio to linear ideal",
+              {n: round(med[n] / ((1 - cases[n][1]) * med["dense"]), 3) for n in med if n != "dense"})
+        print(label, "rounds", {n: [round(x, 1) for x in xs] for n, xs in t.items()})
+
+
+if __name__ == "__main__":
+    main()
