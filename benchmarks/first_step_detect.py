@@ -3,7 +3,8 @@ variant; a cross-check of `liteattn bench`'s detection ratios (KERNEL_NOTES.md, 
 
 A fresh state with detection on runs the list specialization (full rows are visited in ascending order);
 ``fresh-dense-walk`` launches the kernel's ``DENSE`` specialization on the same state, which was the default
-for a fresh state until v10 measured it slower here.
+for a fresh state until v10 measured it slower here. ``cudnn`` (torch SDPA, cuDNN backend, timed in the same
+rounds) gives the dense target's ratio with the bench's timer.
 Cases are timed in interleaved rounds, each in a new seeded order (``liteattn.bench.timing.time_cuda``: L2
 flush, CUDA events, host ahead of the GPU), so clock drift and the power cap hit all alike.
 Run: ``python benchmarks/first_step_detect.py [--variants persist] [--shapes hunyuan,wan14b] [--rounds 3]``.
@@ -16,7 +17,8 @@ import statistics
 
 import torch
 
-from kernel_variants import SHAPES, set_variant  # same folder: the script's directory is on sys.path
+from kernel_dev import sdpa  # same folder: the script's directory is on sys.path
+from kernel_variants import SHAPES, set_variant
 from liteattn import SkipState, lite_attention
 from liteattn.bench.timing import time_cuda
 from liteattn.kernels.forward import lite_attention_fwd
@@ -36,7 +38,8 @@ def cases_for(q, k, v):
                                   full.kv_indices, counts, indices, protect, protect, q.shape[-1] ** -0.5, -1e4,
                                   128, 128, dense=True, write_state=True, return_lse=False)
 
-    return {"dense": lambda: lite_attention(q, k, v, enabled=False),
+    return {"cudnn": lambda: sdpa(q, k, v),
+            "dense": lambda: lite_attention(q, k, v, enabled=False),
             "fresh": lambda: lite_attention(q, k, v, full, threshold=-1e4),
             "fresh-dense-walk": fresh_dense_walk,
             "list": lambda: lite_attention(q, k, v, listed, threshold=-1e4)}
@@ -65,6 +68,7 @@ def main():
             med = {case: statistics.median(times[var, case]) for case in cases}
             ratios = {case: round(med[case] / med["dense"], 4) for case in cases}
             print(shape, var, {c: round(t, 2) for c, t in med.items()}, "ms; / dense:", ratios,
+                  "dense / cudnn:", round(med["dense"] / med["cudnn"], 4),
                   "rounds:", {c: [round(x, 1) for x in times[var, c]] for c in cases}, flush=True)
         del q, k, v, cases
         torch.cuda.empty_cache()
