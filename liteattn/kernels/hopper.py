@@ -62,7 +62,7 @@ def _tile_at(idx_ptr, full_row, t, KT, BY_POSITION: gl.constexpr):
 
     With ``BY_POSITION`` a full row's list is not read at all (a uniform branch instead of a load): the
     consumers' ragged-tile check needs the index before each tile's scores and would otherwise wait for that
-    load every tile (on an H200 detection on full rows cost 0.2-0.4 % less, KERNEL_NOTES.md v12)."""
+    load every tile (on an H200 full-row calls ran 0-1 % faster, KERNEL_NOTES.md v12)."""
     if BY_POSITION:
         j = gl.to_tensor(t)
         if not full_row:
