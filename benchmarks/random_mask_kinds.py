@@ -2,12 +2,12 @@
 
 ``exact``: every query tile keeps the same number of random key tiles (``liteattn bench``'s ``random`` pattern,
 :func:`liteattn.bench.masks.random_mask`). ``iid``: every tile is kept independently with probability 1 - s (and
-key tile 0 always), so per-row counts vary (at s = 0.5 and the HunyuanVideo shape: 465 +- 15 of 929), as in
-``kernel_variants.py``. The total work is the same; only the lengths of the work items differ. Cases are timed
-in interleaved rounds, each in a new seeded order, with both timers (``time_cuda``: L2 flush, CUDA events,
-host ahead; ``triton.testing.do_bench``), against liteattn's dense time (KERNEL_NOTES.md, v12). The states use
-128x128 tiles (the default at head_dim 64 and 128) and run with ``threshold=-inf`` (nothing marked), as the
-bench's ``liteattn-sparse`` does.
+key tile 0 always), so per-row counts vary (at s = 0.5 and the HunyuanVideo shape: 465 +- 15 of 929): the
+states of ``kernel_variants.py`` (its ``random_state``). The total work is the same; only the lengths of the
+work items differ. Cases are timed in interleaved rounds, each in a new seeded order, with both timers
+(``time_cuda``: L2 flush, CUDA events, host ahead; ``triton.testing.do_bench``), against liteattn's dense time
+(KERNEL_NOTES.md, v12). The states use 128x128 tiles (the default at head_dim 64 and 128) and run with
+``threshold=-inf`` (nothing marked), as the bench's ``liteattn-sparse`` does.
 Run: ``python benchmarks/random_mask_kinds.py [--shape 1,118800,24,128] [--rounds 5]``.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import statistics
 import torch
 import triton.testing
 
+from kernel_variants import random_state  # same folder: the script's directory is on sys.path
 from liteattn import SkipState, lite_attention
 from liteattn.bench.masks import random_mask
 from liteattn.bench.timing import time_cuda
@@ -31,11 +32,8 @@ def sparse_cases(q, k, v, fractions):
     gen = torch.Generator(device="cuda").manual_seed(0)
     cases = {}
     for f in fractions:
-        exact = random_mask((b, h, qt, kt), f, generator=gen, device="cuda")
-        iid = torch.rand(b, h, qt, kt, device="cuda") >= f
-        iid[..., 0] = True
-        for name, mask in (("exact", exact), ("iid", iid)):
-            state = SkipState.from_dense(mask, s, s, 128, 128)
+        exact = SkipState.from_dense(random_mask((b, h, qt, kt), f, generator=gen, device="cuda"), s, s, 128, 128)
+        for name, state in (("exact", exact), ("iid", random_state(b, h, s, 128, 128, f))):
             counts = state.kv_num_blocks.float()
             print(name, f, "skipped", round(state.sparsity(), 4), "count mean/std/min/max", counts.mean().item(),
                   counts.std().item(), counts.min().item(), counts.max().item(), flush=True)

@@ -102,14 +102,14 @@ def _compact_item(w, i, flags_bars, ORDER, KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_ID
     """Compact this program's ``i``-th item (work index ``w``) once both consumers' atomics are issued."""
     _, _, _, _, pid_m, state_off, n_active = _item(w, ORDER, KV_COUNT, H, GROUP, QT, KT, DENSE, USE_ORDER)
     mbarrier.wait(flags_bars.index(i % 2), (i // 2) & 1)
-    _compact_rest(0, gl.to_tensor(0), state_off, pid_m, n_active, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, FLAGS, NW, KT,
-                  DENSE)
+    _compact_rest(0, gl.to_tensor(0), state_off, pid_m, n_active, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, FLAGS,
+                  NW, KT, DENSE)
 
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, item_ids, k_ready, v_ready,
-              k_empty, v_empty, flags_bars, COUNTER, ORDER, KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, FLAGS, NW,
-              H, GROUP, QT, KT, n_items,
+              k_empty, v_empty, flags_bars, COUNTER, ORDER, KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT,
+              FLAGS, NW, H, GROUP, QT, KT, n_items,
               ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
               DENSE: gl.constexpr, WRITE_STATE: gl.constexpr, USE_ORDER: gl.constexpr, PREFETCH: gl.constexpr,
               BY_POSITION: gl.constexpr):
@@ -351,7 +351,8 @@ def compile_offline(block_n: int = 128, head_dim: int = 128, dense: bool = False
     descs = {"q_desc": _descriptor(x, 64), "k_desc": _descriptor(x, block_n), "v_desc": _descriptor(x, block_n),
              "o_desc": _descriptor(x, 64)}
     constexprs = dict(BLOCK_D=head_dim, BLOCK_M=128, BLOCK_N=block_n, STAGES=stages_for(128, block_n, head_dim),
-                      DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=True, RAGGED_K=True, USE_ORDER=ORDER_BY_WORK and not dense,
+                      DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=True, RAGGED_K=True,
+                      USE_ORDER=ORDER_BY_WORK and not dense,
                       PINGPONG=pingpong_for(head_dim) if pingpong is None else pingpong,
                       PREFETCH=PREFETCH, BY_POSITION=BY_POSITION)
     constexprs["PRODUCER_REGS"], constexprs["CONSUMER_REGS"] = regs or REGS
