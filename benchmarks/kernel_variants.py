@@ -7,9 +7,11 @@ a ``tiles`` entry replaces the state's (block_m, block_n) per head_dim. Result f
 used other tags (``2:0`` = words with atomics, ``0:0`` = per-row stores), and before v10 ``persist`` claimed
 the longest lists first (now ``persist-bywork``), and before v11 it took turns at every head_dim (now
 ``persist-pp``; ``persist`` is the shipped rule, not at head_dim 64); ``persist-lr`` reads a full row's list
-as every kernel did before v12. Every
+as every kernel did before v12; ``persist-chainmax`` / ``persist-treemax`` fold row maxima as one chain
+(every kernel before v13) / as a tree in every specialization (``persist``: the dense walk at head_dim 64). Every
 variant is first checked (output vs cuDNN, written state vs the PyTorch reference on structured inputs),
-then timed in interleaved rounds so that clock drift hits all variants alike.
+then timed in interleaved rounds, each in a new seeded order, so that clock drift hits all variants alike (before
+v13 the order was fixed).
 Run: ``python benchmarks/kernel_variants.py --out DIR [--shapes wan1.3b,hdim64] [--variants words,stores]``.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import random
 import statistics
 import time
 
@@ -38,10 +41,12 @@ SHAPES = {"wan1.3b": (1, 32760, 12, 128), "hdim64": (1, 16384, 24, 64), "wan14b"
 
 
 PER_TILE = {"SM90_KERNEL": True, "SM90_PERSISTENT": False, "hopper.PREFETCH": True, "SCHEDULE_BY_WORK": True,
-            "hopper.SMEM_BUDGET": 220 * 1024, "hopper.BY_POSITION": True}
+            "hopper.SMEM_BUDGET": 220 * 1024, "hopper.BY_POSITION": True,
+            "hopper.TREE_MAX": None}
 PERSISTENT = {"SM90_KERNEL": True, "SM90_PERSISTENT": True, "persistent.PREFETCH": True,
               "persistent.REGS": (40, 232), "persistent.ORDER_BY_WORK": False, "persistent.MAX_STAGES": 4,
-              "persistent.PINGPONG": None, "persistent.SMEM_BUDGET": 220 * 1024, "persistent.BY_POSITION": True}
+              "persistent.PINGPONG": None, "persistent.SMEM_BUDGET": 220 * 1024, "persistent.BY_POSITION": True,
+              "persistent.TREE_MAX": None}
 N128 = {"tiles": {64: (128, 128), 128: (128, 128)}}
 VARIANTS = {
     "words": {"FLAG_WORDS": True, "SM90_KERNEL": False},
@@ -59,6 +64,8 @@ VARIANTS = {
     "persist-pp": {**PERSISTENT, "persistent.PINGPONG": True},
     "persist-s6": {**PERSISTENT, "persistent.MAX_STAGES": 6},
     "persist-lr": {**PERSISTENT, "persistent.BY_POSITION": False},
+    "persist-chainmax": {**PERSISTENT, "persistent.TREE_MAX": False},
+    "persist-treemax": {**PERSISTENT, "persistent.TREE_MAX": True},
     "persist-nopp": {**PERSISTENT, "persistent.PINGPONG": False},
     "persist-r240": {**PERSISTENT, "persistent.PINGPONG": True, "persistent.REGS": (24, 240)},
     "persist-r240-nopp": {**PERSISTENT, "persistent.PINGPONG": False, "persistent.REGS": (24, 240)},
@@ -149,13 +156,16 @@ def time_shape(name, variants, rounds, rep):
         for fn in cases[variant].values():
             fn()
     torch.cuda.synchronize()
+    # Each round in a new seeded order: under the power cap a call's speed depends on what ran before it.
+    order = [("cudnn", None, lambda: sdpa(q, k, v))]
+    order += [(f"{c}@{variant}", variant, fn) for variant in variants for c, fn in cases[variant].items()]
+    rng = random.Random(0)
     for _ in range(rounds):
-        times["cudnn"].append(triton.testing.do_bench(lambda: sdpa(q, k, v), warmup=10, rep=rep))
-        for variant in variants:
-            set_variant(variant)
-            for c, fn in cases[variant].items():
-                times[f"{c}@{variant}"].append(
-                    triton.testing.do_bench(fn, warmup=10, rep=rep))
+        rng.shuffle(order)
+        for key, variant, fn in order:
+            if variant is not None:
+                set_variant(variant)
+            times[key].append(triton.testing.do_bench(fn, warmup=10, rep=rep))
     med = {key: statistics.median(v) for key, v in times.items()}
     flops = 4 * b * h * s * s * d
     res = {"shape": name, "dims": (b, s, h, d), "ms": med, "rounds": times,

@@ -121,9 +121,41 @@ def test_tile_loop_reads_the_list_only_for_partial_rows(module, by_position):
         assert bool(unconditional) is (not by_position), loads
 
 
+def _longest_fmnmx_chain(body: list[str]) -> int:
+    """Longest run of FMNMX in a tile loop's SASS where each reads the one before (register dataflow in
+    program order; any other instruction writing a register ends the chain through it)."""
+    depth, longest = {}, 0
+    for ins in body:
+        op, _, operands = re.sub(r"^@!?U?P\w+\s+", "", ins).partition(" ")
+        regs = re.findall(r"\bR\d+\b", operands)
+        if not regs:
+            continue
+        if op.startswith("FMNMX"):
+            depth[regs[0]] = 1 + max((depth.get(r, 0) for r in regs[1:]), default=0)
+            longest = max(longest, depth[regs[0]])
+        else:
+            depth[regs[0]] = 0
+    return longest
+
+
+@pytest.mark.parametrize("module", ["hopper", "hopper_persistent"])
+@pytest.mark.parametrize("tree_max", [True, False])
+def test_row_max_is_folded_as_a_tree(module, tree_max):
+    """With ``TREE_MAX`` a consumer's row maximum is a short dependency chain: each thread's 32 columns of a
+    row take 16 + 8 independent FMNMX and then a chain of 7, plus one FMNMX after each of the two shuffles
+    across the row's four lanes (11 deep); the plain reduction is 31 + 2 deep, and the check fails on it."""
+    ptx = _compile_ptx(module, 128, 64, True, False, None, switches=f"m.TREE_MAX = {tree_max}")
+    loops = _tile_loops(_sass(ptx))
+    assert len(loops) == 2, "one tile loop per consumer"
+    for body in loops:
+        chain = _longest_fmnmx_chain(body)
+        assert (chain <= 12) if tree_max else (chain >= 31), chain
+
+
 @pytest.mark.parametrize("forced", [None, True, False])
 def test_persistent_launch_takes_turns_above_head_dim_64(forced, monkeypatch):
-    """The persistent launch passes ``pingpong_for(head_dim)`` and the ring depth the shared memory allows
+    """The persistent launch passes ``pingpong_for(head_dim)``, ``tree_max_for(head_dim)`` and the ring depth
+    the shared memory allows
     (checked on the CPU: the kernel is replaced by a recorder)."""
     seen = {}
 
@@ -135,6 +167,7 @@ def test_persistent_launch_takes_turns_above_head_dim_64(forced, monkeypatch):
     monkeypatch.setattr(persistent, "_sm_count", lambda index: 132)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(persistent, "PINGPONG", forced)
+    monkeypatch.setattr(persistent, "TREE_MAX", forced)
     for head_dim in (64, 128):
         q = torch.randn(1, 2, 256, head_dim).bfloat16()
         small = torch.zeros(4, dtype=torch.int32)
@@ -143,6 +176,10 @@ def test_persistent_launch_takes_turns_above_head_dim_64(forced, monkeypatch):
         persistent.launch(args, dim=head_dim, seq_k=256, block_m=128, block_n=128, dense=False, write_state=True,
                           return_lse=False, use_order=False)
         assert seen["PINGPONG"] is (head_dim > 64 if forced is None else forced)
+        assert seen["TREE_MAX"] is (False if forced is None else forced)  # a list walk (dense=False)
+        persistent.launch(args, dim=head_dim, seq_k=256, block_m=128, block_n=128, dense=True, write_state=False,
+                          return_lse=False, use_order=False)
+        assert seen["TREE_MAX"] is (head_dim == 64 if forced is None else forced)  # the dense walk
         assert seen["STAGES"] == (4 if head_dim == 64 else 2)
         assert seen["grid"] == (4,)  # 1 batch x 2 heads x 2 query tiles, fewer than the SMs
 
@@ -195,10 +232,14 @@ def test_sm90_kernel_matches_reference(block, pingpong, monkeypatch, gluon_launc
 
 
 @needs_hopper
+@pytest.mark.parametrize("tree_max", [True, False])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_sm90_kernel_long_lists(head_dim, gluon_launches, gen, local_qkv, shuffled_state, check):
+def test_sm90_kernel_long_lists(head_dim, tree_max, monkeypatch, gluon_launches, gen, local_qkv, shuffled_state,
+                                check):
     """More than 128 key tiles per query tile in bf16: several 32-tile detection words per row, a compaction
-    over more than one 128-position chunk, full rows next to partial ones."""
+    over more than one 128-position chunk, full rows next to partial ones; row maxima folded either way."""
+    monkeypatch.setattr(hopper, "TREE_MAX", tree_max)
+    monkeypatch.setattr(persistent, "TREE_MAX", tree_max)
     launches = gluon_launches
     sq, sk, bm, bn = 260, 8300, 128, 64
     q, k, v = (x.bfloat16() for x in local_qkv(1, sq, 2, 1, head_dim, seq_len_k=sk, generator=gen))

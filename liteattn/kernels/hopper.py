@@ -42,6 +42,10 @@ PINGPONG = True
 PREFETCH = True
 # A full row's t-th tile is t: take it without reading the list (:func:`_tile_at`).
 BY_POSITION = True
+# Fold each row's maximum as a tree (:func:`_row_max`). None: in the dense walk at head_dim 64 only; True / False
+# force it. On an H200 the dense walk ran 1.7-2.4 % faster with it at head_dim 64 and 4-6 % slower at head_dim 128,
+# and list walks at head_dim 64 ran 8-10 % slower (KERNEL_NOTES.md v13).
+TREE_MAX: bool | None = None
 # Registers per thread over all warps (consumers + the producer's warpgroup) of one program: one program
 # per SM, so the whole register file (64 K) is split between them.
 MAX_REGS = 168
@@ -114,15 +118,33 @@ def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty
 
 
 @gluon.jit
+def _row_max(s, s_layout: gl.constexpr):
+    """Row maxima of a score tile, each thread's columns folded as a tree rather than as one chain.
+
+    Why: the softmax cannot start its exp2s before the max, and Triton folds a thread's 32 columns per row as a
+    chain of 31 dependent FMNMX (about 4 cycles each); halving the columns twice first (16 + 8 independent
+    FMNMX) leaves a chain of 7, for the same instruction count."""
+    ROWS: gl.constexpr = s.shape[0]
+    N: gl.constexpr = s.shape[1]
+    x = gl.max(gl.reshape(s, [ROWS, 2, N // 2]), axis=1)
+    x = gl.max(gl.reshape(x, [ROWS, 2, N // 4]), axis=1)
+    return gl.convert_layout(gl.max(x, axis=1), gl.SliceLayout(1, s_layout), assert_trivial=True)
+
+
+@gluon.jit
 def _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, threshold, SEQ_K, KT,
-            BLOCK_N: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, s_layout: gl.constexpr):
+            BLOCK_N: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, TREE_MAX: gl.constexpr,
+            s_layout: gl.constexpr):
     """Online-softmax step on one raw score tile (the ``t``-th visited, key tile ``j``): mask, detection bits,
     new max, P in fp32, row scale."""
     if RAGGED_K:
         if j == KT - 1:  # only the last key tile has columns past SEQ_K
             cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             s = gl.where(gl.expand_dims(cols < SEQ_K, 0), s, float("-inf"))
-    tile_max = gl.max(s, axis=1) * qk_scale
+    if TREE_MAX:
+        tile_max = _row_max(s, s_layout) * qk_scale
+    else:
+        tile_max = gl.max(s, axis=1) * qk_scale
     if WRITE_STATE:
         # Per row, bit (t % 32) says "this tile is not negligible for me"; merged across rows in memory
         # once per 32 tiles (KERNEL_NOTES.md, v5).
@@ -167,7 +189,7 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
                   full_row, flag_words, row_valid, acc, m_i, l_i, qk_scale, threshold, SEQ_K, KT,
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr,
                   TURN: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr, BY_POSITION: gl.constexpr,
-                  s_layout: gl.constexpr, o_layout: gl.constexpr):
+                  TREE_MAX: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
     """One consumer's rows over a query tile's ``n_active`` (> 0) listed key tiles; returns acc, m, l.
 
     Q·Kᵀ of tile t is issued before the softmax of tile t runs behind P·V of tile t-1 (FA3's
@@ -193,7 +215,7 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
     s = warpgroup_mma_wait(0, deps=(s_tok, ))
     mbarrier.arrive(k_empty.index(stage), count=1)
     p, alpha, m_i, bits = _scores(s, 0, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, threshold, SEQ_K,
-                                  KT, BLOCK_N, RAGGED_K, WRITE_STATE, s_layout)
+                                  KT, BLOCK_N, RAGGED_K, WRITE_STATE, TREE_MAX, s_layout)
     l_i = gl.sum(p, axis=1)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     for t in range(1, n_active):
@@ -216,7 +238,7 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
         if RAGGED_K and not PREFETCH:
             j = _tile_at(idx_ptr, full_row, t, KT, BY_POSITION)
         p, alpha, m_i, bits = _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, threshold,
-                                      SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, s_layout)
+                                      SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, TREE_MAX, s_layout)
         l_i = l_i * alpha + gl.sum(p, axis=1)
         acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
         mbarrier.arrive(v_empty.index(prev), count=1)
@@ -246,7 +268,8 @@ def _consumer(row0, q_rows, q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_
               full_row, flag_words, qk_scale, threshold, o_desc, LSE, lse_off, SEQ_Q, SEQ_K, KT,
               ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
               RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
-              TURN: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr, BY_POSITION: gl.constexpr):
+              TURN: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr, BY_POSITION: gl.constexpr,
+              TREE_MAX: gl.constexpr):
     """``ROWS`` query rows starting at ``row0`` (:func:`_attend_tiles`), then their output and LSE."""
     NUM_WARPS: gl.constexpr = ROWS // 16
     dtype: gl.constexpr = q_rows.dtype
@@ -267,7 +290,7 @@ def _consumer(row0, q_rows, q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_
         acc, m_i, l_i = _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, 0,
                                       idx_ptr, n_active, full_row, flag_words, row_valid, acc, m_i, l_i, qk_scale,
                                       threshold, SEQ_K, KT, BLOCK_N, STAGES, RAGGED_K, WRITE_STATE, TURN, PINGPONG,
-                                      PREFETCH, BY_POSITION, s_layout, o_layout)
+                                      PREFETCH, BY_POSITION, TREE_MAX, s_layout, o_layout)
 
     # Epilogue: stage through this consumer's rows of Q's shared memory (no longer read) and store with TMA,
     # which clips the rows past SEQ_Q.
@@ -293,7 +316,7 @@ def _lite_attention_fwd_sm90(
     BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     DENSE: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
     RAGGED_K: gl.constexpr, BLOCK_C: gl.constexpr, USE_ORDER: gl.constexpr,
-    PINGPONG: gl.constexpr, PREFETCH: gl.constexpr, BY_POSITION: gl.constexpr,
+    PINGPONG: gl.constexpr, PREFETCH: gl.constexpr, BY_POSITION: gl.constexpr, TREE_MAX: gl.constexpr,
 ):
     dtype: gl.constexpr = Q.dtype.element_ty
     ROWS: gl.constexpr = BLOCK_M // 2  # two consumer partitions (one warpgroup each) share a query tile
@@ -358,11 +381,11 @@ def _lite_attention_fwd_sm90(
         (_consumer, (row0, q_smem.slice(0, ROWS), q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
                      turn_bars, idx_ptr, n_active, full_row, flag_words, qk_scale, threshold, o_desc, LSE,
                      lse_off, SEQ_Q, SEQ_K, KT, ROWS, BLOCK_N, BLOCK_D, STAGES, RAGGED_K, WRITE_STATE,
-                     RETURN_LSE, 0, PINGPONG, PREFETCH, BY_POSITION)),
+                     RETURN_LSE, 0, PINGPONG, PREFETCH, BY_POSITION, TREE_MAX)),
         (_consumer, (row0 + ROWS, q_smem.slice(ROWS, ROWS), q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty,
                      v_empty, turn_bars, idx_ptr, n_active, full_row, flag_words, qk_scale, threshold, o_desc, LSE,
                      lse_off, SEQ_Q, SEQ_K, KT, ROWS, BLOCK_N, BLOCK_D, STAGES, RAGGED_K, WRITE_STATE,
-                     RETURN_LSE, 1, PINGPONG, PREFETCH, BY_POSITION)),
+                     RETURN_LSE, 1, PINGPONG, PREFETCH, BY_POSITION, TREE_MAX)),
         (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, idx_ptr, n_active,
                      full_row, KT, BLOCK_N, STAGES, PREFETCH, BY_POSITION)),
     ], [NUM_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -375,6 +398,11 @@ def _lite_attention_fwd_sm90(
             n_keep = _compact_chunk(c, n_keep, state_off, pid_m, n_active, KV_IDX, NEXT_IDX, Q_PROT, K_PROT, FLAGS,
                                     NW, KT, DENSE, BLOCK_C, c_layout)
         gl.store(NEXT_COUNT + state_off, n_keep)
+
+
+def tree_max_for(head_dim: int, dense: bool) -> bool:
+    """Whether row maxima are folded as a tree in this specialization (:data:`TREE_MAX`)."""
+    return (head_dim <= 64 and dense) if TREE_MAX is None else TREE_MAX
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int) -> bool:
@@ -410,7 +438,8 @@ def launch(grid, args, *, dim, seq_k, block_m, block_n, dense, write_state, retu
         BLOCK_D=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages_for(block_m, block_n, dim),
         DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse,
         RAGGED_K=seq_k % block_n != 0, BLOCK_C=32 * warps, USE_ORDER=use_order,
-        PINGPONG=PINGPONG, PREFETCH=PREFETCH, BY_POSITION=BY_POSITION, num_warps=warps, maxnreg=MAX_REGS,
+        PINGPONG=PINGPONG, PREFETCH=PREFETCH, BY_POSITION=BY_POSITION, TREE_MAX=tree_max_for(dim, dense),
+        num_warps=warps, maxnreg=MAX_REGS,
     )
 
 
@@ -424,7 +453,7 @@ def compile_offline(block_n: int = 128, head_dim: int = 128, dense: bool = False
     constexprs = dict(BLOCK_D=head_dim, BLOCK_M=128, BLOCK_N=block_n, STAGES=stages_for(128, block_n, head_dim),
                       DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=True, RAGGED_K=True, BLOCK_C=128,
                       USE_ORDER=not dense, PINGPONG=PINGPONG if pingpong is None else pingpong, PREFETCH=PREFETCH,
-                      BY_POSITION=BY_POSITION)
+                      BY_POSITION=BY_POSITION, TREE_MAX=tree_max_for(head_dim, dense))
     fn = _lite_attention_fwd_sm90
     types = {name: "*" + dtype for name in ("Q", "K", "V", "O")}
     return compile_sm90a(fn, constexprs, types, aligned={n for n in fn.arg_names if n.startswith("stride")})

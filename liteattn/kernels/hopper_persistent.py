@@ -54,6 +54,7 @@ REGS = (40, 232)
 PINGPONG: bool | None = None
 PREFETCH = True
 BY_POSITION = True  # see hopper.BY_POSITION
+TREE_MAX: bool | None = None  # see hopper.TREE_MAX
 # K/V ring budget beside two Q buffers (bytes), and the most stages it is split into.
 SMEM_BUDGET = 220 * 1024
 MAX_STAGES = 4
@@ -184,7 +185,7 @@ def _consumer(o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_read
               ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
               DENSE: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
               USE_ORDER: gl.constexpr, TURN: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr,
-              BY_POSITION: gl.constexpr):
+              BY_POSITION: gl.constexpr, TREE_MAX: gl.constexpr):
     """Rows ``TURN * ROWS`` to ``(TURN + 1) * ROWS`` of every item's query tile
     (:func:`liteattn.kernels.hopper._attend_tiles`, ring and turn phases counted over the whole program), then
     their output and LSE."""
@@ -218,7 +219,7 @@ def _consumer(o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_read
             acc, m_i, l_i = _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, g,
                                           idx_ptr, n_active, full_row, flag_words, row_valid, acc, m_i, l_i,
                                           qk_scale, threshold, SEQ_K, KT, BLOCK_N, STAGES, RAGGED_K, WRITE_STATE,
-                                          TURN, PINGPONG, PREFETCH, BY_POSITION, s_layout, o_layout)
+                                          TURN, PINGPONG, PREFETCH, BY_POSITION, TREE_MAX, s_layout, o_layout)
         if WRITE_STATE:  # this consumer's detection atomics for the item are issued
             mbarrier.arrive(flags_bars.index(i % 2), count=1)
 
@@ -246,7 +247,7 @@ def _lite_attention_fwd_sm90_persistent(
     BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     DENSE: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
     RAGGED_K: gl.constexpr, USE_ORDER: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr,
-    BY_POSITION: gl.constexpr,
+    BY_POSITION: gl.constexpr, TREE_MAX: gl.constexpr,
     PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     dtype: gl.constexpr = q_desc.dtype
@@ -283,11 +284,11 @@ def _lite_attention_fwd_sm90_persistent(
         (_consumer, (o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
                      turn_bars, flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, H, GROUP, SEQ_Q, SEQ_K, QT,
                      KT, n_items, qk_scale, threshold, ROWS, BLOCK_N, BLOCK_D, STAGES, DENSE, RAGGED_K,
-                     WRITE_STATE, RETURN_LSE, USE_ORDER, 0, PINGPONG, PREFETCH, BY_POSITION)),
+                     WRITE_STATE, RETURN_LSE, USE_ORDER, 0, PINGPONG, PREFETCH, BY_POSITION, TREE_MAX)),
         (_consumer, (o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
                      turn_bars, flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, H, GROUP, SEQ_Q, SEQ_K, QT,
                      KT, n_items, qk_scale, threshold, ROWS, BLOCK_N, BLOCK_D, STAGES, DENSE, RAGGED_K,
-                     WRITE_STATE, RETURN_LSE, USE_ORDER, 1, PINGPONG, PREFETCH, BY_POSITION)),
+                     WRITE_STATE, RETURN_LSE, USE_ORDER, 1, PINGPONG, PREFETCH, BY_POSITION, TREE_MAX)),
         (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, item_ids, k_ready, v_ready,
                      k_empty, v_empty, flags_bars, COUNTER, ORDER, KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT,
                      K_PROT, FLAGS, NW, H, GROUP, QT, KT, n_items, ROWS, BLOCK_N, BLOCK_D, STAGES, DENSE, WRITE_STATE,
@@ -299,6 +300,11 @@ def stages_for(block_m: int, block_n: int, head_dim: int) -> int:
     """K/V ring depth beside two Q buffers, capped at ``MAX_STAGES`` (at least 2)."""
     tile_bytes = block_n * head_dim * 2
     return max(2, min(MAX_STAGES, (SMEM_BUDGET - 2 * block_m * head_dim * 2) // (2 * tile_bytes)))
+
+
+def tree_max_for(head_dim: int, dense: bool) -> bool:
+    """Whether row maxima are folded as a tree in this specialization (``TREE_MAX``, as :data:`.hopper.TREE_MAX`)."""
+    return (head_dim <= 64 and dense) if TREE_MAX is None else TREE_MAX
 
 
 def pingpong_for(head_dim: int) -> bool:
@@ -336,13 +342,15 @@ def launch(args, *, dim, seq_k, block_m, block_n, dense, write_state, return_lse
         BLOCK_D=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages_for(block_m, block_n, dim),
         DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse, RAGGED_K=seq_k % block_n != 0,
         USE_ORDER=use_order, PINGPONG=pingpong_for(dim), PREFETCH=PREFETCH, BY_POSITION=BY_POSITION,
+        TREE_MAX=tree_max_for(dim, dense),
         PRODUCER_REGS=REGS[0], CONSUMER_REGS=REGS[1],
         num_warps=block_m // 32, maxnreg=MAX_REGS,
     )
 
 
 def compile_offline(block_n: int = 128, head_dim: int = 128, dense: bool = False, write_state: bool = True,
-                    pingpong: bool | None = None, dtype: str = "bf16", regs: tuple[int, int] | None = None):
+                    pingpong: bool | None = None, dtype: str = "bf16", regs: tuple[int, int] | None = None,
+                    ragged: bool = True):
     """Compile one specialization for sm90a without a GPU (see :func:`liteattn.kernels.hopper.compile_offline`)."""
     from triton.runtime.jit import mangle_type
 
@@ -351,10 +359,10 @@ def compile_offline(block_n: int = 128, head_dim: int = 128, dense: bool = False
     descs = {"q_desc": _descriptor(x, 64), "k_desc": _descriptor(x, block_n), "v_desc": _descriptor(x, block_n),
              "o_desc": _descriptor(x, 64)}
     constexprs = dict(BLOCK_D=head_dim, BLOCK_M=128, BLOCK_N=block_n, STAGES=stages_for(128, block_n, head_dim),
-                      DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=True, RAGGED_K=True,
+                      DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=True, RAGGED_K=ragged,
                       USE_ORDER=ORDER_BY_WORK and not dense,
                       PINGPONG=pingpong_for(head_dim) if pingpong is None else pingpong,
-                      PREFETCH=PREFETCH, BY_POSITION=BY_POSITION)
+                      PREFETCH=PREFETCH, BY_POSITION=BY_POSITION, TREE_MAX=tree_max_for(head_dim, dense))
     constexprs["PRODUCER_REGS"], constexprs["CONSUMER_REGS"] = regs or REGS
     types = {name: mangle_type(desc) for name, desc in descs.items()}
     return compile_sm90a(_lite_attention_fwd_sm90_persistent, constexprs, types)
