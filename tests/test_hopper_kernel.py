@@ -90,6 +90,7 @@ def _ptxas_report(ptx: str) -> str:
     (64, 128, False, True, True),
     (128, 64, False, True, None),  # head_dim 64 with each module's own turn-taking rule
     (128, 64, False, True, True),  # head_dim 64 with turns forced (PINGPONG = True)
+    (128, 64, True, False, None),  # the dense walk at head_dim 64: row maxima as a tree (TREE_MAX rule)
 ])
 def test_sm90_kernel_compiles_without_spills(module, regs, block_n, head_dim, dense, write_state, pingpong):
     ptx = _compile_ptx(module, block_n, head_dim, dense, write_state, pingpong,
@@ -149,13 +150,13 @@ def test_row_max_is_folded_as_a_tree(module, tree_max):
     assert len(loops) == 2, "one tile loop per consumer"
     for body in loops:
         chain = _longest_fmnmx_chain(body)
-        assert (chain <= 12) if tree_max else (chain >= 31), chain
+        assert (7 <= chain <= 12) if tree_max else (chain >= 31), chain
 
 
 @pytest.mark.parametrize("forced", [None, True, False])
 def test_persistent_launch_takes_turns_above_head_dim_64(forced, monkeypatch):
-    """The persistent launch passes ``pingpong_for(head_dim)``, ``tree_max_for(head_dim)`` and the ring depth
-    the shared memory allows
+    """The persistent launch passes ``pingpong_for(head_dim)``, ``tree_max_for(head_dim, dense)`` and the ring
+    depth the shared memory allows
     (checked on the CPU: the kernel is replaced by a recorder)."""
     seen = {}
 
@@ -182,6 +183,25 @@ def test_persistent_launch_takes_turns_above_head_dim_64(forced, monkeypatch):
         assert seen["TREE_MAX"] is (head_dim == 64 if forced is None else forced)  # the dense walk
         assert seen["STAGES"] == (4 if head_dim == 64 else 2)
         assert seen["grid"] == (4,)  # 1 batch x 2 heads x 2 query tiles, fewer than the SMs
+
+
+@pytest.mark.parametrize("forced", [None, True, False])
+def test_per_tile_launch_folds_row_maxima_by_the_rule(forced, monkeypatch):
+    """The per-tile launch passes ``tree_max_for(head_dim, dense)`` too: by default a tree in the dense walk at
+    head_dim 64 only (checked on the CPU: the kernel is replaced by a recorder)."""
+    seen = {}
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.update(kwargs)
+
+    monkeypatch.setattr(hopper, "_lite_attention_fwd_sm90", Recorder())
+    monkeypatch.setattr(hopper, "TREE_MAX", forced)
+    for head_dim in (64, 128):
+        for dense in (True, False):
+            hopper.launch((1, 1), (), dim=head_dim, seq_k=256, block_m=128, block_n=128, dense=dense,
+                          write_state=not dense, return_lse=False, use_order=False)
+            assert seen["TREE_MAX"] is ((head_dim == 64 and dense) if forced is None else forced)
 
 
 @pytest.fixture(params=["per-tile", "persistent", "persistent-5-programs", "persistent-5-programs-by-work"])

@@ -44,7 +44,7 @@ PREFETCH = True
 BY_POSITION = True
 # Fold each row's maximum as a tree (:func:`_row_max`). None: in the dense walk at head_dim 64 only; True / False
 # force it. On an H200 the dense walk ran 1.7-2.4 % faster with it at head_dim 64 and 4-6 % slower at head_dim 128,
-# and list walks at head_dim 64 ran 8-10 % slower (KERNEL_NOTES.md v13).
+# and list walks at head_dim 64 ran 4.5-10 % slower (KERNEL_NOTES.md v13).
 TREE_MAX: bool | None = None
 # Registers per thread over all warps (consumers + the producer's warpgroup) of one program: one program
 # per SM, so the whole register file (64 K) is split between them.
@@ -121,9 +121,9 @@ def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty
 def _row_max(s, s_layout: gl.constexpr):
     """Row maxima of a score tile, each thread's columns folded as a tree rather than as one chain.
 
-    Why: the softmax cannot start its exp2s before the max, and Triton folds a thread's 32 columns per row as a
-    chain of 31 dependent FMNMX (about 4 cycles each); halving the columns twice first (16 + 8 independent
-    FMNMX) leaves a chain of 7, for the same instruction count."""
+    Why: the softmax cannot start its exp2s before the max, and Triton folds a thread's columns of a row (32 at
+    128-wide tiles) as one chain of dependent FMNMX (31 deep); halving the columns twice first (16 + 8
+    independent FMNMX) leaves a chain of 7, for the same instruction count (at 64-wide tiles: 8 + 4, then 3)."""
     ROWS: gl.constexpr = s.shape[0]
     N: gl.constexpr = s.shape[1]
     x = gl.max(gl.reshape(s, [ROWS, 2, N // 2]), axis=1)

@@ -351,7 +351,10 @@ def launch(args, *, dim, seq_k, block_m, block_n, dense, write_state, return_lse
 def compile_offline(block_n: int = 128, head_dim: int = 128, dense: bool = False, write_state: bool = True,
                     pingpong: bool | None = None, dtype: str = "bf16", regs: tuple[int, int] | None = None,
                     ragged: bool = True):
-    """Compile one specialization for sm90a without a GPU (see :func:`liteattn.kernels.hopper.compile_offline`)."""
+    """Compile one specialization for sm90a without a GPU (see :func:`liteattn.kernels.hopper.compile_offline`).
+
+    ``ragged``: a key length that is not a multiple of ``block_n`` (the last tile's column mask is compiled in);
+    False gives the specialization of, e.g., the head_dim-64 bench shape (16384 keys)."""
     from triton.runtime.jit import mangle_type
 
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
