@@ -153,18 +153,25 @@ def test_row_max_is_folded_as_a_tree(module, tree_max):
         assert (7 <= chain <= 12) if tree_max else (chain >= 31), chain
 
 
-@pytest.mark.parametrize("forced", [None, True, False])
-def test_persistent_launch_takes_turns_above_head_dim_64(forced, monkeypatch):
-    """The persistent launch passes ``pingpong_for(head_dim)``, ``tree_max_for(head_dim, dense)`` and the ring
-    depth the shared memory allows
-    (checked on the CPU: the kernel is replaced by a recorder)."""
+def _record_launches(monkeypatch, module, kernel_name) -> dict:
+    """Replace a module's Gluon kernel by a recorder: the returned dict holds the last launch's keyword
+    arguments (the constexprs) and its ``grid``."""
     seen = {}
 
     class Recorder:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: seen.update(kwargs, grid=grid)
 
-    monkeypatch.setattr(persistent, "_lite_attention_fwd_sm90_persistent", Recorder())
+    monkeypatch.setattr(module, kernel_name, Recorder())
+    return seen
+
+
+@pytest.mark.parametrize("forced", [None, True, False])
+def test_persistent_launch_takes_turns_above_head_dim_64(forced, monkeypatch):
+    """The persistent launch passes ``pingpong_for(head_dim)``, ``tree_max_for(head_dim, dense)`` and the ring
+    depth the shared memory allows
+    (checked on the CPU: the kernel is replaced by a recorder)."""
+    seen = _record_launches(monkeypatch, persistent, "_lite_attention_fwd_sm90_persistent")
     monkeypatch.setattr(persistent, "_sm_count", lambda index: 132)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(persistent, "PINGPONG", forced)
@@ -189,13 +196,7 @@ def test_persistent_launch_takes_turns_above_head_dim_64(forced, monkeypatch):
 def test_per_tile_launch_folds_row_maxima_by_the_rule(forced, monkeypatch):
     """The per-tile launch passes ``tree_max_for(head_dim, dense)`` too: by default a tree in the dense walk at
     head_dim 64 only (checked on the CPU: the kernel is replaced by a recorder)."""
-    seen = {}
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: seen.update(kwargs)
-
-    monkeypatch.setattr(hopper, "_lite_attention_fwd_sm90", Recorder())
+    seen = _record_launches(monkeypatch, hopper, "_lite_attention_fwd_sm90")
     monkeypatch.setattr(hopper, "TREE_MAX", forced)
     for head_dim in (64, 128):
         for dense in (True, False):

@@ -118,12 +118,14 @@ def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty
 
 
 @gluon.jit
-def _row_max(s, s_layout: gl.constexpr):
-    """Row maxima of a score tile, each thread's columns folded as a tree rather than as one chain.
+def _row_max(s, TREE: gl.constexpr, s_layout: gl.constexpr):
+    """Row maxima of a score tile; with ``TREE`` each thread's columns are folded as a tree, not as one chain.
 
     Why: the softmax cannot start its exp2s before the max, and Triton folds a thread's columns of a row (32 at
     128-wide tiles) as one chain of dependent FMNMX (31 deep); halving the columns twice first (16 + 8
     independent FMNMX) leaves a chain of 7, for the same instruction count (at 64-wide tiles: 8 + 4, then 3)."""
+    if not TREE:
+        return gl.max(s, axis=1)
     ROWS: gl.constexpr = s.shape[0]
     N: gl.constexpr = s.shape[1]
     x = gl.max(gl.reshape(s, [ROWS, 2, N // 2]), axis=1)
@@ -141,10 +143,7 @@ def _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, thres
         if j == KT - 1:  # only the last key tile has columns past SEQ_K
             cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             s = gl.where(gl.expand_dims(cols < SEQ_K, 0), s, float("-inf"))
-    if TREE_MAX:
-        tile_max = _row_max(s, s_layout) * qk_scale
-    else:
-        tile_max = gl.max(s, axis=1) * qk_scale
+    tile_max = _row_max(s, TREE_MAX, s_layout) * qk_scale
     if WRITE_STATE:
         # Per row, bit (t % 32) says "this tile is not negligible for me"; merged across rows in memory
         # once per 32 tiles (KERNEL_NOTES.md, v5).
@@ -400,9 +399,10 @@ def _lite_attention_fwd_sm90(
         gl.store(NEXT_COUNT + state_off, n_keep)
 
 
-def tree_max_for(head_dim: int, dense: bool) -> bool:
-    """Whether row maxima are folded as a tree in this specialization (:data:`TREE_MAX`)."""
-    return (head_dim <= 64 and dense) if TREE_MAX is None else TREE_MAX
+def tree_max_for(head_dim: int, dense: bool, forced: bool | None) -> bool:
+    """Whether row maxima are folded as a tree in this specialization: ``forced`` (a module's ``TREE_MAX``) if
+    set, else in the dense walk at head_dim 64 (:data:`TREE_MAX`)."""
+    return (head_dim <= 64 and dense) if forced is None else forced
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int) -> bool:
@@ -438,7 +438,8 @@ def launch(grid, args, *, dim, seq_k, block_m, block_n, dense, write_state, retu
         BLOCK_D=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages_for(block_m, block_n, dim),
         DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse,
         RAGGED_K=seq_k % block_n != 0, BLOCK_C=32 * warps, USE_ORDER=use_order,
-        PINGPONG=PINGPONG, PREFETCH=PREFETCH, BY_POSITION=BY_POSITION, TREE_MAX=tree_max_for(dim, dense),
+        PINGPONG=PINGPONG, PREFETCH=PREFETCH, BY_POSITION=BY_POSITION,
+        TREE_MAX=tree_max_for(dim, dense, TREE_MAX),
         num_warps=warps, maxnreg=MAX_REGS,
     )
 
@@ -453,7 +454,7 @@ def compile_offline(block_n: int = 128, head_dim: int = 128, dense: bool = False
     constexprs = dict(BLOCK_D=head_dim, BLOCK_M=128, BLOCK_N=block_n, STAGES=stages_for(128, block_n, head_dim),
                       DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=True, RAGGED_K=True, BLOCK_C=128,
                       USE_ORDER=not dense, PINGPONG=PINGPONG if pingpong is None else pingpong, PREFETCH=PREFETCH,
-                      BY_POSITION=BY_POSITION, TREE_MAX=tree_max_for(head_dim, dense))
+                      BY_POSITION=BY_POSITION, TREE_MAX=tree_max_for(head_dim, dense, TREE_MAX))
     fn = _lite_attention_fwd_sm90
     types = {name: "*" + dtype for name in ("Q", "K", "V", "O")}
     return compile_sm90a(fn, constexprs, types, aligned={n for n in fn.arg_names if n.startswith("stride")})

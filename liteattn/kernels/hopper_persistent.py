@@ -41,7 +41,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .hopper import (MAX_REGS, _attend_tiles, _compact_chunk, _copy_when_free, _next_tile, _normalize,
-                     _tile_at, compile_sm90a)
+                     _tile_at, compile_sm90a, tree_max_for)
 
 # setmaxnreg (producer, consumer) registers per thread: the producer also compacts the finished items; the
 # consumers get what the producer's warpgroup gives up, 168 + (168 - producer) / 2. Measured: (40, 232); with
@@ -302,11 +302,6 @@ def stages_for(block_m: int, block_n: int, head_dim: int) -> int:
     return max(2, min(MAX_STAGES, (SMEM_BUDGET - 2 * block_m * head_dim * 2) // (2 * tile_bytes)))
 
 
-def tree_max_for(head_dim: int, dense: bool) -> bool:
-    """Whether row maxima are folded as a tree in this specialization (``TREE_MAX``, as :data:`.hopper.TREE_MAX`)."""
-    return (head_dim <= 64 and dense) if TREE_MAX is None else TREE_MAX
-
-
 def pingpong_for(head_dim: int) -> bool:
     """Whether the consumers take turns at this head_dim (``PINGPONG``)."""
     return head_dim > 64 if PINGPONG is None else PINGPONG
@@ -342,7 +337,7 @@ def launch(args, *, dim, seq_k, block_m, block_n, dense, write_state, return_lse
         BLOCK_D=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages_for(block_m, block_n, dim),
         DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse, RAGGED_K=seq_k % block_n != 0,
         USE_ORDER=use_order, PINGPONG=pingpong_for(dim), PREFETCH=PREFETCH, BY_POSITION=BY_POSITION,
-        TREE_MAX=tree_max_for(dim, dense),
+        TREE_MAX=tree_max_for(dim, dense, TREE_MAX),
         PRODUCER_REGS=REGS[0], CONSUMER_REGS=REGS[1],
         num_warps=block_m // 32, maxnreg=MAX_REGS,
     )
@@ -365,7 +360,7 @@ def compile_offline(block_n: int = 128, head_dim: int = 128, dense: bool = False
                       DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=True, RAGGED_K=ragged,
                       USE_ORDER=ORDER_BY_WORK and not dense,
                       PINGPONG=pingpong_for(head_dim) if pingpong is None else pingpong,
-                      PREFETCH=PREFETCH, BY_POSITION=BY_POSITION, TREE_MAX=tree_max_for(head_dim, dense))
+                      PREFETCH=PREFETCH, BY_POSITION=BY_POSITION, TREE_MAX=tree_max_for(head_dim, dense, TREE_MAX))
     constexprs["PRODUCER_REGS"], constexprs["CONSUMER_REGS"] = regs or REGS
     types = {name: mangle_type(desc) for name, desc in descs.items()}
     return compile_sm90a(_lite_attention_fwd_sm90_persistent, constexprs, types)
