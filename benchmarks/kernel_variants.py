@@ -8,7 +8,9 @@ used other tags (``2:0`` = words with atomics, ``0:0`` = per-row stores), and be
 the longest lists first (now ``persist-bywork``), and before v11 it took turns at every head_dim (now
 ``persist-pp``; ``persist`` is the shipped rule, not at head_dim 64); ``persist-lr`` reads a full row's list
 as every kernel did before v12; ``persist-chainmax`` / ``persist-treemax`` fold row maxima as one chain
-(every kernel before v13) / as a tree in every specialization (``persist``: the dense walk at head_dim 64). Every
+(every kernel before v13) / as a tree in every specialization (``persist``: the dense walk at head_dim 64);
+``persist-index`` / ``persist-sorted`` claim a head's query tiles in index order (every shape from v10 to v13) /
+longest list first at every shape (``persist``: where a head's K/V exceed half the L2, since v14). Every
 variant is first checked (output vs cuDNN, written state vs the PyTorch reference on structured inputs),
 then timed in interleaved rounds, each in a new seeded order, so that clock drift hits all variants alike (before
 v13 the order was fixed).
@@ -44,7 +46,7 @@ PER_TILE = {"SM90_KERNEL": True, "SM90_PERSISTENT": False, "hopper.PREFETCH": Tr
             "hopper.SMEM_BUDGET": 220 * 1024, "hopper.BY_POSITION": True,
             "hopper.TREE_MAX": None}
 PERSISTENT = {"SM90_KERNEL": True, "SM90_PERSISTENT": True, "persistent.PREFETCH": True,
-              "persistent.REGS": (40, 232), "persistent.ORDER_BY_WORK": False, "persistent.MAX_STAGES": 4,
+              "persistent.REGS": (40, 232), "persistent.ORDER_BY_WORK": None, "persistent.MAX_STAGES": 4,
               "persistent.PINGPONG": None, "persistent.SMEM_BUDGET": 220 * 1024, "persistent.BY_POSITION": True,
               "persistent.TREE_MAX": None}
 N128 = {"tiles": {64: (128, 128), 128: (128, 128)}}
@@ -70,6 +72,8 @@ VARIANTS = {
     "persist-r240": {**PERSISTENT, "persistent.PINGPONG": True, "persistent.REGS": (24, 240)},
     "persist-r240-nopp": {**PERSISTENT, "persistent.PINGPONG": False, "persistent.REGS": (24, 240)},
     "persist-bywork": {**PERSISTENT, "persistent.PINGPONG": True, "persistent.ORDER_BY_WORK": True},
+    "persist-sorted": {**PERSISTENT, "persistent.ORDER_BY_WORK": True},
+    "persist-index": {**PERSISTENT, "persistent.ORDER_BY_WORK": False},
     "persist-r240-bywork": {**PERSISTENT, "persistent.PINGPONG": True, "persistent.REGS": (24, 240),
                             "persistent.ORDER_BY_WORK": True},
     "persist-n128": {**PERSISTENT, "persistent.PINGPONG": True, **N128},

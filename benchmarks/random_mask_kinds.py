@@ -8,7 +8,9 @@ work items differ. Cases are timed in interleaved rounds, each in a new seeded o
 (``time_cuda``: L2 flush, CUDA events, host ahead; ``triton.testing.do_bench``), against liteattn's dense time
 (KERNEL_NOTES.md, v12). The states use 128x128 tiles (the default at head_dim 64 and 128) and run with
 ``threshold=-inf`` (nothing marked), as the bench's ``liteattn-sparse`` does.
-Run: ``python benchmarks/random_mask_kinds.py [--shape 1,118800,24,128] [--rounds 5]``.
+``--variants`` times each state under several kernel variants of ``kernel_variants.py`` (e.g. the claim order:
+``persist-index,persist-sorted``, KERNEL_NOTES.md v14), ``--detect`` also with detection on.
+Run: ``python benchmarks/random_mask_kinds.py [--shape 1,118800,24,128] [--rounds 5] [--variants persist]``.
 """
 from __future__ import annotations
 
@@ -19,14 +21,17 @@ import statistics
 import torch
 import triton.testing
 
-from kernel_variants import random_state  # same folder: the script's directory is on sys.path
+from kernel_variants import VARIANTS, random_state, set_variant  # same folder: on sys.path
 from liteattn import SkipState, lite_attention
 from liteattn.bench.masks import random_mask
 from liteattn.bench.timing import time_cuda
 
 
-def sparse_cases(q, k, v, fractions):
-    """(call, achieved skipped fraction) per kind and fraction; prints each state's per-row counts."""
+def sparse_cases(q, k, v, fractions, variants=("persist",), detect=False):
+    """(call, achieved skipped fraction) per variant, kind and fraction; prints each state's per-row counts.
+
+    ``variants``: tags of ``kernel_variants.py``, each set before its call; ``detect``: also time each state with
+    detection on (a threshold at which nothing is marked), as a generation's later steps run."""
     b, s, h, _ = q.shape
     qt = kt = -(-s // 128)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -37,8 +42,12 @@ def sparse_cases(q, k, v, fractions):
             counts = state.kv_num_blocks.float()
             print(name, f, "skipped", round(state.sparsity(), 4), "count mean/std/min/max", counts.mean().item(),
                   counts.std().item(), counts.min().item(), counts.max().item(), flush=True)
-            cases[f"{name}{f}"] = (lambda st=state: lite_attention(q, k, v, st, threshold=float("-inf")),
-                                   state.sparsity())
+            for tag in variants:
+                for label, thr in (("", float("-inf")),) + ((("+detect", -1e4),) if detect else ()):
+                    def call(st=state, tag=tag, thr=thr):
+                        set_variant(tag)
+                        return lite_attention(q, k, v, st, threshold=thr)
+                    cases[f"{tag}:{name}{f}{label}"] = (call, state.sparsity())
     return cases
 
 
@@ -47,12 +56,18 @@ def main():
     p.add_argument("--shape", default="1,118800,24,128", help="B,S,H,D")
     p.add_argument("--fractions", default="0.5,0.9")
     p.add_argument("--rounds", type=int, default=5, help="time_cuda rounds (do_bench: the first 3)")
+    p.add_argument("--variants", default="persist", help=f"comma-separated, of {sorted(VARIANTS)}")
+    p.add_argument("--detect", action="store_true", help="also time every state with detection on")
     args = p.parse_args()
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; known: {sorted(VARIANTS)}")
     b, s, h, d = (int(x) for x in args.shape.split(","))
     torch.manual_seed(0)
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    cases = {"dense": (lambda: lite_attention(q, k, v, enabled=False), 0.0)}
-    cases.update(sparse_cases(q, k, v, [float(f) for f in args.fractions.split(",")]))
+    cases = {"dense": (lambda: set_variant(variants[0]) or lite_attention(q, k, v, enabled=False), 0.0)}
+    cases.update(sparse_cases(q, k, v, [float(f) for f in args.fractions.split(",")], variants, args.detect))
     for fn, _ in cases.values():
         fn()
     torch.cuda.synchronize()

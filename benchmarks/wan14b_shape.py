@@ -115,9 +115,10 @@ def _clock(device: str):
 
 
 def seed_states(handle, model, hidden, sparsity: float, block_size, seed: int) -> None:
-    """Give every patched layer's "cond" state a random skipped fraction ``sparsity``.
+    """Give every patched layer's "warmup" and "cond" states a random skipped fraction ``sparsity``.
 
-    The diagonal tile of each query tile stays active, so every row has keys.
+    The diagonal tile of each query tile stays active, so every row has keys. The warm-up forwards get a state
+    of the same kind, so that they compile the kernel specialization the timed steps run.
     """
     from liteattn import SkipState
     from liteattn.kernels import default_block_sizes
@@ -135,7 +136,8 @@ def seed_states(handle, model, hidden, sparsity: float, block_size, seed: int) -
                             device=hidden.device) >= sparsity
         diagonal = (torch.arange(qt, device=hidden.device) * bm // bn).clamp(max=kt - 1)
         active[..., torch.arange(qt, device=hidden.device), diagonal] = True
-        handle.attention(layer, context="cond").state = SkipState.from_dense(active, seq, seq, bm, bn)
+        for context in ("warmup", "cond"):
+            handle.attention(layer, context=context).state = SkipState.from_dense(active, seq, seq, bm, bn)
 
 
 def run_mode(mode: str, model, hidden, prompt, args) -> dict:

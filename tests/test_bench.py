@@ -117,7 +117,7 @@ def _tiles(seq, heads=6, block=128, batch=2):
     return batch, heads, n, n
 
 
-@pytest.mark.parametrize("pattern", ["random", "banded", "per-head"])
+@pytest.mark.parametrize("pattern", ["random", "random-uneven", "banded", "per-head"])
 @pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 0.75, 0.9])
 def test_masks_hit_the_fraction_and_keep_a_tile_per_query_tile(pattern, fraction):
     shape = _tiles(32760)  # 256 tiles a side, last one ragged, as Wan 1.3B
@@ -127,23 +127,33 @@ def test_masks_hit_the_fraction_and_keep_a_tile_per_query_tile(pattern, fraction
     assert abs(masks.achieved_fraction(mask) - fraction) <= 1.0 / shape[-1]
 
 
-@pytest.mark.parametrize("pattern", ["random", "banded", "per-head"])
+@pytest.mark.parametrize("pattern", ["random", "random-uneven", "banded", "per-head"])
 def test_masks_keep_one_tile_even_when_almost_everything_is_skipped(pattern):
     mask = masks.build_mask(pattern, (1, 3, 5, 4), 0.99, generator=_fresh())
     assert (mask.sum(-1) == 1).all()
 
 
-def test_random_masks_differ_between_rows_and_follow_the_seed():
-    shape = (1, 2, 40, 40)
+def _three_draws(builder, shape):
+    """Two draws with one seed and one with the next seed."""
     seed = _fresh().initial_seed()
-    a = masks.random_mask(shape, 0.5, generator=torch.Generator().manual_seed(seed))
-    b = masks.random_mask(shape, 0.5, generator=torch.Generator().manual_seed(seed))
-    c = masks.random_mask(shape, 0.5, generator=torch.Generator().manual_seed(seed + 1))
+    return [builder(shape, 0.5, generator=torch.Generator().manual_seed(x)) for x in (seed, seed, seed + 1)]
+
+
+def test_random_masks_differ_between_rows_and_follow_the_seed():
+    a, b, c = _three_draws(masks.random_mask, (1, 2, 40, 40))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert (a.sum(-1) == 20).all()  # the same count per query tile ...
     assert len({tuple(row.tolist()) for row in a.reshape(-1, 40)}) > 70  # ... at different places
     # every key tile is used somewhere: uniform, not a fixed subset
     assert a.any(dim=(0, 1, 2)).all()
+
+
+def test_random_uneven_masks_differ_in_count_between_rows_and_follow_the_seed():
+    a, b, c = _three_draws(masks.random_uneven_mask, (2, 3, 40, 40))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert (a.sum(dim=(-2, -1)) == 800).all()  # the same count per (batch, head) ...
+    counts = a.sum(-1).float()
+    assert counts.std() > 1.5 and counts.min() < 20 < counts.max()  # ... not per query tile (binomial: std ~ 3.2)
 
 
 def test_banded_mask_is_a_contiguous_window_around_the_diagonal():

@@ -193,6 +193,21 @@ def test_persistent_launch_takes_turns_above_head_dim_64(forced, monkeypatch):
 
 
 @pytest.mark.parametrize("forced", [None, True, False])
+def test_persistent_kernel_sorts_items_where_a_heads_kv_exceeds_half_the_l2(forced, monkeypatch):
+    """``order_by_work``: a head's query tiles longest list first when its K and V take more than half the L2
+    (Wan 14B and HunyuanVideo on an H100's 50 MiB L2, not Wan 1.3B), unless ``ORDER_BY_WORK`` forces it."""
+    monkeypatch.setattr(persistent, "_l2_bytes", lambda index: 50 * 2**20)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(persistent, "ORDER_BY_WORK", forced)
+    for seq_k, head_dim, by_default in ((32760, 128, False), (75600, 128, True), (118800, 128, True),
+                                        (102400, 64, False), (102401, 64, True)):
+        k = torch.empty(1, 2, seq_k, head_dim, dtype=torch.bfloat16, device="meta")
+        assert persistent.order_by_work(k) is (by_default if forced is None else forced), (seq_k, head_dim)
+    assert persistent.order_by_work(torch.empty(1, 2, 51200, 128, dtype=torch.float32, device="meta")) is (
+        True if forced is None else forced)  # bytes, not elements: 4-byte K/V take twice the L2
+
+
+@pytest.mark.parametrize("forced", [None, True, False])
 def test_per_tile_launch_folds_row_maxima_by_the_rule(forced, monkeypatch):
     """The per-tile launch passes ``tree_max_for(head_dim, dense)`` too: by default a tree in the dense walk at
     head_dim 64 only (checked on the CPU: the kernel is replaced by a recorder)."""

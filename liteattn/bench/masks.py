@@ -1,11 +1,14 @@
 """Tile masks ``(B, H, QT, KT)`` (True = computed) with a requested skipped fraction.
 
-Why three patterns: the kernel's cost should fall linearly with the number of
-skipped tiles whatever their layout. ``random`` scatters the computed tiles
-(worst case for locality), ``banded`` keeps a contiguous window (best case,
-and the shape real video attention tends towards), ``per-head`` gives every
-head its own amount of work (load imbalance between programs, as in real
-models where some heads are local and others global).
+Why four patterns: the kernel's cost should fall linearly with the number of
+skipped tiles whatever their layout. ``random`` scatters the computed tiles,
+the same number in every query tile (worst case for locality), ``random-uneven``
+scatters them over a whole head so that query tiles differ in length (the
+programs of a head drift apart, and with them their reads of K/V), ``banded``
+keeps a contiguous window (best case, and the shape real video attention
+tends towards), ``per-head`` gives every head its own amount of work (load
+imbalance between programs, as in real models where some heads are local and
+others global).
 
 Every query tile keeps at least one key tile: a query tile with nothing to
 attend to has no defined output, and liteattn never produces one (the first
@@ -16,7 +19,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["achieved_fraction", "banded_mask", "build_mask", "keep_count", "per_head_fractions", "per_head_mask",
-           "random_mask"]
+           "random_mask", "random_uneven_mask"]
 
 
 def _check(shape: tuple[int, int, int, int], fraction: float) -> None:
@@ -36,16 +39,32 @@ def achieved_fraction(mask: torch.Tensor) -> float:
     return 1.0 - mask.float().mean().item()
 
 
+def _smallest(noise: torch.Tensor, keep: int) -> torch.Tensor:
+    """Boolean mask of the ``keep`` smallest entries of each row of ``noise`` (by index: exactly ``keep``, ties
+    in the float noise included)."""
+    idx = noise.topk(keep, dim=-1, largest=False).indices
+    return torch.zeros_like(noise, dtype=torch.bool).scatter_(-1, idx, True)
+
+
 def random_mask(shape, fraction: float, *, generator: torch.Generator | None = None,
                 device: torch.device | str = "cpu") -> torch.Tensor:
     """Each (b, h, query tile) keeps the same number of key tiles, chosen uniformly at random."""
     _check(shape, fraction)
     b, h, qt, kt = shape
-    keep = keep_count(fraction, kt)
     noise = torch.rand(b, h, qt, kt, generator=generator, device=device)
-    # The `keep` smallest noise values of each row are kept: a uniform random subset of that size.
-    cutoff = noise.kthvalue(keep, dim=-1, keepdim=True).values
-    return noise <= cutoff
+    return _smallest(noise, keep_count(fraction, kt))  # a uniform random subset of that size
+
+
+def random_uneven_mask(shape, fraction: float, *, generator: torch.Generator | None = None,
+                       device: torch.device | str = "cpu") -> torch.Tensor:
+    """Each (b, h) keeps the same number of key tiles, chosen uniformly among all its tiles, so the count per query
+    tile varies (binomial-like, e.g. 465 +- 15 of 929 at s = 0.5); a query tile that drew none keeps one more."""
+    _check(shape, fraction)
+    b, h, qt, kt = shape
+    noise = torch.rand(b, h, qt, kt, generator=generator, device=device)
+    mask = _smallest(noise.flatten(2), keep_count(fraction, qt * kt)).view(b, h, qt, kt)
+    own = torch.zeros_like(mask).scatter_(-1, noise.argmin(dim=-1, keepdim=True), True)
+    return mask | (own & ~mask.any(dim=-1, keepdim=True))
 
 
 def _window(keep: torch.Tensor, qt: int, kt: int, device) -> torch.Tensor:
@@ -103,12 +122,14 @@ def per_head_mask(shape, fraction: float, *, generator: torch.Generator | None =
     return _window(keep, qt, kt, device).expand(b, h, qt, kt).clone()
 
 
-_BUILDERS = {"random": random_mask, "banded": banded_mask, "per-head": per_head_mask}
+_BUILDERS = {"random": random_mask, "random-uneven": random_uneven_mask, "banded": banded_mask,
+             "per-head": per_head_mask}
 
 
 def build_mask(pattern: str, shape, fraction: float, *, generator: torch.Generator | None = None,
                device: torch.device | str = "cpu") -> torch.Tensor:
-    """Boolean ``(B, H, QT, KT)`` tile mask of ``pattern`` (``random``, ``banded`` or ``per-head``)."""
+    """Boolean ``(B, H, QT, KT)`` tile mask of ``pattern`` (``random``, ``random-uneven``, ``banded`` or
+    ``per-head``)."""
     if pattern not in _BUILDERS:
         raise ValueError(f"pattern: expected one of {list(_BUILDERS)}, got {pattern!r}")
     return _BUILDERS[pattern](shape, fraction, generator=generator, device=device)

@@ -15,7 +15,7 @@ __all__ = ["plot_rows"]
 
 _METHOD_COLORS = {"sdpa-cudnn": "black", "sdpa-flash": "tab:gray", "liteattn-dense": "tab:blue",
                   "liteattn-detect": "tab:cyan", "liteattn-detect-list": "tab:purple", "flex": "tab:orange", "liteattn-sparse": "tab:green"}
-_PATTERN_STYLES = {"random": ("o", "-"), "banded": ("s", "--"), "per-head": ("^", ":")}
+_PATTERN_STYLES = {"random": ("o", "-"), "random-uneven": ("D", "-."), "banded": ("s", "--"), "per-head": ("^", ":")}
 
 
 def plot_rows(rows: Iterable[Row], path: str | Path, title: str = "") -> Path | None:

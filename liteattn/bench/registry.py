@@ -79,6 +79,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 PATTERNS: dict[str, Pattern] = {p.name: p for p in (
     Pattern("random", "uniform random key tiles per (batch, head, query tile), >= 1 kept"),
+    Pattern("random-uneven", "uniform random tiles per (batch, head): query tiles differ in count, >= 1 kept"),
     Pattern("banded", "a window of key tiles around the diagonal, its width giving the fraction"),
     Pattern("per-head", "each head its own band width, fractions spread around s with mean s"),
 )}

@@ -29,7 +29,7 @@ LOG2E = 1.4426950408889634
 
 # Launch query tiles of each head in decreasing order of active key tiles (longest first): the hardware
 # schedules a grid's programs in launch order, so the longest go first and the short ones fill the tail.
-# The persistent kernel has its own switch (hopper_persistent.ORDER_BY_WORK): its programs claim items.
+# The persistent kernel has its own rule (hopper_persistent.ORDER_BY_WORK): its programs claim items.
 SCHEDULE_BY_WORK = True
 # Detection flags. True: each row ORs its "not negligible" bits into a 32-bit register word, merged into
 # memory with relaxed atomic ORs once per 32 tiles (no per-tile store, no cross-warp reduction).
@@ -308,8 +308,10 @@ def lite_attention_fwd(
     grid = (qt, bsz * nheads)
     sm90 = SM90_KERNEL and use_tma and _sm90_kernel_applies(q, k, out, block_m, block_n)
     persistent = _persistent_module() if sm90 and SM90_PERSISTENT else None
-    use_order = not dense and (persistent.ORDER_BY_WORK if persistent is not None else SCHEDULE_BY_WORK)
-    order = torch.argsort(kv_num_blocks, dim=-1, descending=True).to(torch.int32) if use_order else kv_num_blocks
+    use_order = not dense and (persistent.order_by_work(k) if persistent is not None else SCHEDULE_BY_WORK)
+    # Stable: rows of equal length keep index order (neighbouring query tiles, often neighbouring key tiles).
+    order = (torch.argsort(kv_num_blocks, dim=-1, descending=True, stable=True).to(torch.int32) if use_order
+             else kv_num_blocks)
     n_words = triton.cdiv(kt, 32)
     # The atomics merge into zeroed words; one more zeroed word counts the persistent kernel's work items.
     n_flags = bsz * nheads * qt * n_words if write_state and (FLAG_WORDS or sm90) else 0

@@ -8,8 +8,9 @@ program (KERNEL_NOTES.md, v8). Here each program keeps its partitions alive over
 tile x batch*head) and overlaps the seams:
 
 - the producer claims the next item from a global counter, heads in sequence and the query tiles of a
-  head in index order (``ORDER_BY_WORK``), so programs finish together however uneven the lists are,
-  and hands its id to the consumers through a shared-memory slot beside the item's Q buffer;
+  head in index order, or longest list first where a head's K/V exceed half the L2 (``ORDER_BY_WORK``), so
+  programs finish together however uneven the lists are, and hands its id to the consumers through a
+  shared-memory slot beside the item's Q buffer;
 - the producer loads the next item's Q into a second buffer and keeps the K/V ring full across the item
   boundary, so the consumers start the next item without waiting for memory;
 - the producer also compacts the previous item's survivors into the next list, 32 entries between two of
@@ -60,11 +61,15 @@ SMEM_BUDGET = 220 * 1024
 MAX_STAGES = 4
 # The producer's compaction: 32 list positions per step, one per lane of its single warp.
 ONE_WARP = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))
-# Claim a head's query tiles longest list first (an argsort per call) rather than in index order. Off: with
-# items claimed dynamically the order only shapes the last few items, and on an H200 index order was faster
-# on the GPU for every mask tried (s = 0.9: 1-4 % at head_dim 64, 2-14 % at the Wan 1.3B shape; KERNEL_NOTES
-# v10), and the argsort's host time and two small kernels are gone from every call.
-ORDER_BY_WORK = False
+# Claim a head's query tiles longest list first (a stable argsort of the counts per call) rather than in index
+# order. None: only when one head's K and V take more than half the L2 (``order_by_work_for``). There the programs
+# of a head must sweep its K/V together for the tiles to come from L2: equal lists keep them in step, lists of
+# different lengths let them drift apart over the items, and sorted, the items in flight have nearly equal
+# lengths again. On an H200 (the driver reports a 60 MiB L2), rows of random length: 5-9 % faster at the
+# HunyuanVideo shape (61 MB per head), about 5 % at Wan 14B (39 MB), but 1-6 % slower at Wan 1.3B (17 MB) at
+# s = 0.9, where the argsort's kernels and the dependent load of the order cost more than L2 misses (KERNEL_NOTES
+# v10, v14).
+ORDER_BY_WORK: bool | None = None
 # At most this many programs (None: one per SM). Tests lower it to put many items through one program.
 MAX_PROGRAMS: int | None = None
 
@@ -312,6 +317,23 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _l2_bytes(index: int) -> int:
+    return torch.cuda.get_device_properties(index).L2_cache_size
+
+
+def order_by_work_for(kv_head_bytes: int, l2_bytes: int, forced: bool | None = None) -> bool:
+    """Whether a head's query tiles are claimed longest list first (``ORDER_BY_WORK``): by default when one
+    head's K and V (``kv_head_bytes``) exceed half the L2."""
+    return kv_head_bytes > l2_bytes // 2 if forced is None else forced
+
+
+def order_by_work(k: torch.Tensor) -> bool:
+    """:func:`order_by_work_for` for the keys ``k`` (B, H_kv, S_k, D) on their GPU (V has K's size)."""
+    index = k.device.index if k.device.index is not None else torch.cuda.current_device()
+    return order_by_work_for(2 * k.shape[2] * k.shape[3] * k.element_size(), _l2_bytes(index), ORDER_BY_WORK)
+
+
 def _descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
     """Rank-4 ``(B, H, S, D)`` descriptor over any TMA-ready strides; one tile is ``rows`` x D of one head."""
     block = [1, 1, rows, x.shape[-1]]
@@ -358,7 +380,7 @@ def compile_offline(block_n: int = 128, head_dim: int = 128, dense: bool = False
              "o_desc": _descriptor(x, 64)}
     constexprs = dict(BLOCK_D=head_dim, BLOCK_M=128, BLOCK_N=block_n, STAGES=stages_for(128, block_n, head_dim),
                       DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=True, RAGGED_K=ragged,
-                      USE_ORDER=ORDER_BY_WORK and not dense,
+                      USE_ORDER=bool(ORDER_BY_WORK) and not dense,  # no L2 to measure offline: index order
                       PINGPONG=pingpong_for(head_dim) if pingpong is None else pingpong,
                       PREFETCH=PREFETCH, BY_POSITION=BY_POSITION, TREE_MAX=tree_max_for(head_dim, dense, TREE_MAX))
     constexprs["PRODUCER_REGS"], constexprs["CONSUMER_REGS"] = regs or REGS
