@@ -18,7 +18,7 @@ import statistics
 import torch
 
 from kernel_dev import sdpa  # same folder: the script's directory is on sys.path
-from kernel_variants import SHAPES, set_variant
+from kernel_variants import SHAPES, parse_variants, set_variant
 from liteattn import SkipState, lite_attention
 from liteattn.bench.timing import time_cuda
 from liteattn.kernels.forward import lite_attention_fwd
@@ -52,11 +52,12 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=3, help="timed calls per case and round")
     args = p.parse_args()
+    variants = parse_variants(p, args.variants)
     for shape in args.shapes.split(","):
         torch.manual_seed(0)
         q, k, v = (torch.randn(*SHAPES[shape], device="cuda", dtype=torch.bfloat16) for _ in range(3))
         cases = cases_for(q, k, v)
-        times = {(var, case): [] for var in args.variants.split(",") for case in cases}
+        times = {(var, case): [] for var in variants for case in cases}
         for r in range(args.rounds):
             order = list(times)
             random.Random(r).shuffle(order)  # no case always follows the same one (the power cap, v11)
@@ -64,7 +65,7 @@ def main():
                 set_variant(var)
                 times[var, case].append(time_cuda(cases[case], budget_ms=0, min_reps=args.reps,
                                                   max_reps=args.reps).median_ms)
-        for var in args.variants.split(","):
+        for var in variants:
             med = {case: statistics.median(times[var, case]) for case in cases}
             ratios = {case: round(med[case] / med["dense"], 4) for case in cases}
             print(shape, var, {c: round(t, 2) for c, t in med.items()}, "ms; / dense:", ratios,

@@ -81,6 +81,15 @@ VARIANTS = {
 }
 
 
+def parse_variants(parser, text):
+    """``--variants``: comma-separated tags of ``VARIANTS``; an unknown tag is a usage error of ``parser``."""
+    variants = text.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; known: {sorted(VARIANTS)}")
+    return variants
+
+
 def set_variant(tag):
     for name, value in VARIANTS[tag].items():
         if name.startswith(("hopper.", "persistent.")):
@@ -229,10 +238,7 @@ def main():
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--sass", action="store_true", help="count spill instructions and keep each kernel's SASS")
     args = p.parse_args()
-    variants = args.variants.split(",")
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        p.error(f"--variants: unknown {unknown}; known: {sorted(VARIANTS)}")
+    variants = parse_variants(p, args.variants)
     if args.configs:
         fwd._lite_attention_fwd.configs = [triton.Config({}, num_warps=int(w), num_stages=int(s))
                                            for w, s in (c.split(":") for c in args.configs.split(","))]

@@ -21,7 +21,7 @@ import statistics
 import torch
 import triton.testing
 
-from kernel_variants import VARIANTS, random_state, set_variant  # same folder: on sys.path
+from kernel_variants import VARIANTS, parse_variants, random_state, set_variant  # same folder: on sys.path
 from liteattn import SkipState, lite_attention
 from liteattn.bench.masks import random_mask
 from liteattn.bench.timing import time_cuda
@@ -59,10 +59,7 @@ def main():
     p.add_argument("--variants", default="persist", help=f"comma-separated, of {sorted(VARIANTS)}")
     p.add_argument("--detect", action="store_true", help="also time every state with detection on")
     args = p.parse_args()
-    variants = args.variants.split(",")
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        p.error(f"--variants: unknown {unknown}; known: {sorted(VARIANTS)}")
+    variants = parse_variants(p, args.variants)
     b, s, h, d = (int(x) for x in args.shape.split(","))
     torch.manual_seed(0)
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
