@@ -385,10 +385,12 @@ def test_row_round_trips_as_dict():
 
 class _FakeGpu:
     """A GPU timeline for ``time_cuda`` on a CPU machine: events read the clock, a sleep and each call
-    advance it; ``_sleep`` runs at 1e6 cycles per ms. A call also takes ``host_ms`` of real host time."""
+    advance it; ``_sleep`` runs at 1e6 cycles per ms. A call also advances a fake host clock by ``host_ms``
+    (the timer reads no real clock, so a stall of the machine running the tests changes nothing)."""
 
     def __init__(self, monkeypatch, call_ms: float, host_ms: float):
         self.now, self.call_ms, self.host_ms, self.sleeps = 0.0, call_ms, host_ms, []
+        self.host_now_ms = 0.0
         gpu = self
 
         class Event:
@@ -404,13 +406,14 @@ class _FakeGpu:
         monkeypatch.setattr(torch.cuda, "Event", Event)
         monkeypatch.setattr(torch.cuda, "_sleep", self.sleep, raising=False)
         monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+        monkeypatch.setattr(timing, "_host_seconds", lambda: gpu.host_now_ms / 1e3)
 
     def sleep(self, cycles):
         self.sleeps.append(cycles / 1e6)
         self.now += cycles / 1e6
 
     def call(self):
-        time.sleep(self.host_ms / 1e3)
+        self.host_now_ms += self.host_ms
         self.now += self.call_ms
 
 
@@ -420,9 +423,9 @@ def test_time_cuda_lets_the_host_get_ahead(monkeypatch):
     gpu = _FakeGpu(monkeypatch, call_ms=2.0, host_ms=0.5)
     t = timing.time_cuda(gpu.call, budget_ms=20.0, min_reps=4, max_reps=8, flush_l2=False)
     assert t.reps == 8 and t.median_ms == t.p20_ms == t.p80_ms == pytest.approx(2.0)
-    assert t.host_ms >= 0.5
-    calibration, lead, *retry = gpu.sleeps  # one to measure the clock, one lead before the timed runs
-    assert lead >= 1.5 * 0.5 * 8 + 1.0 and len(retry) <= 1  # (a retry only if this machine's host stalled)
+    assert t.host_ms == pytest.approx(0.5)
+    calibration, lead = gpu.sleeps  # one to measure the clock, one lead before the timed runs (no retry)
+    assert lead == pytest.approx(1.5 * 0.5 * 8 + 1.0)
 
     gpu.sleeps.clear()
     timing.time_cuda(gpu.call, budget_ms=20.0, min_reps=4, max_reps=8, flush_l2=False, host_lead=False)
@@ -439,7 +442,7 @@ def test_time_cuda_repeats_with_a_longer_lead_when_the_gpu_caught_up(monkeypatch
 
     timing.time_cuda(fn, budget_ms=5.0, min_reps=5, max_reps=5, warmup=0, flush_l2=False)
     _, first_lead, second_lead = gpu.sleeps
-    assert first_lead < 5 * 2.0 <= second_lead
+    assert first_lead == pytest.approx(1.0) and second_lead == pytest.approx(3.0 * 2.0 * 5 + 1.0)
 
 
 def test_split_reps_spreads_runs_over_rounds():

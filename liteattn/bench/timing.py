@@ -10,6 +10,7 @@ each call starts cold, as it does inside a real model between layers.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -17,6 +18,11 @@ __all__ = ["L2_FLUSH_BYTES", "CaseTimer", "Timing", "release_flush_buffers", "re
            "summarize", "tflops", "time_cuda"]
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024  # well above any current GPU's L2 (H100: 50 MB)
+
+
+def _host_seconds() -> float:
+    """The host's clock for the time to issue a batch (one name, so a test can drive it with a fake GPU)."""
+    return time.perf_counter()
 
 
 @dataclass(frozen=True)
@@ -152,8 +158,6 @@ class CaseTimer:
 
     def _timed(self, reps: int, lead_ms: float) -> tuple[list[float], float, bool]:
         """GPU ms per run, host ms per run, and whether the lead outlasted the host's enqueueing."""
-        import time
-
         import torch
 
         new_event = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
@@ -163,14 +167,14 @@ class CaseTimer:
             lead[0].record()
             torch.cuda._sleep(int(min(lead_ms, MAX_LEAD_MS) * self.cycles_per_ms))
             lead[1].record()
-        t0 = time.perf_counter()
+        t0 = _host_seconds()
         for start, end in events:
             if self.scratch is not None:
                 self.scratch.zero_()
             start.record()
             self.fn()
             end.record()
-        host_total_ms = (time.perf_counter() - t0) * 1e3
+        host_total_ms = (_host_seconds() - t0) * 1e3
         torch.cuda.synchronize()
         ahead = lead is None or lead[0].elapsed_time(lead[1]) >= host_total_ms
         return [start.elapsed_time(end) for start, end in events], host_total_ms / reps, ahead
