@@ -268,9 +268,14 @@ def tile_protection(ranges: list[tuple[int, int]] | None, seq_len: int, block: i
     """int8 per tile: 1 where the tile overlaps a must-do token range.
 
     Cached per (ranges, seq_len, block, device): a layer calls this every step with the
-    same arguments, and building it means a host-to-device copy.
+    same arguments, and building it means a host-to-device copy. Under ``torch.compile``
+    the uncached function is traced instead (the graph holds the result; Dynamo would
+    otherwise warn that it ignores the cache).
     """
-    return _tile_protection(tuple(tuple(r) for r in ranges or ()), seq_len, block, torch.device(device))
+    key = (tuple(tuple(r) for r in ranges or ()), seq_len, block, torch.device(device))
+    if torch.compiler.is_compiling():
+        return _tile_protection.__wrapped__(*key)
+    return _tile_protection(*key)
 
 
 @functools.lru_cache(maxsize=256)

@@ -314,6 +314,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.filterwarnings("error:Dynamo detected a call to a `functools.lru_cache`:UserWarning")  # a cached helper must not be traced through its cache
 def test_torch_compile_matches_eager(local_qkv, fresh_dynamo, gen):
     q, k, v = local_qkv(1, 64, 2, 1, 32, generator=gen)
     compiled_attn = LiteAttention(threshold=-3.0, layout="bhsd", block_size=(16, 16))
@@ -326,6 +327,7 @@ def test_torch_compile_matches_eager(local_qkv, fresh_dynamo, gen):
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # interpreter noise
+@pytest.mark.filterwarnings("error:Dynamo detected a call to a `functools.lru_cache`:UserWarning")
 @pytest.mark.parametrize("fullgraph", [False, True])
 def test_torch_compile_triton_custom_op(fullgraph, local_qkv, kernel_device, fresh_dynamo, gen):
     pytest.importorskip("triton")
