@@ -312,6 +312,11 @@ def pingpong_for(head_dim: int) -> bool:
     return head_dim > 64 if PINGPONG is None else PINGPONG
 
 
+def _device_index(x: torch.Tensor) -> int:
+    """The CUDA device of ``x`` as an index (a tensor on plain ``"cuda"`` is on the current device)."""
+    return x.device.index if x.device.index is not None else torch.cuda.current_device()
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -330,8 +335,8 @@ def order_by_work_for(kv_head_bytes: int, l2_bytes: int, forced: bool | None = N
 
 def order_by_work(k: torch.Tensor) -> bool:
     """:func:`order_by_work_for` for the keys ``k`` (B, H_kv, S_k, D) on their GPU (V has K's size)."""
-    index = k.device.index if k.device.index is not None else torch.cuda.current_device()
-    return order_by_work_for(2 * k.shape[2] * k.shape[3] * k.element_size(), _l2_bytes(index), ORDER_BY_WORK)
+    return order_by_work_for(2 * k.shape[2] * k.shape[3] * k.element_size(), _l2_bytes(_device_index(k)),
+                             ORDER_BY_WORK)
 
 
 def _descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
@@ -350,7 +355,7 @@ def launch(args, *, dim, seq_k, block_m, block_n, dense, write_state, return_lse
     counter = flags[flags.numel() - 1:]  # the zeroed word past the detection flags: next work item
     bsz = q.shape[0]
     n_items = bsz * nheads * qt
-    programs = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    programs = _sm_count(_device_index(q))
     grid = (min(n_items, programs if MAX_PROGRAMS is None else MAX_PROGRAMS),)
     _lite_attention_fwd_sm90_persistent[grid](
         _descriptor(q, block_m // 2), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(out, block_m // 2),
