@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 
 import pytest
 import torch
 
 from liteattn import cli
-from liteattn.bench import masks, methods, registry, report, results, run, timing
+from liteattn.bench import clocks, masks, methods, registry, report, results, run, timing
 from liteattn.bench.plot import plot_rows
 from liteattn.bench.results import Row
 
@@ -546,3 +547,87 @@ def test_rounds_record_failures_per_case_and_keep_the_others(tmp_path, monkeypat
     bench_run.deadline = time.monotonic() - 1.0
     bench_run.time_cases([_drifting_case(gpu, shape, "sdpa-flash")])
     assert bench_run.rows[-1].status == "skipped" and "--max-minutes" in bench_run.rows[-1].error
+
+
+# ---------------------------------------------------------------- SM clock and power per case
+
+
+def test_clock_samples_parse_and_summarize_inside_the_case_windows():
+    lines = ["timestamp, clocks.sm [MHz], power.draw [W]",  # a header, if one is printed
+             "2026/11/30 10:00:00.000, 1500, 600.5",
+             "2026/11/30 10:00:00.020, [N/A], 601.0",
+             "2026/11/30 10:00:00.040, 1600, 700.0",
+             "2026/11/30 10:00:00.060, 1700, 690.0",
+             "2026/11/30 10:00:00.0"]  # cut by the sampler's stop
+    samples = clocks.parse_samples(lines)
+    assert [(mhz, w) for _, mhz, w in samples] == [(1500, 600.5), (1600, 700.0), (1700, 690.0)]
+    t0 = samples[0][0]
+    assert samples[1][0] - t0 == pytest.approx(0.04)
+    got = clocks.summarize(samples, [(t0 - 0.001, t0 + 0.001), (t0 + 0.05, t0 + 0.07)])
+    assert got == clocks.ClockSummary(1600.0, 645.25, 2)  # medians of the first and the last sample
+    assert clocks.summarize(samples, [(t0 + 0.01, t0 + 0.03)]) == clocks.ClockSummary(None, None, 0)
+
+
+def test_clock_sampler_reads_back_what_its_process_printed():
+    """A stand-in for nvidia-smi printing a sample every 5 ms until the sampler stops it."""
+    script = ("import datetime, sys, time\n"
+              "while True:\n"
+              "    print(datetime.datetime.now().strftime('%Y/%m/%d %H:%M:%S.%f')[:-3] + ', 1410, 650.0', flush=True)\n"
+              "    time.sleep(0.005)\n")
+    start = clocks.host_now()
+    sampler = clocks.ClockSampler(command=[sys.executable, "-c", script])
+    time.sleep(0.5)
+    samples = sampler.stop()
+    assert len(samples) >= 5 and sampler.error == ""
+    assert all(start - 1.0 <= t <= clocks.host_now() + 1.0 for t, _, _ in samples)
+    assert clocks.summarize(samples, [(start - 1.0, clocks.host_now() + 1.0)]).sm_clock_mhz == 1410.0
+    assert sampler.stop() == []  # stopping twice is harmless
+
+
+def test_clock_sampler_without_nvidia_smi_says_so(monkeypatch):
+    monkeypatch.setattr(clocks.shutil, "which", lambda name: None)
+    sampler = clocks.ClockSampler("0")
+    assert sampler.stop() == [] and sampler.error == "nvidia-smi not found"
+
+
+@pytest.mark.parametrize("sample", [True, False])
+def test_rounds_record_each_cases_clock_from_its_own_batches(tmp_path, monkeypatch, sample):
+    """Each case's SM clock is the median over the samples taken during its own timed batches (a fake
+    sampler: the host clock ticks once per read, and the sample at t + 0.5 reads 1000 + t MHz); with
+    ``--no-clocks`` no sampler runs and the rows have no clock."""
+    from liteattn.bench.runner import _Case
+
+    gpu = _FakeGpu(monkeypatch, call_ms=1.0, host_ms=0.0)
+    tick = {"t": 0}
+
+    def host_now():
+        tick["t"] += 1
+        return float(tick["t"])
+
+    class FakeSampler:
+        def __init__(self, device):
+            assert sample, "--no-clocks must not start a sampler"
+            self.error = ""
+
+        def stop(self):
+            return [(t + 0.5, 1000.0 + t, 500.0 + t) for t in range(tick["t"] + 1)]
+
+    monkeypatch.setattr(clocks, "host_now", host_now)
+    monkeypatch.setattr(clocks, "ClockSampler", FakeSampler)
+    monkeypatch.setattr(clocks, "device_id", lambda: "GPU-test")
+    bench_run, shape = _bench_run(tmp_path, monkeypatch, 3)
+    bench_run.config.clocks = sample
+    cases = [_Case(shape, name, lambda: (gpu.call, None)) for name in ("sdpa-cudnn", "liteattn-dense")]
+    bench_run.time_cases(cases)
+    windows = {c.method: c.windows for c in cases}
+    assert all(len(w) == 3 for w in windows.values())
+    for row in bench_run.rows:
+        if not sample:
+            assert row.sm_clock_mhz is None and row.power_w is None and row.clock_samples == 0
+            continue
+        starts = [a for a, _ in windows[row.method]]  # one sample (t + 0.5) inside each (t, t + 1) window
+        assert row.clock_samples == 3
+        assert row.sm_clock_mhz == pytest.approx(1000.0 + sorted(starts)[1])
+        assert row.power_w == pytest.approx(500.0 + sorted(starts)[1])
+    table = report.format_rows(bench_run.rows)
+    assert "SM MHz" in table.splitlines()[0]

@@ -52,9 +52,10 @@ def _is_number(text: str) -> bool:
 
 def format_rows(rows: Iterable[Row]) -> str:
     header = ("shape", "method", "pattern", "s want", "s got", "median ms", "p20 ms", "p80 ms", "reps",
-              "TFLOP/s", "eff TFLOP/s", "status")
+              "TFLOP/s", "eff TFLOP/s", "SM MHz", "status")
     body = [(r.shape, r.method, r.pattern, r.fraction if r.pattern else None, r.skipped if r.pattern else None,
              r.median_ms, r.p20_ms, r.p80_ms, r.reps or None, r.tflops, r.effective_tflops,
+             None if r.sm_clock_mhz is None else round(r.sm_clock_mhz),
              r.status if r.status == "ok" else f"{r.status}: {_first_line(r.error)}") for r in rows]
     return format_table(header, body)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
+from .clocks import ClockSummary
 from .timing import Timing, tflops
 
 __all__ = ["Check", "Ratio", "Row", "RATIO_TARGETS", "compute_ratios", "failed_row", "judge_errors", "run_status",
@@ -50,17 +51,22 @@ class Row:
     effective_tflops: float | None = None  # FLOPs actually computed ((1 - skipped) x dense) / time
     host_ms: float | None = None  # host time to issue one call (with the flush and events around it)
     round_medians_ms: list[float] | None = None  # median of each interleaved round (clock drift shows here)
+    sm_clock_mhz: float | None = None  # median SM clock while the case's runs were timed (under a power cap
+    power_w: float | None = None  # the clock is part of the result); None where it was not sampled
+    clock_samples: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def timed_row(shape: str, flops: int, method: str, timing: Timing, *, pattern: str | None = None,
-              fraction: float = 0.0, skipped: float = 0.0) -> Row:
-    """A successful row with its TFLOP/s filled in from the dense FLOP count."""
+              fraction: float = 0.0, skipped: float = 0.0, clocks: ClockSummary | None = None) -> Row:
+    """A successful row with its TFLOP/s filled in from the dense FLOP count (and its clocks, if sampled)."""
+    clocks = clocks or ClockSummary(None, None, 0)
     return Row(shape, method, pattern, fraction, skipped, "ok", "", timing.median_ms, timing.p20_ms, timing.p80_ms,
                timing.reps, tflops(flops, timing.median_ms), tflops(flops * (1.0 - skipped), timing.median_ms),
-               timing.host_ms, None if timing.round_medians_ms is None else list(timing.round_medians_ms))
+               timing.host_ms, None if timing.round_medians_ms is None else list(timing.round_medians_ms),
+               clocks.sm_clock_mhz, clocks.power_w, clocks.samples)
 
 
 def failed_row(shape: str, method: str, error: str, *, pattern: str | None = None, fraction: float = 0.0,

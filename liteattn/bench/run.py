@@ -58,6 +58,7 @@ class BenchConfig:
     max_reps: int
     quick: bool
     rounds: int = 5  # each shape's cases are timed in this many interleaved rounds
+    clocks: bool = True  # sample the SM clock and power while each case is timed (nvidia-smi)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -118,6 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=_positive(int), default=5,
                         help="time a shape's cases in this many interleaved rounds, each in a new order, so that "
                              "all see the same drift of the GPU's clock (default 5; 1 = each case's runs in one batch)")
+    parser.add_argument("--no-clocks", dest="clocks", action="store_false",
+                        help="do not sample the SM clock and board power with nvidia-smi while timing")
 
 
 def resolve_config(args: argparse.Namespace) -> BenchConfig:
@@ -129,7 +132,7 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         shapes=shapes, methods=list(args.methods), patterns=list(args.patterns), fractions=list(args.fractions),
         layout=args.layout, out=Path(args.out), seed=args.seed, max_minutes=args.max_minutes,
         budget_ms=args.budget_ms or (50.0 if quick else 500.0), min_reps=min_reps,
-        max_reps=max(min_reps, 20 if quick else 100), quick=quick, rounds=args.rounds,
+        max_reps=max(min_reps, 20 if quick else 100), quick=quick, rounds=args.rounds, clocks=args.clocks,
     )
 
 

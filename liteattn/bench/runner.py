@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from . import clocks as C
 from . import methods as M
 from .masks import achieved_fraction, build_mask
 from .plot import plot_rows
@@ -100,19 +101,26 @@ class BenchRun:
                 case.fail(f"not run: --max-minutes {c.max_minutes} used up", status="skipped")
                 continue
             self._attempt(case, lambda case=case: case.start(c))
+        sampler = C.ClockSampler(C.device_id()) if c.clocks else None
         for i in range(c.rounds):
             self._say(f"   round {i + 1}/{c.rounds}")
             # A new order every round: under a power cap a kernel runs faster right after a light one (the
             # clock moved between 1320 and 1980 MHz on an H200 at 700 W), so no case may always follow the same one.
             for case in random.Random(c.seed * 1000 + i).sample(cases, len(cases)):
                 if case.row is None and i < len(case.rounds):
+                    start = C.host_now()
                     self._attempt(case, lambda case=case: case.timer.run(case.rounds[i]))
+                    case.windows.append((start, C.host_now()))
+        samples = sampler.stop() if sampler is not None else []
+        if sampler is not None and sampler.error:
+            self._note("clocks", f"SM clock not sampled: {sampler.error}")
         for case in cases:
             if case.row is None:
                 self._attempt(case, lambda case=case: case.after and case.after())
             if case.row is None:
                 case.row = timed_row(case.shape.name, case.shape.flops, case.method, case.timer.result(),
-                                     pattern=case.pattern, fraction=case.fraction, skipped=case.skipped)
+                                     pattern=case.pattern, fraction=case.fraction, skipped=case.skipped,
+                                     clocks=C.summarize(samples, case.windows))
             case.release()
             self._report(case)
 
@@ -189,8 +197,9 @@ class BenchRun:
                                     if case.pattern else "")
         self.rows.append(row)
         if row.status == "ok":
+            clock = f", SM {row.sm_clock_mhz:.0f} MHz" if row.sm_clock_mhz is not None else ""
             self._say(f"   {where:<44} {row.median_ms:9.3f} ms  p20 {row.p20_ms:.3f}  p80 {row.p80_ms:.3f}  "
-                      f"{row.tflops:6.1f} TFLOP/s  ({row.reps} reps, host {row.host_ms or 0:.3f} ms/call)")
+                      f"{row.tflops:6.1f} TFLOP/s  ({row.reps} reps, host {row.host_ms or 0:.3f} ms/call{clock})")
         else:
             error = row.error if len(row.error) <= 300 else row.error[:297] + "..."
             self._say(f"   {where:<44} {row.status.upper()}: {error}")
@@ -262,6 +271,7 @@ class _Case:
     after: Callable[[], None] | None = None
     timer: CaseTimer | None = None
     rounds: list[int] = field(default_factory=list)  # runs per round
+    windows: list[tuple[float, float]] = field(default_factory=list)  # host times of its timed batches
     warnings: list = field(default_factory=list)
     row: Row | None = None
 

@@ -1,0 +1,121 @@
+"""The GPU's SM clock and board power while each case ran.
+
+Why: under a power cap the clock is part of the result. On an H200 at its 700 W cap, a sparse call whose
+key tiles came from memory more often (random tiles at the HunyuanVideo shape) ran at a median 1485 MHz
+while the dense walk ran at 1605 MHz, for about the same cycles per tile (KERNEL_NOTES.md, v15). A ratio
+to the linear ideal then measures the clock as much as the kernel, and the report should say which.
+
+Samples come from ``nvidia-smi`` in a child process (every 20 ms), so sampling costs the timed GPU and the
+timing loop nothing; where it is missing or fails, the columns stay empty and the run says why once.
+"""
+from __future__ import annotations
+
+import datetime
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+__all__ = ["ClockSampler", "ClockSummary", "device_id", "host_now", "parse_samples", "summarize"]
+
+QUERY = "--query-gpu=timestamp,clocks.sm,power.draw"
+
+
+def host_now() -> float:
+    """The host's wall clock in seconds: the time base of ``nvidia-smi``'s timestamps (local time, ms)."""
+    return time.time()
+
+
+@dataclass(frozen=True)
+class ClockSummary:
+    """Medians over the samples taken inside a case's timed batches (None without samples)."""
+
+    sm_clock_mhz: float | None
+    power_w: float | None
+    samples: int
+
+
+def parse_samples(lines: Iterable[str]) -> list[tuple[float, float, float]]:
+    """``(host seconds, SM MHz, watts)`` per line of ``nvidia-smi --format=csv,noheader,nounits``; lines that
+    do not parse (a header, ``[N/A]``, a line cut by the sampler's stop) are left out."""
+    samples = []
+    for line in lines:
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 3:
+            continue
+        try:
+            stamp = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            samples.append((stamp, float(parts[1]), float(parts[2])))
+        except ValueError:
+            continue
+    return samples
+
+
+def summarize(samples: Sequence[tuple[float, float, float]],
+              windows: Sequence[tuple[float, float]]) -> ClockSummary:
+    """Median clock and power of the samples that fall inside any of ``windows`` (host seconds)."""
+    inside = [(mhz, watts) for t, mhz, watts in samples if any(a <= t <= b for a, b in windows)]
+    if not inside:
+        return ClockSummary(None, None, 0)
+    return ClockSummary(statistics.median(m for m, _ in inside), statistics.median(w for _, w in inside),
+                        len(inside))
+
+
+class ClockSampler:
+    """``nvidia-smi`` writing one sample per ``interval_ms`` to a temporary file until :meth:`stop`.
+
+    ``device``: what ``nvidia-smi -i`` accepts (an index or a ``GPU-<uuid>``); ``command`` replaces the whole
+    sampler command (tests). ``error`` says why there are no samples, when there are none."""
+
+    def __init__(self, device: str | None = None, interval_ms: int = 20, command: list[str] | None = None):
+        self.error = ""
+        self._proc = None
+        self._file = None
+        if command is None:
+            exe = shutil.which("nvidia-smi")
+            if exe is None:
+                self.error = "nvidia-smi not found"
+                return
+            command = [exe, QUERY, "--format=csv,noheader,nounits", "-lms", str(interval_ms)]
+            if device is not None:
+                command += ["-i", str(device)]
+        self._file = tempfile.TemporaryFile("w+")
+        try:
+            self._proc = subprocess.Popen(command, stdout=self._file, stderr=subprocess.DEVNULL)
+        except OSError as exc:
+            self.error = f"could not start {command[0]}: {exc}"
+            self._file.close()
+            self._file = None
+
+    def stop(self) -> list[tuple[float, float, float]]:
+        """End the sampling and return its samples (none if it never started or printed nothing usable)."""
+        if self._proc is None:
+            return []
+        if self._proc.poll() is None:
+            self._proc.terminate()
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._file.seek(0)
+        samples = parse_samples(self._file)
+        self._file.close()
+        self._proc = self._file = None
+        if not samples and not self.error:
+            self.error = "nvidia-smi gave no samples"
+        return samples
+
+
+def device_id() -> str | None:
+    """The current CUDA device as ``nvidia-smi -i`` names it (its UUID: the index may be remapped by
+    ``CUDA_VISIBLE_DEVICES``), or None when torch does not know it."""
+    try:
+        import torch
+
+        return f"GPU-{torch.cuda.get_device_properties(torch.cuda.current_device()).uuid}"
+    except Exception:
+        return None
