@@ -553,12 +553,12 @@ def test_rounds_record_failures_per_case_and_keep_the_others(tmp_path, monkeypat
 
 
 def test_clock_samples_parse_and_summarize_inside_the_case_windows():
-    lines = ["timestamp, clocks.sm [MHz], power.draw [W]",  # a header, if one is printed
-             "2026/11/30 10:00:00.000, 1500, 600.5",
-             "2026/11/30 10:00:00.020, [N/A], 601.0",
-             "2026/11/30 10:00:00.040, 1600, 700.0",
-             "2026/11/30 10:00:00.060, 1700, 690.0",
-             "2026/11/30 10:00:00.0"]  # cut by the sampler's stop
+    lines = ["timestamp, clocks.sm [MHz], power.draw [W]\n",  # a header, if one is printed
+             "2026/11/30 10:00:00.000, 1500, 600.5\n",
+             "2026/11/30 10:00:00.020, [N/A], 601.0\n",
+             "2026/11/30 10:00:00.040, 1600, 700.0\n",
+             "2026/11/30 10:00:00.060, 1700, 690.0\n",
+             "2026/11/30 10:00:00.080, 1700, 69"]  # cut by the sampler's stop: not a 69 W sample
     samples = clocks.parse_samples(lines)
     assert [(mhz, w) for _, mhz, w in samples] == [(1500, 600.5), (1600, 700.0), (1700, 690.0)]
     t0 = samples[0][0]
@@ -590,6 +590,25 @@ def test_clock_sampler_without_nvidia_smi_says_so(monkeypatch):
     assert sampler.stop() == [] and sampler.error == "nvidia-smi not found"
 
 
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_clock_sampler_that_fails_says_why(stream):
+    """A sampler that exits at once (e.g. an unknown device) leaves its complaint in ``error``, from either
+    stream (nvidia-smi writes it to stdout)."""
+    script = f"import sys; sys.{stream}.write('No devices were found\\n'); sys.exit(6)"
+    sampler = clocks.ClockSampler(command=[sys.executable, "-c", script])
+    sampler.wait_for_first_sample(timeout_s=5.0)  # returns once the process has written or exited
+    assert sampler.stop() == [] and sampler.error == "nvidia-smi gave no samples (No devices were found)"
+
+
+def test_clock_sampler_process_ends_with_the_context_even_on_an_error():
+    script = "import time\nwhile True:\n    time.sleep(0.01)\n"
+    with pytest.raises(RuntimeError, match="case broke"):
+        with clocks.ClockSampler(command=[sys.executable, "-c", script]) as sampler:
+            proc = sampler._proc
+            raise RuntimeError("case broke")
+    assert proc.poll() is not None and sampler._proc is None
+
+
 @pytest.mark.parametrize("sample", [True, False])
 def test_rounds_record_each_cases_clock_from_its_own_batches(tmp_path, monkeypatch, sample):
     """Each case's SM clock is the median over the samples taken during its own timed batches (a fake
@@ -609,6 +628,9 @@ def test_rounds_record_each_cases_clock_from_its_own_batches(tmp_path, monkeypat
             assert sample, "--no-clocks must not start a sampler"
             self.error = ""
 
+        def wait_for_first_sample(self):
+            pass
+
         def stop(self):
             return [(t + 0.5, 1000.0 + t, 500.0 + t) for t in range(tick["t"] + 1)]
 
@@ -621,6 +643,7 @@ def test_rounds_record_each_cases_clock_from_its_own_batches(tmp_path, monkeypat
     bench_run.time_cases(cases)
     windows = {c.method: c.windows for c in cases}
     assert all(len(w) == 3 for w in windows.values())
+    assert [row.status for row in bench_run.rows] == ["ok", "ok"]
     for row in bench_run.rows:
         if not sample:
             assert row.sm_clock_mhz is None and row.power_w is None and row.clock_samples == 0

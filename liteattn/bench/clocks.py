@@ -11,11 +11,14 @@ timing loop nothing; where it is missing or fails, the columns stay empty and th
 from __future__ import annotations
 
 import datetime
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -40,9 +43,12 @@ class ClockSummary:
 
 def parse_samples(lines: Iterable[str]) -> list[tuple[float, float, float]]:
     """``(host seconds, SM MHz, watts)`` per line of ``nvidia-smi --format=csv,noheader,nounits``; lines that
-    do not parse (a header, ``[N/A]``, a line cut by the sampler's stop) are left out."""
+    do not parse (a header, ``[N/A]``) and a last line without its newline (cut by the sampler's stop, e.g. a
+    power of "69" for "690.5") are left out."""
     samples = []
     for line in lines:
+        if not line.endswith("\n"):
+            continue
         parts = [p.strip() for p in line.split(",")]
         if len(parts) != 3:
             continue
@@ -68,12 +74,14 @@ class ClockSampler:
     """``nvidia-smi`` writing one sample per ``interval_ms`` to a temporary file until :meth:`stop`.
 
     ``device``: what ``nvidia-smi -i`` accepts (an index or a ``GPU-<uuid>``); ``command`` replaces the whole
-    sampler command (tests). ``error`` says why there are no samples, when there are none."""
+    sampler command (tests). ``error`` says why there are no samples, when there are none. Use it as a context
+    manager (or call :meth:`stop`); a sampler never stopped is ended when it is garbage collected or at exit, so
+    no sampling process outlives the run."""
 
     def __init__(self, device: str | None = None, interval_ms: int = 20, command: list[str] | None = None):
         self.error = ""
         self._proc = None
-        self._file = None
+        self._out = self._err = None
         if command is None:
             exe = shutil.which("nvidia-smi")
             if exe is None:
@@ -82,32 +90,70 @@ class ClockSampler:
             command = [exe, QUERY, "--format=csv,noheader,nounits", "-lms", str(interval_ms)]
             if device is not None:
                 command += ["-i", str(device)]
-        self._file = tempfile.TemporaryFile("w+")
         try:
-            self._proc = subprocess.Popen(command, stdout=self._file, stderr=subprocess.DEVNULL)
+            self._out = tempfile.TemporaryFile("w+", errors="replace")
+            self._err = tempfile.TemporaryFile("w+", errors="replace")
+            self._proc = subprocess.Popen(command, stdout=self._out, stderr=self._err)
         except OSError as exc:
             self.error = f"could not start {command[0]}: {exc}"
-            self._file.close()
-            self._file = None
+            self._close_files()
+            return
+        self._finalizer = weakref.finalize(self, _end, self._proc)
+
+    def __enter__(self) -> "ClockSampler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def wait_for_first_sample(self, timeout_s: float = 2.0) -> None:
+        """Return once the sampler has written something (or exited, or ``timeout_s`` passed): the first cases
+        timed would otherwise run before ``nvidia-smi`` has started."""
+        end = time.monotonic() + timeout_s
+        while self._proc is not None and self._proc.poll() is None and time.monotonic() < end:
+            if os.fstat(self._out.fileno()).st_size > 0:
+                return
+            time.sleep(0.01)
 
     def stop(self) -> list[tuple[float, float, float]]:
         """End the sampling and return its samples (none if it never started or printed nothing usable)."""
         if self._proc is None:
             return []
-        if self._proc.poll() is None:
-            self._proc.terminate()
+        exited = self._proc.poll()
+        self._finalizer()
         try:
-            self._proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        self._file.seek(0)
-        samples = parse_samples(self._file)
-        self._file.close()
-        self._proc = self._file = None
+            self._out.seek(0)
+            text = self._out.read()
+            samples = parse_samples(text.splitlines(keepends=True))
+            self._err.seek(0)
+            # nvidia-smi prints its complaints (e.g. "No devices were found") to stdout
+            complaint = self._err.read().strip().splitlines() or text.strip().splitlines()
+        except OSError as exc:
+            samples, complaint = [], [f"reading its output failed: {exc}"]
+        finally:
+            self._close_files()
+            self._proc = None
         if not samples and not self.error:
-            self.error = "nvidia-smi gave no samples"
+            why = complaint[0] if complaint else (f"exit code {exited}" if exited is not None else "")
+            self.error = "nvidia-smi gave no samples" + (f" ({why})" if why else "")
         return samples
+
+    def _close_files(self) -> None:
+        for f in (self._out, self._err):
+            if f is not None:
+                f.close()
+        self._out = self._err = None
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """Stop a sampling process: an interrupt first (as Ctrl-C ends nvidia-smi -lms), a kill if it lingers."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait()
 
 
 def device_id() -> str | None:

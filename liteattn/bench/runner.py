@@ -102,16 +102,21 @@ class BenchRun:
                 continue
             self._attempt(case, lambda case=case: case.start(c))
         sampler = C.ClockSampler(C.device_id()) if c.clocks else None
-        for i in range(c.rounds):
-            self._say(f"   round {i + 1}/{c.rounds}")
-            # A new order every round: under a power cap a kernel runs faster right after a light one (the
-            # clock moved between 1320 and 1980 MHz on an H200 at 700 W), so no case may always follow the same one.
-            for case in random.Random(c.seed * 1000 + i).sample(cases, len(cases)):
-                if case.row is None and i < len(case.rounds):
-                    start = C.host_now()
-                    self._attempt(case, lambda case=case: case.timer.run(case.rounds[i]))
-                    case.windows.append((start, C.host_now()))
-        samples = sampler.stop() if sampler is not None else []
+        try:
+            if sampler is not None:
+                sampler.wait_for_first_sample()
+            for i in range(c.rounds):
+                self._say(f"   round {i + 1}/{c.rounds}")
+                # A new order every round: under a power cap a kernel runs faster right after a light one (the
+                # clock moved between 1320 and 1980 MHz on an H200 at 700 W), so no case may always follow the
+                # same one.
+                for case in random.Random(c.seed * 1000 + i).sample(cases, len(cases)):
+                    if case.row is None and i < len(case.rounds):
+                        start = C.host_now()
+                        self._attempt(case, lambda case=case: case.timer.run(case.rounds[i]))
+                        case.windows.append((start, C.host_now()))
+        finally:
+            samples = sampler.stop() if sampler is not None else []
         if sampler is not None and sampler.error:
             self._note("clocks", f"SM clock not sampled: {sampler.error}")
         for case in cases:
