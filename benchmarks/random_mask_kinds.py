@@ -9,8 +9,9 @@ walk with the per-tile work of ``exact``): if ``shared`` runs at the dense walk'
 not, what ``exact`` pays for is where its tiles come from, not the partial-row code path (KERNEL_NOTES.md, v15).
 The total work is the same; only the lengths of the work items and the tiles they read differ. Cases are timed
 in interleaved rounds, each in a new seeded order, with both timers (``time_cuda``: L2 flush, CUDA events, host
-ahead; ``triton.testing.do_bench``), against liteattn's dense time (KERNEL_NOTES.md, v12). The states use 128x128 tiles (the default at head_dim 64 and 128) and run with
-``threshold=-inf`` (nothing marked), as the bench's ``liteattn-sparse`` does.
+ahead; ``triton.testing.do_bench``), against liteattn's dense time (KERNEL_NOTES.md, v12). The states use 128x128
+tiles (the default at head_dim 64 and 128) and run with ``threshold=-inf`` (nothing marked), as the bench's
+``liteattn-sparse`` does.
 ``--variants`` times each state under several kernel variants of ``kernel_variants.py`` (e.g. the claim order:
 ``persist-index,persist-sorted``, KERNEL_NOTES.md v14), ``--detect`` also with detection on.
 ``--clocks`` samples the SM clock and board power (:mod:`liteattn.bench.clocks`) and reports their medians
