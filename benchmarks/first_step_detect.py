@@ -7,11 +7,15 @@ for a fresh state until v10 measured it slower here. ``cudnn`` (torch SDPA, cuDN
 rounds) gives the dense target's ratio with the bench's timer.
 Cases are timed in interleaved rounds, each in a new seeded order (``liteattn.bench.timing.time_cuda``: L2
 flush, CUDA events, host ahead of the GPU), so clock drift and the power cap hit all alike.
-Run: ``python benchmarks/first_step_detect.py [--variants persist] [--shapes hunyuan,wan14b] [--rounds 3]``.
+``--clocks`` samples the SM clock and board power (:mod:`liteattn.bench.clocks`) and reports their medians over
+each case's calls: under the power cap a call's speed is also its clock's.
+Run: ``python benchmarks/first_step_detect.py [--variants persist] [--shapes hunyuan,wan14b] [--rounds 3]
+[--clocks]``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 
@@ -20,6 +24,7 @@ import torch
 from kernel_dev import sdpa  # same folder: the script's directory is on sys.path
 from kernel_variants import SHAPES, parse_variants, set_variant
 from liteattn import SkipState, lite_attention
+from liteattn.bench import clocks
 from liteattn.bench.timing import time_cuda
 from liteattn.kernels.forward import lite_attention_fwd
 from liteattn.state import tile_protection
@@ -45,34 +50,55 @@ def cases_for(q, k, v):
             "list": lambda: lite_attention(q, k, v, listed, threshold=-1e4)}
 
 
+def time_shape(shape, variants, args):
+    """All cases of every variant at one shape, in shuffled rounds; prints a line per variant and returns each
+    case's host time windows (for the clock medians)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(*SHAPES[shape], device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cases = cases_for(q, k, v)
+    times = {(var, case): [] for var in variants for case in cases}
+    windows = {key: [] for key in times}
+    for r in range(args.rounds):
+        order = list(times)
+        random.Random(r).shuffle(order)  # no case always follows the same one (the power cap, v11)
+        for var, case in order:
+            set_variant(var)
+            t0 = clocks.host_now()
+            times[var, case].append(time_cuda(cases[case], budget_ms=0, min_reps=args.reps,
+                                              max_reps=args.reps).median_ms)
+            windows[var, case].append((t0, clocks.host_now()))
+    for var in variants:
+        med = {case: statistics.median(times[var, case]) for case in cases}
+        ratios = {case: round(med[case] / med["dense"], 4) for case in cases}
+        print(shape, var, {c: round(t, 2) for c, t in med.items()}, "ms; / dense:", ratios,
+              "dense / cudnn:", round(med["dense"] / med["cudnn"], 4),
+              "rounds:", {c: [round(x, 1) for x in times[var, c]] for c in cases}, flush=True)
+    del q, k, v, cases
+    torch.cuda.empty_cache()
+    return {(shape, *key): spans for key, spans in windows.items()}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--variants", default="persist")
     p.add_argument("--shapes", default="hunyuan")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=3, help="timed calls per case and round")
+    p.add_argument("--clocks", action="store_true", help="sample SM clock and power with nvidia-smi")
     args = p.parse_args()
     variants = parse_variants(p, args.variants)
-    for shape in args.shapes.split(","):
-        torch.manual_seed(0)
-        q, k, v = (torch.randn(*SHAPES[shape], device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        cases = cases_for(q, k, v)
-        times = {(var, case): [] for var in variants for case in cases}
-        for r in range(args.rounds):
-            order = list(times)
-            random.Random(r).shuffle(order)  # no case always follows the same one (the power cap, v11)
-            for var, case in order:
-                set_variant(var)
-                times[var, case].append(time_cuda(cases[case], budget_ms=0, min_reps=args.reps,
-                                                  max_reps=args.reps).median_ms)
-        for var in variants:
-            med = {case: statistics.median(times[var, case]) for case in cases}
-            ratios = {case: round(med[case] / med["dense"], 4) for case in cases}
-            print(shape, var, {c: round(t, 2) for c, t in med.items()}, "ms; / dense:", ratios,
-                  "dense / cudnn:", round(med["dense"] / med["cudnn"], 4),
-                  "rounds:", {c: [round(x, 1) for x in times[var, c]] for c in cases}, flush=True)
-        del q, k, v, cases
-        torch.cuda.empty_cache()
+    with clocks.ClockSampler(clocks.device_id()) if args.clocks else contextlib.nullcontext() as sampler:
+        if sampler is not None:
+            sampler.wait_for_first_sample()
+        windows = {}
+        for shape in args.shapes.split(","):
+            windows.update(time_shape(shape, variants, args))
+        if sampler is not None:
+            samples = sampler.stop()
+            for key, spans in windows.items():
+                c = clocks.summarize(samples, spans)
+                print("clocks", *key, "SM MHz median", c.sm_clock_mhz, "power W median", c.power_w,
+                      "samples", c.samples, sampler.error or "")
 
 
 if __name__ == "__main__":

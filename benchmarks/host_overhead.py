@@ -5,11 +5,14 @@ For a few short cases (high skipped fractions), compares three timings of the sa
 let the host get ahead of the GPU),
 ``graph`` (the call captured in a CUDA graph and replayed between the same flushes: GPU time only) and
 ``host`` (wall time per call while the GPU keeps up), plus a cProfile of the host path.
-Run: ``python benchmarks/host_overhead.py --out DIR``.
+``--compare-lookups`` instead times the host path with and without the per-GPU / per-shape caches of the launch
+(compute capability, the descriptors' shared-memory layouts) in alternating rounds, the GPU kept busy.
+Run: ``python benchmarks/host_overhead.py --out DIR [--compare-lookups]``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -65,11 +68,62 @@ def graph_time(fn, reps=30):
     return statistics.median(event_times(replay, reps, scratch))
 
 
+@contextlib.contextmanager
+def uncached_lookups():
+    """The launch's lookups as they were before they were cached: the compute capability asked from torch and
+    the tile layouts derived by Gluon on every call."""
+    import liteattn.kernels.forward as fwd
+    import liteattn.kernels.hopper_persistent as persistent
+
+    cached = fwd._capability, persistent._tile_layout
+    fwd._capability = torch.cuda.get_device_capability
+    persistent._tile_layout = cached[1].__wrapped__
+    try:
+        yield
+    finally:
+        fwd._capability, persistent._tile_layout = cached
+
+
+def compare_lookups(out, rounds=9, calls=150):
+    """Host ms per call of the head_dim-64 s = 0.9 call, cached against uncached lookups, alternating rounds."""
+    (b, s, h, d), frac = CASES["hdim64-s0.9"]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    bm, bn = default_block_sizes(d)
+    keep = torch.rand(b, h, math.ceil(s / bm), math.ceil(s / bn), device="cuda") >= frac
+    keep[..., 0] = True
+    state = SkipState.from_dense(keep, s, s, bm, bn)
+    rows = []
+    for mode, thr in (("no-detect", float("-inf")), ("detect", -1e4)):
+        times = {"cached": [], "uncached": []}
+        for r in range(rounds):
+            for variant in (("cached", "uncached") if r % 2 == 0 else ("uncached", "cached")):
+                with uncached_lookups() if variant == "uncached" else contextlib.nullcontext():
+                    lite_attention(q, k, v, state, threshold=thr)
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        lite_attention(q, k, v, state, threshold=thr)
+                    times[variant].append((time.perf_counter() - t0) / calls * 1e3)
+                    torch.cuda.synchronize()
+        row = {"case": "hdim64-s0.9", "mode": mode, "calls_per_round": calls,
+               **{f"host_ms_{name}": statistics.median(t) for name, t in times.items()},
+               **{f"rounds_{name}": t for name, t in times.items()}}
+        rows.append(row)
+        print(row, flush=True)
+    with open(os.path.join(out, "host_lookups.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="host-overhead")
+    p.add_argument("--compare-lookups", action="store_true")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.compare_lookups:
+        compare_lookups(args.out)
+        return
     rows = []
     for name, ((b, s, h, d), frac) in CASES.items():
         torch.manual_seed(0)

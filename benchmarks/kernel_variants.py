@@ -10,7 +10,10 @@ the longest lists first (now ``persist-bywork``), and before v11 it took turns a
 as every kernel did before v12; ``persist-chainmax`` / ``persist-treemax`` fold row maxima as one chain
 (every kernel before v13) / as a tree in every specialization (``persist``: the dense walk at head_dim 64);
 ``persist-index`` / ``persist-sorted`` claim a head's query tiles in index order (every shape from v10 to v13) /
-longest list first at every shape (``persist``: where a head's K/V exceed half the L2, since v14). Every
+longest list first at every shape (``persist``: where a head's K/V exceed half the L2, since v14);
+``persist-fullsums`` / ``persist-lanesums`` add a row's four lanes into its softmax sum at every key tile (every
+kernel before v16) / once per query tile in every specialization (``persist``: in list walks; in the raw
+``kernel-variants-lane-sums-h200.json``, timed before that rule, ``persist`` is ``persist-lanesums``). Every
 variant is first checked (output vs cuDNN, written state vs the PyTorch reference on structured inputs),
 then timed in interleaved rounds, each in a new seeded order, so that clock drift hits all variants alike (before
 v13 the order was fixed).
@@ -44,11 +47,11 @@ SHAPES = {"wan1.3b": (1, 32760, 12, 128), "hdim64": (1, 16384, 24, 64), "wan14b"
 
 PER_TILE = {"SM90_KERNEL": True, "SM90_PERSISTENT": False, "hopper.PREFETCH": True, "SCHEDULE_BY_WORK": True,
             "hopper.SMEM_BUDGET": 220 * 1024, "hopper.BY_POSITION": True,
-            "hopper.TREE_MAX": None}
+            "hopper.TREE_MAX": None, "hopper.LANE_SUMS": None}
 PERSISTENT = {"SM90_KERNEL": True, "SM90_PERSISTENT": True, "persistent.PREFETCH": True,
               "persistent.REGS": (40, 232), "persistent.ORDER_BY_WORK": None, "persistent.MAX_STAGES": 4,
               "persistent.PINGPONG": None, "persistent.SMEM_BUDGET": 220 * 1024, "persistent.BY_POSITION": True,
-              "persistent.TREE_MAX": None}
+              "persistent.TREE_MAX": None, "persistent.LANE_SUMS": None}
 N128 = {"tiles": {64: (128, 128), 128: (128, 128)}}
 VARIANTS = {
     "words": {"FLAG_WORDS": True, "SM90_KERNEL": False},
@@ -68,6 +71,8 @@ VARIANTS = {
     "persist-lr": {**PERSISTENT, "persistent.BY_POSITION": False},
     "persist-chainmax": {**PERSISTENT, "persistent.TREE_MAX": False},
     "persist-treemax": {**PERSISTENT, "persistent.TREE_MAX": True},
+    "persist-fullsums": {**PERSISTENT, "persistent.LANE_SUMS": False},
+    "persist-lanesums": {**PERSISTENT, "persistent.LANE_SUMS": True},
     "persist-nopp": {**PERSISTENT, "persistent.PINGPONG": False},
     "persist-r240": {**PERSISTENT, "persistent.PINGPONG": True, "persistent.REGS": (24, 240)},
     "persist-r240-nopp": {**PERSISTENT, "persistent.PINGPONG": False, "persistent.REGS": (24, 240)},

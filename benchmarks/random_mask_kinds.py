@@ -22,6 +22,7 @@ Run: ``python benchmarks/random_mask_kinds.py [--shape 1,118800,24,128] [--round
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 
@@ -102,24 +103,26 @@ def main():
         fn()
     torch.cuda.synchronize()
     timed = {"time_cuda": {n: [] for n in cases}, "do_bench": {n: [] for n in cases}}
-    sampler = clocks.ClockSampler(clocks.device_id()) if args.clocks else None
     windows = {n: [] for n in cases}  # host times while each case's time_cuda batch ran
-    for r in range(args.rounds):
-        order = list(cases)
-        random.Random(r).shuffle(order)
-        for n in order:
-            fn = cases[n][0]
-            t0 = clocks.host_now()
-            timed["time_cuda"][n].append(time_cuda(fn, budget_ms=0, min_reps=3, max_reps=3).median_ms)
-            windows[n].append((t0, clocks.host_now()))
-            if r < 3:
-                timed["do_bench"][n].append(triton.testing.do_bench(fn, warmup=10, rep=150))
-    if sampler is not None:
-        samples = sampler.stop()
-        for n, spans in windows.items():
-            c = clocks.summarize(samples, spans)
-            print("clocks", n, "SM MHz median", c.sm_clock_mhz, "power W median", c.power_w, "samples", c.samples,
-                  sampler.error)
+    with clocks.ClockSampler(clocks.device_id()) if args.clocks else contextlib.nullcontext() as sampler:
+        if sampler is not None:
+            sampler.wait_for_first_sample()
+        for r in range(args.rounds):
+            order = list(cases)
+            random.Random(r).shuffle(order)
+            for n in order:
+                fn = cases[n][0]
+                t0 = clocks.host_now()
+                timed["time_cuda"][n].append(time_cuda(fn, budget_ms=0, min_reps=3, max_reps=3).median_ms)
+                windows[n].append((t0, clocks.host_now()))
+                if r < 3:
+                    timed["do_bench"][n].append(triton.testing.do_bench(fn, warmup=10, rep=150))
+        if sampler is not None:
+            samples = sampler.stop()
+            for n, spans in windows.items():
+                c = clocks.summarize(samples, spans)
+                print("clocks", n, "SM MHz median", c.sm_clock_mhz, "power W median", c.power_w, "samples",
+                      c.samples, sampler.error or "")
     for label, t in timed.items():
         med = {n: statistics.median(x) for n, x in t.items()}
         print(label, {n: round(m, 1) for n, m in med.items()})

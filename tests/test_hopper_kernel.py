@@ -153,6 +153,35 @@ def test_row_max_is_folded_as_a_tree(module, tree_max):
         assert (7 <= chain <= 12) if tree_max else (chain >= 31), chain
 
 
+@pytest.mark.parametrize("module", ["hopper", "hopper_persistent"])
+@pytest.mark.parametrize("lane_sums", [True, False])
+def test_row_sums_stay_in_each_lane_until_the_end(module, lane_sums):
+    """With ``LANE_SUMS`` the tile loop shuffles only for the row maximum (two levels for each of a thread's two
+    rows: 4 SHFL); adding the lanes' sums at every tile, as the kernel did before, takes 4 more, and the check
+    fails on that."""
+    ptx = _compile_ptx(module, 128, 64, True, False, None, switches=f"m.LANE_SUMS = {lane_sums}")
+    loops = _tile_loops(_sass(ptx))
+    assert len(loops) == 2, "one tile loop per consumer"
+    for body in loops:
+        shuffles = sum(ins.startswith("SHFL") for ins in body)
+        assert shuffles == (4 if lane_sums else 8), shuffles
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_persistent_descriptors_reuse_one_layout_per_tile_shape(dtype):
+    """The launch's four TMA descriptors take their shared-memory layout from a per-shape cache: the same object
+    for every call, equal to the layout Gluon derives for that tile and dtype."""
+    from triton.experimental.gluon import language as gl
+
+    x = torch.empty(1, 3, 300, 64, dtype=dtype)
+    first, again = persistent._descriptor(x, 64), persistent._descriptor(x[:, :2], 64)
+    assert first.layout is again.layout
+    assert first.layout == gl.NVMMASharedLayout.get_default_for(
+        [1, 1, 64, 64], gl.float16 if dtype == torch.float16 else gl.bfloat16)
+    assert first.block_shape == [1, 1, 64, 64] and again.shape == [1, 2, 300, 64]
+    assert persistent._descriptor(x, 128).layout is persistent._tile_layout(128, 64, dtype == torch.float16)
+
+
 def _record_launches(monkeypatch, module, kernel_name) -> dict:
     """Replace a module's Gluon kernel by a recorder: the returned dict holds the last launch's keyword
     arguments (the constexprs) and its ``grid``."""
@@ -168,14 +197,15 @@ def _record_launches(monkeypatch, module, kernel_name) -> dict:
 
 @pytest.mark.parametrize("forced", [None, True, False])
 def test_persistent_launch_takes_turns_above_head_dim_64(forced, monkeypatch):
-    """The persistent launch passes ``pingpong_for(head_dim)``, ``tree_max_for(head_dim, dense)`` and the ring
-    depth the shared memory allows
+    """The persistent launch passes ``pingpong_for(head_dim)``, ``tree_max_for(head_dim, dense)``,
+    ``lane_sums_for(dense)`` and the ring depth the shared memory allows
     (checked on the CPU: the kernel is replaced by a recorder)."""
     seen = _record_launches(monkeypatch, persistent, "_lite_attention_fwd_sm90_persistent")
     monkeypatch.setattr(persistent, "_sm_count", lambda index: 132)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(persistent, "PINGPONG", forced)
     monkeypatch.setattr(persistent, "TREE_MAX", forced)
+    monkeypatch.setattr(persistent, "LANE_SUMS", forced)
     for head_dim in (64, 128):
         q = torch.randn(1, 2, 256, head_dim).bfloat16()
         small = torch.zeros(4, dtype=torch.int32)
@@ -185,9 +215,11 @@ def test_persistent_launch_takes_turns_above_head_dim_64(forced, monkeypatch):
                           return_lse=False, use_order=False)
         assert seen["PINGPONG"] is (head_dim > 64 if forced is None else forced)
         assert seen["TREE_MAX"] is (False if forced is None else forced)  # a list walk (dense=False)
+        assert seen["LANE_SUMS"] is (True if forced is None else forced)
         persistent.launch(args, dim=head_dim, seq_k=256, block_m=128, block_n=128, dense=True, write_state=False,
                           return_lse=False, use_order=False)
         assert seen["TREE_MAX"] is (head_dim == 64 if forced is None else forced)  # the dense walk
+        assert seen["LANE_SUMS"] is (False if forced is None else forced)
         assert seen["STAGES"] == (4 if head_dim == 64 else 2)
         assert seen["grid"] == (4,)  # 1 batch x 2 heads x 2 query tiles, fewer than the SMs
 
@@ -209,15 +241,18 @@ def test_persistent_kernel_sorts_items_where_a_heads_kv_exceeds_half_the_l2(forc
 
 @pytest.mark.parametrize("forced", [None, True, False])
 def test_per_tile_launch_folds_row_maxima_by_the_rule(forced, monkeypatch):
-    """The per-tile launch passes ``tree_max_for(head_dim, dense)`` too: by default a tree in the dense walk at
-    head_dim 64 only (checked on the CPU: the kernel is replaced by a recorder)."""
+    """The per-tile launch passes ``tree_max_for(head_dim, dense)`` and ``lane_sums_for(dense)`` too: by default
+    a tree in the dense walk at head_dim 64 only, lane sums in list walks only (checked on the CPU: the kernel is
+    replaced by a recorder)."""
     seen = _record_launches(monkeypatch, hopper, "_lite_attention_fwd_sm90")
     monkeypatch.setattr(hopper, "TREE_MAX", forced)
+    monkeypatch.setattr(hopper, "LANE_SUMS", forced)
     for head_dim in (64, 128):
         for dense in (True, False):
             hopper.launch((1, 1), (), dim=head_dim, seq_k=256, block_m=128, block_n=128, dense=dense,
                           write_state=not dense, return_lse=False, use_order=False)
             assert seen["TREE_MAX"] is ((head_dim == 64 and dense) if forced is None else forced)
+            assert seen["LANE_SUMS"] is ((not dense) if forced is None else forced)
 
 
 @pytest.fixture(params=["per-tile", "persistent", "persistent-5-programs", "persistent-5-programs-by-work"])
@@ -268,14 +303,17 @@ def test_sm90_kernel_matches_reference(block, pingpong, monkeypatch, gluon_launc
 
 
 @needs_hopper
-@pytest.mark.parametrize("tree_max", [True, False])
+@pytest.mark.parametrize("tree_max,lane_sums", [(True, True), (False, True), (False, False)])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_sm90_kernel_long_lists(head_dim, tree_max, monkeypatch, gluon_launches, gen, local_qkv, shuffled_state,
-                                check):
+def test_sm90_kernel_long_lists(head_dim, tree_max, lane_sums, monkeypatch, gluon_launches, gen, local_qkv,
+                                shuffled_state, check):
     """More than 128 key tiles per query tile in bf16: several 32-tile detection words per row, a compaction
-    over more than one 128-position chunk, full rows next to partial ones; row maxima folded either way."""
+    over more than one 128-position chunk, full rows next to partial ones; row maxima folded either way, row
+    sums kept per lane or added across lanes at every tile."""
     monkeypatch.setattr(hopper, "TREE_MAX", tree_max)
     monkeypatch.setattr(persistent, "TREE_MAX", tree_max)
+    monkeypatch.setattr(hopper, "LANE_SUMS", lane_sums)
+    monkeypatch.setattr(persistent, "LANE_SUMS", lane_sums)
     launches = gluon_launches
     sq, sk, bm, bn = 260, 8300, 128, 64
     q, k, v = (x.bfloat16() for x in local_qkv(1, sq, 2, 1, head_dim, seq_len_k=sk, generator=gen))

@@ -248,3 +248,21 @@ def test_empty_list_attends_to_nothing(gen, local_qkv, check, kernel_device):
     rows = slice(32, 48)
     assert torch.equal(out[0, rows, 1].float().cpu(), torch.zeros(16, 32))
     assert torch.isneginf(lse[0, 1, rows].cpu()).all()
+
+
+def test_device_capability_is_asked_once_per_gpu(monkeypatch):
+    """Every launch checks the compute capability; torch is asked once per GPU index, and a device without an
+    index means the current one (checked on the CPU: torch's lookup is replaced by a counter)."""
+    import liteattn.kernels.forward as fwd
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: asked.append(index) or (9, index))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    fwd._capability.cache_clear()
+    try:
+        for _ in range(3):
+            assert fwd.device_capability(torch.device("cuda", 0)) == (9, 0)
+            assert fwd.device_capability(torch.device("cuda")) == (9, 1)
+        assert asked == [0, 1]
+    finally:
+        fwd._capability.cache_clear()  # the real lookup for later tests

@@ -232,11 +232,22 @@ def _tma_allocator(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of a CUDA device, looked up once per GPU: every call asks for it (twice), and
+    torch's lookup costs microseconds of host time each, which a 0.4 ms sparse call cannot spare."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def tma_supported(device: torch.device) -> bool:
     """Device-side tensor descriptors need a Hopper (sm90) or newer NVIDIA GPU."""
     if _interpreting() or device.type != "cuda" or torch.version.hip is not None:
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return device_capability(device)[0] >= 9
 
 
 def _tma_ready(x: torch.Tensor) -> bool:

@@ -34,6 +34,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from .forward import device_capability
+
 PRODUCER_REGS = gl.constexpr(24)
 CONSUMER_REGS = gl.constexpr(240)
 # The two consumers take turns issuing tensor-core work (FlashAttention-3's inter-warpgroup overlap).
@@ -46,6 +48,12 @@ BY_POSITION = True
 # force it. On an H200 the dense walk ran 1.7-2.4 % faster with it at head_dim 64 and 4-6 % slower at head_dim 128,
 # and list walks at head_dim 64 ran 4.5-10 % slower (KERNEL_NOTES.md v13).
 TREE_MAX: bool | None = None
+# Keep each lane's share of a row's softmax sum and add the four lanes of a row once per query tile, not per key
+# tile (:func:`_lane_sums`). None: in list walks only (``lane_sums_for``); True / False force it. On an H200 it made
+# detection 2.3 % faster at head_dim 64 and sparse calls there and at Wan 1.3B up to 2.4 %, equal within 1 % at
+# Wan 14B and HunyuanVideo; but the dense walk was no faster at head_dim 64 and 9-11 % slower at HunyuanVideo,
+# with the same tile loop apart from the 8 instructions it removes (KERNEL_NOTES.md v16).
+LANE_SUMS: bool | None = None
 # Registers per thread over all warps (consumers + the producer's warpgroup) of one program: one program
 # per SM, so the whole register file (64 K) is split between them.
 MAX_REGS = 168
@@ -134,6 +142,41 @@ def _row_max(s, TREE: gl.constexpr, s_layout: gl.constexpr):
 
 
 @gluon.jit
+def _lane_sums(p, LANE_SUMS: gl.constexpr):
+    """Per-lane partial row sums of a P tile: shape (ROWS, 4), the four lanes that share a row in the wgmma
+    layout each keep the sum of their own columns; or with ``LANE_SUMS`` off, full row sums (ROWS,).
+
+    Why: a full row sum costs two shuffles and two adds per row and tile on top of the 31 in-thread adds; the
+    row sum is only needed at the end, and the partials are rescaled by the same factor as the full sum, so
+    the lanes are added once per query tile instead (FlashAttention-3 does the same)."""
+    if LANE_SUMS:
+        ROWS: gl.constexpr = p.shape[0]
+        N: gl.constexpr = p.shape[1]
+        # Column c = 8 k + 2 lane + e in the wgmma accumulator layout: k and e are register bits, lane the lane
+        # within the row's quad. Summing over k and e stays inside the thread.
+        sums = gl.sum(gl.sum(gl.reshape(p, [ROWS, N // 8, 4, 2]), axis=3), axis=1)
+    else:
+        sums = gl.sum(p, axis=1)
+    return sums
+
+
+@gluon.jit
+def _rescaled_sums(l_i, alpha, part, LANE_SUMS: gl.constexpr):
+    """``l_i * alpha + part`` for full row sums or lane partials (``alpha`` is per row)."""
+    if LANE_SUMS:
+        alpha = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, part.type.layout), assert_trivial=True), 1)
+    return l_i * alpha + part
+
+
+@gluon.jit
+def _row_sums(l_i, row_layout: gl.constexpr, LANE_SUMS: gl.constexpr):
+    """Full row sums from :func:`_lane_sums`' partials (the once-per-item quad reduction)."""
+    if LANE_SUMS:
+        l_i = gl.convert_layout(gl.sum(l_i, axis=1), row_layout, assert_trivial=True)
+    return l_i
+
+
+@gluon.jit
 def _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, threshold, SEQ_K, KT,
             BLOCK_N: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, TREE_MAX: gl.constexpr,
             s_layout: gl.constexpr):
@@ -188,7 +231,8 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
                   full_row, flag_words, row_valid, acc, m_i, l_i, qk_scale, threshold, SEQ_K, KT,
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr,
                   TURN: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr, BY_POSITION: gl.constexpr,
-                  TREE_MAX: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+                  TREE_MAX: gl.constexpr, LANE_SUMS: gl.constexpr, s_layout: gl.constexpr,
+                  o_layout: gl.constexpr):
     """One consumer's rows over a query tile's ``n_active`` (> 0) listed key tiles; returns acc, m, l.
 
     Q·Kᵀ of tile t is issued before the softmax of tile t runs behind P·V of tile t-1 (FA3's
@@ -215,7 +259,7 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
     mbarrier.arrive(k_empty.index(stage), count=1)
     p, alpha, m_i, bits = _scores(s, 0, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, threshold, SEQ_K,
                                   KT, BLOCK_N, RAGGED_K, WRITE_STATE, TREE_MAX, s_layout)
-    l_i = gl.sum(p, axis=1)
+    l_part = _lane_sums(p, LANE_SUMS)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     for t in range(1, n_active):
         gt = g + t
@@ -238,7 +282,7 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
             j = _tile_at(idx_ptr, full_row, t, KT, BY_POSITION)
         p, alpha, m_i, bits = _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, threshold,
                                       SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, TREE_MAX, s_layout)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
+        l_part = _rescaled_sums(l_part, alpha, _lane_sums(p, LANE_SUMS), LANE_SUMS)
         acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
         mbarrier.arrive(v_empty.index(prev), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
@@ -249,7 +293,7 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
     o_tok = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(o_tok, ))
     mbarrier.arrive(v_empty.index(last), count=1)
-    return acc, m_i, l_i
+    return acc, m_i, _row_sums(l_part, gl.SliceLayout(1, s_layout), LANE_SUMS)
 
 
 @gluon.jit
@@ -268,7 +312,7 @@ def _consumer(row0, q_rows, q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_
               ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
               RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
               TURN: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr, BY_POSITION: gl.constexpr,
-              TREE_MAX: gl.constexpr):
+              TREE_MAX: gl.constexpr, LANE_SUMS: gl.constexpr):
     """``ROWS`` query rows starting at ``row0`` (:func:`_attend_tiles`), then their output and LSE."""
     NUM_WARPS: gl.constexpr = ROWS // 16
     dtype: gl.constexpr = q_rows.dtype
@@ -289,7 +333,7 @@ def _consumer(row0, q_rows, q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_
         acc, m_i, l_i = _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, 0,
                                       idx_ptr, n_active, full_row, flag_words, row_valid, acc, m_i, l_i, qk_scale,
                                       threshold, SEQ_K, KT, BLOCK_N, STAGES, RAGGED_K, WRITE_STATE, TURN, PINGPONG,
-                                      PREFETCH, BY_POSITION, TREE_MAX, s_layout, o_layout)
+                                      PREFETCH, BY_POSITION, TREE_MAX, LANE_SUMS, s_layout, o_layout)
 
     # Epilogue: stage through this consumer's rows of Q's shared memory (no longer read) and store with TMA,
     # which clips the rows past SEQ_Q.
@@ -316,6 +360,7 @@ def _lite_attention_fwd_sm90(
     DENSE: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
     RAGGED_K: gl.constexpr, BLOCK_C: gl.constexpr, USE_ORDER: gl.constexpr,
     PINGPONG: gl.constexpr, PREFETCH: gl.constexpr, BY_POSITION: gl.constexpr, TREE_MAX: gl.constexpr,
+    LANE_SUMS: gl.constexpr,
 ):
     dtype: gl.constexpr = Q.dtype.element_ty
     ROWS: gl.constexpr = BLOCK_M // 2  # two consumer partitions (one warpgroup each) share a query tile
@@ -380,11 +425,11 @@ def _lite_attention_fwd_sm90(
         (_consumer, (row0, q_smem.slice(0, ROWS), q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
                      turn_bars, idx_ptr, n_active, full_row, flag_words, qk_scale, threshold, o_desc, LSE,
                      lse_off, SEQ_Q, SEQ_K, KT, ROWS, BLOCK_N, BLOCK_D, STAGES, RAGGED_K, WRITE_STATE,
-                     RETURN_LSE, 0, PINGPONG, PREFETCH, BY_POSITION, TREE_MAX)),
+                     RETURN_LSE, 0, PINGPONG, PREFETCH, BY_POSITION, TREE_MAX, LANE_SUMS)),
         (_consumer, (row0 + ROWS, q_smem.slice(ROWS, ROWS), q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty,
                      v_empty, turn_bars, idx_ptr, n_active, full_row, flag_words, qk_scale, threshold, o_desc, LSE,
                      lse_off, SEQ_Q, SEQ_K, KT, ROWS, BLOCK_N, BLOCK_D, STAGES, RAGGED_K, WRITE_STATE,
-                     RETURN_LSE, 1, PINGPONG, PREFETCH, BY_POSITION, TREE_MAX)),
+                     RETURN_LSE, 1, PINGPONG, PREFETCH, BY_POSITION, TREE_MAX, LANE_SUMS)),
         (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, idx_ptr, n_active,
                      full_row, KT, BLOCK_N, STAGES, PREFETCH, BY_POSITION)),
     ], [NUM_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -405,13 +450,19 @@ def tree_max_for(head_dim: int, dense: bool, forced: bool | None) -> bool:
     return (head_dim <= 64 and dense) if forced is None else forced
 
 
+def lane_sums_for(dense: bool, forced: bool | None) -> bool:
+    """Whether row sums stay per lane until the end in this specialization: ``forced`` (a module's
+    ``LANE_SUMS``) if set, else in list walks only (:data:`LANE_SUMS`)."""
+    return (not dense) if forced is None else forced
+
+
 def supports(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int) -> bool:
     """Whether this kernel runs the call: an sm90 GPU, fp16/bf16, head_dim 64 or 128, and the skip state's
     tiles 128 query rows by 64 or 128 keys (two 64-row consumers per query tile). Anything else runs the
     Triton kernel, which has the same semantics."""
     if q.device.type != "cuda" or torch.version.hip is not None:
         return False
-    if torch.cuda.get_device_capability(q.device) != (9, 0):
+    if device_capability(q.device) != (9, 0):
         return False
     dim = q.shape[-1]
     return (q.dtype in (torch.float16, torch.bfloat16) and dim in (64, 128) and block_m == 128
@@ -439,7 +490,7 @@ def launch(grid, args, *, dim, seq_k, block_m, block_n, dense, write_state, retu
         DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse,
         RAGGED_K=seq_k % block_n != 0, BLOCK_C=32 * warps, USE_ORDER=use_order,
         PINGPONG=PINGPONG, PREFETCH=PREFETCH, BY_POSITION=BY_POSITION,
-        TREE_MAX=tree_max_for(dim, dense, TREE_MAX),
+        TREE_MAX=tree_max_for(dim, dense, TREE_MAX), LANE_SUMS=lane_sums_for(dense, LANE_SUMS),
         num_warps=warps, maxnreg=MAX_REGS,
     )
 
@@ -454,7 +505,8 @@ def compile_offline(block_n: int = 128, head_dim: int = 128, dense: bool = False
     constexprs = dict(BLOCK_D=head_dim, BLOCK_M=128, BLOCK_N=block_n, STAGES=stages_for(128, block_n, head_dim),
                       DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=True, RAGGED_K=True, BLOCK_C=128,
                       USE_ORDER=not dense, PINGPONG=PINGPONG if pingpong is None else pingpong, PREFETCH=PREFETCH,
-                      BY_POSITION=BY_POSITION, TREE_MAX=tree_max_for(head_dim, dense, TREE_MAX))
+                      BY_POSITION=BY_POSITION, TREE_MAX=tree_max_for(head_dim, dense, TREE_MAX),
+                      LANE_SUMS=lane_sums_for(dense, LANE_SUMS))
     fn = _lite_attention_fwd_sm90
     types = {name: "*" + dtype for name in ("Q", "K", "V", "O")}
     return compile_sm90a(fn, constexprs, types, aligned={n for n in fn.arg_names if n.startswith("stride")})

@@ -42,7 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .hopper import (MAX_REGS, _attend_tiles, _compact_chunk, _copy_when_free, _next_tile, _normalize,
-                     _tile_at, compile_sm90a, tree_max_for)
+                     _tile_at, compile_sm90a, lane_sums_for, tree_max_for)
 
 # setmaxnreg (producer, consumer) registers per thread: the producer also compacts the finished items; the
 # consumers get what the producer's warpgroup gives up, 168 + (168 - producer) / 2. Measured: (40, 232); with
@@ -56,6 +56,7 @@ PINGPONG: bool | None = None
 PREFETCH = True
 BY_POSITION = True  # see hopper.BY_POSITION
 TREE_MAX: bool | None = None  # see hopper.TREE_MAX
+LANE_SUMS: bool | None = None  # see hopper.LANE_SUMS
 # K/V ring budget beside two Q buffers (bytes), and the most stages it is split into.
 SMEM_BUDGET = 220 * 1024
 MAX_STAGES = 4
@@ -190,7 +191,7 @@ def _consumer(o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_read
               ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
               DENSE: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
               USE_ORDER: gl.constexpr, TURN: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr,
-              BY_POSITION: gl.constexpr, TREE_MAX: gl.constexpr):
+              BY_POSITION: gl.constexpr, TREE_MAX: gl.constexpr, LANE_SUMS: gl.constexpr):
     """Rows ``TURN * ROWS`` to ``(TURN + 1) * ROWS`` of every item's query tile
     (:func:`liteattn.kernels.hopper._attend_tiles`, ring and turn phases counted over the whole program), then
     their output and LSE."""
@@ -224,7 +225,8 @@ def _consumer(o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_read
             acc, m_i, l_i = _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, g,
                                           idx_ptr, n_active, full_row, flag_words, row_valid, acc, m_i, l_i,
                                           qk_scale, threshold, SEQ_K, KT, BLOCK_N, STAGES, RAGGED_K, WRITE_STATE,
-                                          TURN, PINGPONG, PREFETCH, BY_POSITION, TREE_MAX, s_layout, o_layout)
+                                          TURN, PINGPONG, PREFETCH, BY_POSITION, TREE_MAX, LANE_SUMS, s_layout,
+                                          o_layout)
         if WRITE_STATE:  # this consumer's detection atomics for the item are issued
             mbarrier.arrive(flags_bars.index(i % 2), count=1)
 
@@ -252,7 +254,7 @@ def _lite_attention_fwd_sm90_persistent(
     BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     DENSE: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
     RAGGED_K: gl.constexpr, USE_ORDER: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr,
-    BY_POSITION: gl.constexpr, TREE_MAX: gl.constexpr,
+    BY_POSITION: gl.constexpr, TREE_MAX: gl.constexpr, LANE_SUMS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     dtype: gl.constexpr = q_desc.dtype
@@ -289,11 +291,11 @@ def _lite_attention_fwd_sm90_persistent(
         (_consumer, (o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
                      turn_bars, flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, H, GROUP, SEQ_Q, SEQ_K, QT,
                      KT, n_items, qk_scale, threshold, ROWS, BLOCK_N, BLOCK_D, STAGES, DENSE, RAGGED_K,
-                     WRITE_STATE, RETURN_LSE, USE_ORDER, 0, PINGPONG, PREFETCH, BY_POSITION, TREE_MAX)),
+                     WRITE_STATE, RETURN_LSE, USE_ORDER, 0, PINGPONG, PREFETCH, BY_POSITION, TREE_MAX, LANE_SUMS)),
         (_consumer, (o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
                      turn_bars, flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, H, GROUP, SEQ_Q, SEQ_K, QT,
                      KT, n_items, qk_scale, threshold, ROWS, BLOCK_N, BLOCK_D, STAGES, DENSE, RAGGED_K,
-                     WRITE_STATE, RETURN_LSE, USE_ORDER, 1, PINGPONG, PREFETCH, BY_POSITION, TREE_MAX)),
+                     WRITE_STATE, RETURN_LSE, USE_ORDER, 1, PINGPONG, PREFETCH, BY_POSITION, TREE_MAX, LANE_SUMS)),
         (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, item_ids, k_ready, v_ready,
                      k_empty, v_empty, flags_bars, COUNTER, ORDER, KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT,
                      K_PROT, FLAGS, NW, H, GROUP, QT, KT, n_items, ROWS, BLOCK_N, BLOCK_D, STAGES, DENSE, WRITE_STATE,
@@ -339,11 +341,18 @@ def order_by_work(k: torch.Tensor) -> bool:
                              ORDER_BY_WORK)
 
 
+@functools.lru_cache(maxsize=None)
+def _tile_layout(rows: int, dim: int, fp16: bool) -> gl.NVMMASharedLayout:
+    """The shared-memory layout of one ``rows`` x ``dim`` tile, built once per shape: Gluon derives it anew on
+    every request, which took a quarter of the persistent launch's host time (four descriptors per call)."""
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, dim], gl.float16 if fp16 else gl.bfloat16)
+
+
 def _descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
     """Rank-4 ``(B, H, S, D)`` descriptor over any TMA-ready strides; one tile is ``rows`` x D of one head."""
     block = [1, 1, rows, x.shape[-1]]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float16 if x.dtype == torch.float16 else gl.bfloat16)
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), block, layout)
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), block,
+                            _tile_layout(rows, x.shape[-1], x.dtype == torch.float16))
 
 
 def launch(args, *, dim, seq_k, block_m, block_n, dense, write_state, return_lse, use_order):
@@ -364,7 +373,7 @@ def launch(args, *, dim, seq_k, block_m, block_n, dense, write_state, return_lse
         BLOCK_D=dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages_for(block_m, block_n, dim),
         DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse, RAGGED_K=seq_k % block_n != 0,
         USE_ORDER=use_order, PINGPONG=pingpong_for(dim), PREFETCH=PREFETCH, BY_POSITION=BY_POSITION,
-        TREE_MAX=tree_max_for(dim, dense, TREE_MAX),
+        TREE_MAX=tree_max_for(dim, dense, TREE_MAX), LANE_SUMS=lane_sums_for(dense, LANE_SUMS),
         PRODUCER_REGS=REGS[0], CONSUMER_REGS=REGS[1],
         num_warps=block_m // 32, maxnreg=MAX_REGS,
     )
@@ -387,7 +396,8 @@ def compile_offline(block_n: int = 128, head_dim: int = 128, dense: bool = False
                       DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=True, RAGGED_K=ragged,
                       USE_ORDER=bool(ORDER_BY_WORK) and not dense,  # no L2 to measure offline: index order
                       PINGPONG=pingpong_for(head_dim) if pingpong is None else pingpong,
-                      PREFETCH=PREFETCH, BY_POSITION=BY_POSITION, TREE_MAX=tree_max_for(head_dim, dense, TREE_MAX))
+                      PREFETCH=PREFETCH, BY_POSITION=BY_POSITION, TREE_MAX=tree_max_for(head_dim, dense, TREE_MAX),
+                      LANE_SUMS=lane_sums_for(dense, LANE_SUMS))
     constexprs["PRODUCER_REGS"], constexprs["CONSUMER_REGS"] = regs or REGS
     types = {name: mangle_type(desc) for name, desc in descs.items()}
     return compile_sm90a(_lite_attention_fwd_sm90_persistent, constexprs, types)
