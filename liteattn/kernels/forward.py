@@ -237,10 +237,15 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def device_index(device: torch.device) -> int:
+    """A CUDA device as an index (plain ``"cuda"`` is the current device)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def device_capability(device: torch.device) -> tuple[int, int]:
     """The compute capability of a CUDA device, looked up once per GPU: every call asks for it (twice), and
     torch's lookup costs microseconds of host time each, which a 0.4 ms sparse call cannot spare."""
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+    return _capability(device_index(device))
 
 
 def tma_supported(device: torch.device) -> bool:

@@ -41,6 +41,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .forward import device_index
 from .hopper import (MAX_REGS, _attend_tiles, _compact_chunk, _copy_when_free, _next_tile, _normalize,
                      _tile_at, compile_sm90a, lane_sums_for, tree_max_for)
 
@@ -314,11 +315,6 @@ def pingpong_for(head_dim: int) -> bool:
     return head_dim > 64 if PINGPONG is None else PINGPONG
 
 
-def _device_index(x: torch.Tensor) -> int:
-    """The CUDA device of ``x`` as an index (a tensor on plain ``"cuda"`` is on the current device)."""
-    return x.device.index if x.device.index is not None else torch.cuda.current_device()
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -337,7 +333,7 @@ def order_by_work_for(kv_head_bytes: int, l2_bytes: int, forced: bool | None = N
 
 def order_by_work(k: torch.Tensor) -> bool:
     """:func:`order_by_work_for` for the keys ``k`` (B, H_kv, S_k, D) on their GPU (V has K's size)."""
-    return order_by_work_for(2 * k.shape[2] * k.shape[3] * k.element_size(), _l2_bytes(_device_index(k)),
+    return order_by_work_for(2 * k.shape[2] * k.shape[3] * k.element_size(), _l2_bytes(device_index(k.device)),
                              ORDER_BY_WORK)
 
 
@@ -364,7 +360,7 @@ def launch(args, *, dim, seq_k, block_m, block_n, dense, write_state, return_lse
     counter = flags[flags.numel() - 1:]  # the zeroed word past the detection flags: next work item
     bsz = q.shape[0]
     n_items = bsz * nheads * qt
-    programs = _sm_count(_device_index(q))
+    programs = _sm_count(device_index(q.device))
     grid = (min(n_items, programs if MAX_PROGRAMS is None else MAX_PROGRAMS),)
     _lite_attention_fwd_sm90_persistent[grid](
         _descriptor(q, block_m // 2), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(out, block_m // 2),
