@@ -16,7 +16,6 @@ import contextlib
 import cProfile
 import io
 import json
-import math
 import os
 import pstats
 import statistics
@@ -24,7 +23,8 @@ import time
 
 import torch
 
-from liteattn import SkipState, lite_attention
+from kernel_variants import random_state  # same folder: the script's directory is on sys.path
+from liteattn import lite_attention
 from liteattn.bench.timing import time_cuda
 from liteattn.kernels import default_block_sizes
 
@@ -68,6 +68,14 @@ def graph_time(fn, reps=30):
     return statistics.median(event_times(replay, reps, scratch))
 
 
+def case_inputs(name):
+    """Seeded q, k, v of case ``name`` and a random state skipping about its fraction of tiles."""
+    (b, s, h, d), frac = CASES[name]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    return q, k, v, random_state(b, h, s, *default_block_sizes(d), frac)
+
+
 @contextlib.contextmanager
 def uncached_lookups():
     """The launch's lookups as they were before they were cached: the compute capability asked from torch and
@@ -86,13 +94,7 @@ def uncached_lookups():
 
 def compare_lookups(out, rounds=9, calls=150):
     """Host ms per call of the head_dim-64 s = 0.9 call, cached against uncached lookups, alternating rounds."""
-    (b, s, h, d), frac = CASES["hdim64-s0.9"]
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    bm, bn = default_block_sizes(d)
-    keep = torch.rand(b, h, math.ceil(s / bm), math.ceil(s / bn), device="cuda") >= frac
-    keep[..., 0] = True
-    state = SkipState.from_dense(keep, s, s, bm, bn)
+    q, k, v, state = case_inputs("hdim64-s0.9")
     rows = []
     for mode, thr in (("no-detect", float("-inf")), ("detect", -1e4)):
         times = {"cached": [], "uncached": []}
@@ -125,13 +127,8 @@ def main():
         compare_lookups(args.out)
         return
     rows = []
-    for name, ((b, s, h, d), frac) in CASES.items():
-        torch.manual_seed(0)
-        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        bm, bn = default_block_sizes(d)
-        keep = torch.rand(b, h, math.ceil(s / bm), math.ceil(s / bn), device="cuda") >= frac
-        keep[..., 0] = True
-        state = SkipState.from_dense(keep, s, s, bm, bn)
+    for name in CASES:
+        q, k, v, state = case_inputs(name)
         for mode, thr in (("no-detect", float("-inf")), ("detect", -1e4)):
             def fn():
                 return lite_attention(q, k, v, state, threshold=thr)
