@@ -94,11 +94,8 @@ def main():
         for shape in args.shapes.split(","):
             windows.update(time_shape(shape, variants, args))
         if sampler is not None:
-            samples = sampler.stop()
-            for key, spans in windows.items():
-                c = clocks.summarize(samples, spans)
-                print("clocks", *key, "SM MHz median", c.sm_clock_mhz, "power W median", c.power_w,
-                      "samples", c.samples, sampler.error or "")
+            samples = sampler.stop()  # sets sampler.error if nvidia-smi failed
+            print(*clocks.case_lines(samples, windows, sampler.error), sep="\n")
 
 
 if __name__ == "__main__":

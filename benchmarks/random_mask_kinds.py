@@ -118,11 +118,8 @@ def main():
                 if r < 3:
                     timed["do_bench"][n].append(triton.testing.do_bench(fn, warmup=10, rep=150))
         if sampler is not None:
-            samples = sampler.stop()
-            for n, spans in windows.items():
-                c = clocks.summarize(samples, spans)
-                print("clocks", n, "SM MHz median", c.sm_clock_mhz, "power W median", c.power_w, "samples",
-                      c.samples, sampler.error or "")
+            samples = sampler.stop()  # sets sampler.error if nvidia-smi failed
+            print(*clocks.case_lines(samples, windows, sampler.error), sep="\n")
     for label, t in timed.items():
         med = {n: statistics.median(x) for n, x in t.items()}
         print(label, {n: round(m, 1) for n, m in med.items()})

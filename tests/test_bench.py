@@ -57,6 +57,32 @@ def test_quick_uses_small_shapes_and_few_reps():
     assert {m.name for m in quick.methods} == set(registry.METHODS)
 
 
+def test_cases_without_a_mask_get_more_runs_in_ten_rounds_by_default():
+    """Targets 1-2 compare unmasked calls within 2-3 %: at least 30 runs in 10 orders (BENCHMARKS.md §2.1)."""
+    full, quick = _parse([]), _parse(["--quick"])
+    assert (full.rounds, full.min_reps, full.dense_min_reps) == (10, 10, 30)
+    assert quick.dense_min_reps == quick.min_reps == 3  # a smoke run stays short
+    assert _parse(["--min-reps", "40"]).dense_min_reps == 40  # never fewer than the masked cases get
+    assert _parse(["--dense-min-reps", "12", "--rounds", "3"]).dense_min_reps == 12
+
+
+def test_unmasked_cases_are_sized_with_dense_min_reps(tmp_path, monkeypatch):
+    """With a budget worth fewer runs than either minimum, a case without a pattern (dense, detection) gets
+    ``--dense-min-reps`` runs, a masked case ``--min-reps``."""
+    from liteattn.bench.runner import BenchRun, _Case
+
+    gpu = _FakeGpu(monkeypatch, call_ms=2.0, host_ms=0.0)
+    monkeypatch.setattr(timing, "_flush_buffer", lambda: torch.empty(16, dtype=torch.int8))
+    cfg = _parse(["--quick", "--shapes", "quick-d64", "--out", str(tmp_path), "--rounds", "4", "--budget-ms", "1",
+                  "--min-reps", "3", "--dense-min-reps", "12"])
+    bench_run, shape = BenchRun(cfg), cfg.shapes[0]
+    bench_run.time_cases([_Case(shape, "liteattn-detect", lambda: (gpu.call, None)),
+                          _Case(shape, "liteattn-sparse", lambda: (gpu.call, None), pattern="random", fraction=0.5)])
+    detect, sparse = bench_run.rows
+    assert (detect.reps, sparse.reps) == (12, 3)
+    assert len(detect.round_medians_ms) == 4 and len(sparse.round_medians_ms) == 3  # 3 runs: one per round
+
+
 def test_explicit_arguments_override_quick_defaults(tmp_path):
     cfg = _parse(["--quick", "--shapes", "hdim64-16k,quick-d64", "--fractions", "0.1,0.9", "--methods",
                   "flex,liteattn-sparse", "--patterns", "banded", "--budget-ms", "20", "--min-reps", "7",
@@ -654,3 +680,17 @@ def test_rounds_record_each_cases_clock_from_its_own_batches(tmp_path, monkeypat
         assert row.power_w == pytest.approx(500.0 + sorted(starts)[1])
     table = report.format_rows(bench_run.rows)
     assert "SM MHz" in table.splitlines()[0]
+
+
+def test_clock_lines_name_each_case_with_its_medians():
+    """The ``--clocks`` lines of the benchmark scripts: tuple keys print as their parts, a case without samples
+    prints None, and the sampler's error is kept."""
+    t0 = 1000.0
+    samples = [(t0, 1500.0, 600.0), (t0 + 1, 1700.0, 700.0), (t0 + 2, 1600.0, 650.0)]
+    lines = clocks.case_lines(samples, {("hdim64", "persist", "dense"): [(t0 - 0.5, t0 + 1.5)],
+                                        "iid": [(t0 + 5, t0 + 6)]}, error="nvidia-smi exited with 9")
+    assert lines == ["clocks hdim64 persist dense SM MHz median 1600.0 power W median 650.0 samples 2 "
+                     "nvidia-smi exited with 9",
+                     "clocks iid SM MHz median None power W median None samples 0 nvidia-smi exited with 9"]
+    assert clocks.case_lines(samples, {"all": [(t0, t0 + 2)]}) == [
+        "clocks all SM MHz median 1600.0 power W median 650.0 samples 3"]

@@ -20,9 +20,9 @@ import tempfile
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
-__all__ = ["ClockSampler", "ClockSummary", "device_id", "host_now", "parse_samples", "summarize"]
+__all__ = ["ClockSampler", "ClockSummary", "case_lines", "device_id", "host_now", "parse_samples", "summarize"]
 
 QUERY = "--query-gpu=timestamp,clocks.sm,power.draw"
 
@@ -69,6 +69,20 @@ def summarize(samples: Sequence[tuple[float, float, float]],
     return ClockSummary(statistics.median(m for m, _ in inside), statistics.median(w for _, w in inside),
                         len(inside))
 
+
+
+def case_lines(samples: Sequence[tuple[float, float, float]],
+               windows: Mapping[object, Sequence[tuple[float, float]]], error: str = "") -> list[str]:
+    """One printable line per case of ``windows`` (case key -> its batches' host time spans): the case, its
+    median SM clock and power, and the number of samples behind them; ``error`` (the sampler's) is appended,
+    so a run without samples says why. A tuple key is printed as its parts."""
+    lines = []
+    for key, spans in windows.items():
+        c = summarize(samples, spans)
+        name = " ".join(map(str, key)) if isinstance(key, tuple) else str(key)
+        lines.append(f"clocks {name} SM MHz median {c.sm_clock_mhz} power W median {c.power_w} "
+                     f"samples {c.samples} {error}".rstrip())
+    return lines
 
 class ClockSampler:
     """``nvidia-smi`` writing one sample per ``interval_ms`` to a temporary file until :meth:`stop`.

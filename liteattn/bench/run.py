@@ -57,7 +57,10 @@ class BenchConfig:
     min_reps: int
     max_reps: int
     quick: bool
-    rounds: int = 5  # each shape's cases are timed in this many interleaved rounds
+    rounds: int = 10  # each shape's cases are timed in this many interleaved rounds
+    # At least this many runs for the cases without a mask (dense methods, detection): targets 1-2 compare such
+    # calls within 2-3 %, which 10 runs of a 200 ms call in a few orders did not resolve (BENCHMARKS.md §2.1).
+    dense_min_reps: int = 0
     clocks: bool = True  # sample the SM clock and power while each case is timed (nvidia-smi)
 
     def to_dict(self) -> dict:
@@ -116,9 +119,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timing budget per case in ms (default 500, with --quick 50); "
                              "at least --min-reps runs are timed whatever the budget")
     parser.add_argument("--min-reps", type=_positive(int), default=None, help="default 10 (with --quick 3)")
-    parser.add_argument("--rounds", type=_positive(int), default=5,
+    parser.add_argument("--dense-min-reps", type=_positive(int), default=None,
+                        help="at least this many runs for the methods without a mask (dense and detection), whose "
+                             "ratios decide the dense and detection targets (default 30, with --quick --min-reps)")
+    parser.add_argument("--rounds", type=_positive(int), default=10,
                         help="time a shape's cases in this many interleaved rounds, each in a new order, so that "
-                             "all see the same drift of the GPU's clock (default 5; 1 = each case's runs in one batch)")
+                             "all see the same drift of the GPU's clock (default 10; 1 = each case's runs in one "
+                             "batch)")
     parser.add_argument("--no-clocks", dest="clocks", action="store_false",
                         help="do not sample the SM clock and board power with nvidia-smi while timing")
 
@@ -128,11 +135,13 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
     quick = bool(args.quick)
     shapes = args.shapes or list((QUICK_SHAPES if quick else {n: parse_shapes(n)[0] for n in DEFAULT_SHAPES}).values())
     min_reps = args.min_reps or (3 if quick else 10)
+    dense_min_reps = args.dense_min_reps or (min_reps if quick else max(30, min_reps))
     return BenchConfig(
         shapes=shapes, methods=list(args.methods), patterns=list(args.patterns), fractions=list(args.fractions),
         layout=args.layout, out=Path(args.out), seed=args.seed, max_minutes=args.max_minutes,
         budget_ms=args.budget_ms or (50.0 if quick else 500.0), min_reps=min_reps,
         max_reps=max(min_reps, 20 if quick else 100), quick=quick, rounds=args.rounds, clocks=args.clocks,
+        dense_min_reps=dense_min_reps,
     )
 
 

@@ -281,10 +281,12 @@ class _Case:
     row: Row | None = None
 
     def start(self, config) -> None:
-        """Build the call, warm it up and size its repetitions."""
+        """Build the call, warm it up and size its repetitions (more for a case without a mask: see
+        ``BenchConfig.dense_min_reps``)."""
         self.fn, self.after = self.build()
-        self.timer = CaseTimer(self.fn, budget_ms=config.budget_ms, min_reps=config.min_reps,
-                               max_reps=config.max_reps)
+        min_reps = max(config.min_reps, config.dense_min_reps) if self.pattern is None else config.min_reps
+        self.timer = CaseTimer(self.fn, budget_ms=config.budget_ms, min_reps=min_reps,
+                               max_reps=max(config.max_reps, min_reps))
         self.rounds = split_reps(self.timer.reps, config.rounds)
 
     def fail(self, error: str, status: str = "failed") -> None:

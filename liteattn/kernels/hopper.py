@@ -228,7 +228,7 @@ def _compact_chunk(c, n_keep, state_off, pid_m, n_active, KV_IDX, NEXT_IDX, Q_PR
 
 @gluon.jit
 def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, g, idx_ptr, n_active,
-                  full_row, flag_words, row_valid, acc, m_i, l_i, qk_scale, threshold, SEQ_K, KT,
+                  full_row, flag_words, row_valid, acc, m_i, qk_scale, threshold, SEQ_K, KT,
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr,
                   TURN: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr, BY_POSITION: gl.constexpr,
                   TREE_MAX: gl.constexpr, LANE_SUMS: gl.constexpr, s_layout: gl.constexpr,
@@ -331,7 +331,7 @@ def _consumer(row0, q_rows, q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_
     # waits on tiles that never come.
     if n_active > 0:
         acc, m_i, l_i = _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, 0,
-                                      idx_ptr, n_active, full_row, flag_words, row_valid, acc, m_i, l_i, qk_scale,
+                                      idx_ptr, n_active, full_row, flag_words, row_valid, acc, m_i, qk_scale,
                                       threshold, SEQ_K, KT, BLOCK_N, STAGES, RAGGED_K, WRITE_STATE, TURN, PINGPONG,
                                       PREFETCH, BY_POSITION, TREE_MAX, LANE_SUMS, s_layout, o_layout)
 

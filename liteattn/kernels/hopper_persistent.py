@@ -224,7 +224,7 @@ def _consumer(o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_read
         l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
         if n_active > 0:
             acc, m_i, l_i = _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, g,
-                                          idx_ptr, n_active, full_row, flag_words, row_valid, acc, m_i, l_i,
+                                          idx_ptr, n_active, full_row, flag_words, row_valid, acc, m_i,
                                           qk_scale, threshold, SEQ_K, KT, BLOCK_N, STAGES, RAGGED_K, WRITE_STATE,
                                           TURN, PINGPONG, PREFETCH, BY_POSITION, TREE_MAX, LANE_SUMS, s_layout,
                                           o_layout)

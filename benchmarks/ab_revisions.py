@@ -1,0 +1,145 @@
+"""Time this checkout's kernel against copies of the package taken from other revisions, in one process.
+
+Why: a kernel change that is not a module switch (``kernel_variants.py`` times those) would otherwise be
+compared with the code before it in separate processes, minutes apart, where the clock under the power cap
+differs by more than the change (KERNEL_NOTES.md v11). Here each copy is imported under its own module name
+(its relative imports stay inside the copy, and Triton compiles its kernels apart, keyed by their source), and
+all are checked against cuDNN and then timed in the same interleaved rounds, each in a new seeded order.
+Every package gets the same inputs and the same random states (same seeds), so the calls differ only in code.
+
+Make a copy of a revision's package: ``git archive REV liteattn | tar -x -C DIR`` (gives DIR/liteattn).
+Run: ``python benchmarks/ab_revisions.py --other NAME=DIR/liteattn [--other ...] [--shapes hdim64,wan1.3b]
+[--rounds 11] [--reps 5] [--out FILE]``. ``this`` is the checkout's own package; ratios are NAME over ``this``,
+and ``wins`` counts the rounds in which NAME was faster than ``this``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import types
+
+import torch
+
+import liteattn
+from kernel_dev import sdpa  # same folder: the script's directory is on sys.path
+from kernel_variants import SHAPES
+from liteattn.bench.timing import time_cuda
+
+CASES = ("dense", "detect_list", "sparse0.5_detect", "sparse0.9")
+
+
+def load_copy(name: str, package_dir: str) -> types.ModuleType:
+    """Import the package at ``package_dir`` (a folder with ``__init__.py``) as the top-level module ``name``."""
+    init = os.path.join(package_dir, "__init__.py")
+    if not os.path.isfile(init):
+        raise SystemExit(f"--other {name}={package_dir}: expected a package folder with __init__.py "
+                         "(e.g. DIR/liteattn after `git archive REV liteattn | tar -x -C DIR`)")
+    if name in sys.modules or not name.isidentifier():
+        raise SystemExit(f"--other {name}=...: expected a new Python identifier as NAME")
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[package_dir])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before executing: its submodules import from it by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def cases_for(pkg, q, k, v):
+    """The timed calls of one package: the dense walk, detection on a full list, and two random states."""
+    b, s, h, d = q.shape
+    bm, bn = pkg.kernels.default_block_sizes(d)
+    qt, kt = math.ceil(s / bm), math.ceil(s / bn)
+    gen = torch.Generator(device="cuda").manual_seed(1)  # the same states for every package
+
+    def random_state(frac):
+        keep = torch.rand(b, h, qt, kt, device="cuda", generator=gen) >= frac
+        keep[..., 0] = True
+        return pkg.SkipState.from_dense(keep, s, s, bm, bn)
+
+    full_list = pkg.SkipState.from_dense(torch.ones(b, h, qt, kt, dtype=torch.bool, device="cuda"), s, s, bm, bn)
+    half, tenth = random_state(0.5), random_state(0.9)
+    attend = pkg.lite_attention
+    calls = {"dense": lambda: attend(q, k, v, enabled=False),
+             "detect_list": lambda: attend(q, k, v, full_list, threshold=-1e4),
+             "sparse0.5_detect": lambda: attend(q, k, v, half, threshold=-1e4),
+             "sparse0.9": lambda: attend(q, k, v, tenth, threshold=float("-inf"))}
+    assert tuple(calls) == CASES
+    return calls
+
+
+def time_shape(shape, packages, rounds, reps):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(*SHAPES[shape], device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ref = sdpa(q, k, v).float()
+    calls = {("cudnn", "sdpa"): lambda: sdpa(q, k, v)}
+    checks = {}
+    for name, pkg in packages.items():
+        for case, fn in cases_for(pkg, q, k, v).items():
+            calls[name, case] = fn
+        for case in ("dense", "detect_list"):  # nothing is marked at -1e4: both must equal dense attention
+            out = calls[name, case]()[0].float()
+            checks[f"{name}/{case}"] = {"max_abs_err": (out - ref).abs().max().item(), "nan": bool(out.isnan().any())}
+    bad = {key: c for key, c in checks.items() if c["nan"] or c["max_abs_err"] > 2e-2}
+    if bad:
+        raise SystemExit(f"{shape}: outputs differ from cuDNN: {bad}")
+    times = {key: [] for key in calls}
+    for r in range(rounds):
+        order = list(calls)
+        random.Random(r).shuffle(order)  # no call always follows the same one (the power cap)
+        for key in order:
+            times[key].append(time_cuda(calls[key], budget_ms=0, min_reps=reps, max_reps=reps).median_ms)
+    med = {key: statistics.median(t) for key, t in times.items()}
+    cudnn = med["cudnn", "sdpa"]
+    rows = {}
+    for case in CASES:
+        row = {name: round(med[name, case], 4) for name in packages}
+        row["this_over_cudnn"] = round(med["this", case] / cudnn, 4)
+        for name in packages:
+            if name != "this":
+                row[f"{name}_over_this"] = round(med[name, case] / med["this", case], 4)
+                row[f"{name}_wins"] = sum(a < b for a, b in zip(times[name, case], times["this", case]))
+        rows[case] = row
+    return {"cudnn_ms": round(cudnn, 4), "checks": checks, "ms": rows,
+            "rounds": {f"{name}/{case}": t for (name, case), t in times.items()}}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--other", action="append", default=[], metavar="NAME=DIR",
+                   help="a copy of the package to compare, imported as NAME (repeatable)")
+    p.add_argument("--shapes", default="hdim64,wan1.3b", help=f"comma-separated, of {sorted(SHAPES)}")
+    p.add_argument("--rounds", type=int, default=11)
+    p.add_argument("--reps", type=int, default=5, help="timed calls per case and round")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("ab_revisions.py times CUDA kernels: no CUDA GPU is visible")
+    unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+    if unknown:
+        p.error(f"--shapes: unknown {unknown}; known: {sorted(SHAPES)}")
+    packages = {"this": liteattn}
+    for spec in args.other:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            p.error(f"--other: expected NAME=DIR, got {spec!r}")
+        packages[name] = load_copy(name, os.path.abspath(path))
+    folders = {name: os.path.relpath(os.path.dirname(m.__file__)) for name, m in packages.items()}
+    result = {"device": torch.cuda.get_device_name(), "packages": folders, "rounds": args.rounds,
+              "reps": args.reps, "shapes": {}}
+    for shape in args.shapes.split(","):
+        res = time_shape(shape, packages, args.rounds, args.reps)
+        torch.cuda.empty_cache()  # the shape's tensors are gone with time_shape's frame
+        result["shapes"][shape] = res
+        print(shape, "cudnn", res["cudnn_ms"], "ms", json.dumps(res["ms"]), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
