@@ -4,13 +4,20 @@ Why: a kernel change that is not a module switch (``kernel_variants.py`` times t
 compared with the code before it in separate processes, minutes apart, where the clock under the power cap
 differs by more than the change (KERNEL_NOTES.md v11). Here each copy is imported under its own module name
 (its relative imports stay inside the copy, and Triton compiles its kernels apart, keyed by their source), and
-all are checked against cuDNN and then timed in the same interleaved rounds, each in a new seeded order.
+all are checked (dense calls against cuDNN, sparse ones against this checkout's) and then timed in the same
+interleaved rounds, each in a new seeded order.
 Every package gets the same inputs and the same random states (same seeds), so the calls differ only in code.
 
 Make a copy of a revision's package: ``git archive REV liteattn | tar -x -C DIR`` (gives DIR/liteattn).
-Run: ``python benchmarks/ab_revisions.py --other NAME=DIR/liteattn [--other ...] [--shapes hdim64,wan1.3b]
-[--rounds 11] [--reps 5] [--out FILE]``. ``this`` is the checkout's own package; ratios are NAME over ``this``,
-and ``wins`` counts the rounds in which NAME was faster than ``this``.
+Run: ``python benchmarks/ab_revisions.py --other NAME=DIR/liteattn[@LABEL] [--other ...] [--shapes
+hdim64,wan1.3b] [--rounds 11] [--reps 5] [--out FILE]``. ``this`` is the checkout's own package; ratios are NAME
+over ``this``, and ``wins`` counts the rounds in which NAME was faster than ``this``. LABEL (e.g. the revision's
+commit) is what the JSON records for the copy, in place of its folder.
+
+One thing the copies do share: torch's registry of custom ops. Every copy registers ``liteattn::forward`` again,
+and the last registration serves all of them. The timed calls here are eager and need no gradient, so they launch
+the kernel without the op (``kernels.op.run_forward``, since v10); a copy from before that would run another
+copy's kernel through the op, so it is refused (and none of this may run under ``torch.compile``).
 """
 from __future__ import annotations
 
@@ -34,19 +41,34 @@ from liteattn.bench.timing import time_cuda
 CASES = ("dense", "detect_list", "sparse0.5_detect", "sparse0.9")
 
 
+RESERVED = ("this", "cudnn")  # the checkout's package and the baseline's row
+
+
 def load_copy(name: str, package_dir: str) -> types.ModuleType:
     """Import the package at ``package_dir`` (a folder with ``__init__.py``) as the top-level module ``name``."""
     init = os.path.join(package_dir, "__init__.py")
     if not os.path.isfile(init):
         raise SystemExit(f"--other {name}={package_dir}: expected a package folder with __init__.py "
                          "(e.g. DIR/liteattn after `git archive REV liteattn | tar -x -C DIR`)")
-    if name in sys.modules or not name.isidentifier():
-        raise SystemExit(f"--other {name}=...: expected a new Python identifier as NAME")
+    if not name.isidentifier() or name in RESERVED:
+        raise SystemExit(f"--other {name}=...: expected a Python identifier other than {RESERVED} as NAME")
+    if name in sys.modules:
+        raise SystemExit(f"--other {name}=...: NAME {name!r} is already imported or given twice; pick another")
     spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[package_dir])
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # before executing: its submodules import from it by name
     spec.loader.exec_module(module)
+    if not hasattr(importlib.import_module(f"{name}.kernels.op"), "run_forward"):
+        raise SystemExit(f"--other {name}={package_dir}: this copy launches its kernel through the shared "
+                         "custom op even in eager mode (before v10), so another copy's kernel would be timed")
     return module
+
+
+def _positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def cases_for(pkg, q, k, v):
@@ -81,12 +103,16 @@ def time_shape(shape, packages, rounds, reps):
     for name, pkg in packages.items():
         for case, fn in cases_for(pkg, q, k, v).items():
             calls[name, case] = fn
-        for case in ("dense", "detect_list"):  # nothing is marked at -1e4: both must equal dense attention
+        for case in CASES:
+            # Nothing is marked at -1e4, so the first two equal dense attention (cuDNN); a copy's sparse calls
+            # run on the same states as this checkout's and must give its outputs.
+            want = ref if case in ("dense", "detect_list") else calls["this", case]()[0].float()
             out = calls[name, case]()[0].float()
-            checks[f"{name}/{case}"] = {"max_abs_err": (out - ref).abs().max().item(), "nan": bool(out.isnan().any())}
+            checks[f"{name}/{case}"] = {"max_abs_err": (out - want).abs().max().item(),
+                                        "nan": bool(out.isnan().any())}
     bad = {key: c for key, c in checks.items() if c["nan"] or c["max_abs_err"] > 2e-2}
     if bad:
-        raise SystemExit(f"{shape}: outputs differ from cuDNN: {bad}")
+        raise SystemExit(f"{shape}: outputs differ from cuDNN (dense, detect_list) or this checkout's: {bad}")
     times = {key: [] for key in calls}
     for r in range(rounds):
         order = list(calls)
@@ -110,11 +136,11 @@ def time_shape(shape, packages, rounds, reps):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--other", action="append", default=[], metavar="NAME=DIR",
-                   help="a copy of the package to compare, imported as NAME (repeatable)")
+    p.add_argument("--other", action="append", default=[], metavar="NAME=DIR[@LABEL]",
+                   help="a copy of the package to compare, imported as NAME, recorded as LABEL (repeatable)")
     p.add_argument("--shapes", default="hdim64,wan1.3b", help=f"comma-separated, of {sorted(SHAPES)}")
-    p.add_argument("--rounds", type=int, default=11)
-    p.add_argument("--reps", type=int, default=5, help="timed calls per case and round")
+    p.add_argument("--rounds", type=_positive, default=11)
+    p.add_argument("--reps", type=_positive, default=5, help="timed calls per case and round")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -122,14 +148,15 @@ def main():
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         p.error(f"--shapes: unknown {unknown}; known: {sorted(SHAPES)}")
-    packages = {"this": liteattn}
+    packages, labels = {"this": liteattn}, {"this": "this checkout"}
     for spec in args.other:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            p.error(f"--other: expected NAME=DIR, got {spec!r}")
+        name, sep, rest = spec.partition("=")
+        path, _, label = rest.partition("@")
+        if not sep or not path:
+            p.error(f"--other: expected NAME=DIR[@LABEL], got {spec!r}")
         packages[name] = load_copy(name, os.path.abspath(path))
-    folders = {name: os.path.relpath(os.path.dirname(m.__file__)) for name, m in packages.items()}
-    result = {"device": torch.cuda.get_device_name(), "packages": folders, "rounds": args.rounds,
+        labels[name] = label or name
+    result = {"device": torch.cuda.get_device_name(), "packages": labels, "rounds": args.rounds,
               "reps": args.reps, "shapes": {}}
     for shape in args.shapes.split(","):
         res = time_shape(shape, packages, args.rounds, args.reps)

@@ -64,6 +64,7 @@ def test_cases_without_a_mask_get_more_runs_in_ten_rounds_by_default():
     assert quick.dense_min_reps == quick.min_reps == 3  # a smoke run stays short
     assert _parse(["--min-reps", "40"]).dense_min_reps == 40  # never fewer than the masked cases get
     assert _parse(["--dense-min-reps", "12", "--rounds", "3"]).dense_min_reps == 12
+    assert _parse(["--dense-min-reps", "5"]).dense_min_reps == 10  # the config records what the runner does
 
 
 def test_unmasked_cases_are_sized_with_dense_min_reps(tmp_path, monkeypatch):

@@ -70,7 +70,6 @@ def summarize(samples: Sequence[tuple[float, float, float]],
                         len(inside))
 
 
-
 def case_lines(samples: Sequence[tuple[float, float, float]],
                windows: Mapping[object, Sequence[tuple[float, float]]], error: str = "") -> list[str]:
     """One printable line per case of ``windows`` (case key -> its batches' host time spans): the case, its
@@ -81,8 +80,9 @@ def case_lines(samples: Sequence[tuple[float, float, float]],
         c = summarize(samples, spans)
         name = " ".join(map(str, key)) if isinstance(key, tuple) else str(key)
         lines.append(f"clocks {name} SM MHz median {c.sm_clock_mhz} power W median {c.power_w} "
-                     f"samples {c.samples} {error}".rstrip())
+                     f"samples {c.samples} {error or ''}".rstrip())
     return lines
+
 
 class ClockSampler:
     """``nvidia-smi`` writing one sample per ``interval_ms`` to a temporary file until :meth:`stop`.

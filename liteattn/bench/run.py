@@ -116,12 +116,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-minutes", type=_positive(float), default=8.0,
                         help="stop timing new cases after this long; the rest are recorded as skipped (default 8)")
     parser.add_argument("--budget-ms", type=_positive(float), default=None,
-                        help="timing budget per case in ms (default 500, with --quick 50); "
-                             "at least --min-reps runs are timed whatever the budget")
-    parser.add_argument("--min-reps", type=_positive(int), default=None, help="default 10 (with --quick 3)")
+                        help="timing budget per case in ms (default 500, with --quick 50); at least --min-reps "
+                             "(--dense-min-reps for a method without a mask) runs are timed whatever the budget")
+    parser.add_argument("--min-reps", type=_positive(int), default=None,
+                        help="the fewest runs of a case (default 10, with --quick 3)")
     parser.add_argument("--dense-min-reps", type=_positive(int), default=None,
-                        help="at least this many runs for the methods without a mask (dense and detection), whose "
-                             "ratios decide the dense and detection targets (default 30, with --quick --min-reps)")
+                        help="the fewest runs of a method without a mask (the SDPA backends, liteattn dense and "
+                             "detection), never below --min-reps: the dense and detection targets compare such "
+                             "calls within 2-3 %% (default 30, with --quick --min-reps)")
     parser.add_argument("--rounds", type=_positive(int), default=10,
                         help="time a shape's cases in this many interleaved rounds, each in a new order, so that "
                              "all see the same drift of the GPU's clock (default 10; 1 = each case's runs in one "
@@ -135,7 +137,7 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
     quick = bool(args.quick)
     shapes = args.shapes or list((QUICK_SHAPES if quick else {n: parse_shapes(n)[0] for n in DEFAULT_SHAPES}).values())
     min_reps = args.min_reps or (3 if quick else 10)
-    dense_min_reps = args.dense_min_reps or (min_reps if quick else max(30, min_reps))
+    dense_min_reps = max(min_reps, args.dense_min_reps or (min_reps if quick else 30))
     return BenchConfig(
         shapes=shapes, methods=list(args.methods), patterns=list(args.patterns), fractions=list(args.fractions),
         layout=args.layout, out=Path(args.out), seed=args.seed, max_minutes=args.max_minutes,
