@@ -6,7 +6,7 @@ differs by more than the change (KERNEL_NOTES.md v11). Here each copy is importe
 (its relative imports stay inside the copy, and Triton compiles its kernels apart, keyed by their source), and
 all are checked (dense calls against cuDNN, sparse ones against this checkout's) and then timed in the same
 interleaved rounds, each in a new seeded order.
-Every package gets the same inputs and the same random states (same seeds), so the calls differ only in code.
+Every package gets the same inputs and its states from the same masks, so the calls differ only in code.
 
 Make a copy of a revision's package: ``git archive REV liteattn | tar -x -C DIR`` (gives DIR/liteattn).
 Run: ``python benchmarks/ab_revisions.py --other NAME=DIR/liteattn[@LABEL] [--other ...] [--shapes
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import random
 import statistics
@@ -35,8 +34,10 @@ import torch
 
 import liteattn
 from kernel_dev import sdpa  # same folder: the script's directory is on sys.path
-from kernel_variants import SHAPES
+from kernel_variants import SHAPES, random_state
+from liteattn.bench.run import _positive
 from liteattn.bench.timing import time_cuda
+from liteattn.kernels import default_block_sizes
 
 CASES = ("dense", "detect_list", "sparse0.5_detect", "sparse0.9")
 
@@ -64,27 +65,15 @@ def load_copy(name: str, package_dir: str) -> types.ModuleType:
     return module
 
 
-def _positive(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def cases_for(pkg, q, k, v):
-    """The timed calls of one package: the dense walk, detection on a full list, and two random states."""
+def cases_for(pkg, q, k, v, masks):
+    """The timed calls of one package: the dense walk, detection on a full list, and two random states, built
+    from ``masks`` (skipped fraction -> (B, H, QT, KT) bool, True = computed; shared by every package)."""
     b, s, h, d = q.shape
     bm, bn = pkg.kernels.default_block_sizes(d)
-    qt, kt = math.ceil(s / bm), math.ceil(s / bn)
-    gen = torch.Generator(device="cuda").manual_seed(1)  # the same states for every package
-
-    def random_state(frac):
-        keep = torch.rand(b, h, qt, kt, device="cuda", generator=gen) >= frac
-        keep[..., 0] = True
-        return pkg.SkipState.from_dense(keep, s, s, bm, bn)
-
-    full_list = pkg.SkipState.from_dense(torch.ones(b, h, qt, kt, dtype=torch.bool, device="cuda"), s, s, bm, bn)
-    half, tenth = random_state(0.5), random_state(0.9)
+    if (bm, bn) != default_block_sizes(d):
+        raise SystemExit(f"{pkg.__name__}: tiles {(bm, bn)} at head_dim {d}, the checkout's are "
+                         f"{default_block_sizes(d)}: the same masks cannot serve both")
+    full_list, half, tenth = (pkg.SkipState.from_dense(masks[f], s, s, bm, bn) for f in (0.0, 0.5, 0.9))
     attend = pkg.lite_attention
     calls = {"dense": lambda: attend(q, k, v, enabled=False),
              "detect_list": lambda: attend(q, k, v, full_list, threshold=-1e4),
@@ -98,10 +87,13 @@ def time_shape(shape, packages, rounds, reps):
     torch.manual_seed(0)
     q, k, v = (torch.randn(*SHAPES[shape], device="cuda", dtype=torch.bfloat16) for _ in range(3))
     ref = sdpa(q, k, v).float()
+    b, s, h, d = q.shape
+    tiles = default_block_sizes(d)
+    masks = {f: random_state(b, h, s, *tiles, f).to_dense() for f in (0.0, 0.5, 0.9)}  # 0.0: full lists
     calls = {("cudnn", "sdpa"): lambda: sdpa(q, k, v)}
     checks = {}
     for name, pkg in packages.items():
-        for case, fn in cases_for(pkg, q, k, v).items():
+        for case, fn in cases_for(pkg, q, k, v, masks).items():
             calls[name, case] = fn
         for case in CASES:
             # Nothing is marked at -1e4, so the first two equal dense attention (cuDNN); a copy's sparse calls
@@ -139,8 +131,8 @@ def main():
     p.add_argument("--other", action="append", default=[], metavar="NAME=DIR[@LABEL]",
                    help="a copy of the package to compare, imported as NAME, recorded as LABEL (repeatable)")
     p.add_argument("--shapes", default="hdim64,wan1.3b", help=f"comma-separated, of {sorted(SHAPES)}")
-    p.add_argument("--rounds", type=_positive, default=11)
-    p.add_argument("--reps", type=_positive, default=5, help="timed calls per case and round")
+    p.add_argument("--rounds", type=_positive(int), default=11)
+    p.add_argument("--reps", type=_positive(int), default=5, help="timed calls per case and round")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     if not torch.cuda.is_available():
