@@ -29,7 +29,8 @@ from ..kernels import SUPPORTED_HEAD_DIMS, TRITON_AVAILABLE
 from . import timing
 from .config import LiteAttentionConfig
 
-__all__ = ["CallRecord", "ContextState", "ForwardInfo", "KeyPaddingMasks", "LayerRuntime", "key_prefix_length"]
+__all__ = ["CallRecord", "ContextState", "ForwardInfo", "KeyPaddingMasks", "LayerRuntime", "count_fallback",
+           "input_fallback_reason", "key_prefix_length"]
 
 # An additive mask entry at or below this removes the key exactly: e^-1000
 # underflows to 0 in every float format, so dropping the key changes nothing.
@@ -118,6 +119,35 @@ class KeyPaddingMasks:
         self._last = None
 
 
+def input_fallback_reason(backend: str, query: torch.Tensor) -> str | None:
+    """Why liteattn cannot compute attention on ``query``'s dtype or head_dim under ``backend``, or None.
+
+    The GPU kernel takes bf16/fp16 and head_dim a multiple of 16 up to 256; the
+    PyTorch path also takes fp32/fp64. ``"dtype"`` or ``"head_dim"``: the call
+    runs the model's own attention instead of failing.
+    """
+    if V.validate_backend(backend, query.device, TRITON_AVAILABLE) == "triton":
+        if query.dtype not in V.KERNEL_DTYPES:
+            return "dtype"
+        if query.shape[-1] not in SUPPORTED_HEAD_DIMS:
+            return "head_dim"
+    elif query.dtype not in V.REFERENCE_DTYPES:
+        return "dtype"
+    return None
+
+
+def count_fallback(fallbacks: Counter, where: str, reason: str) -> None:
+    """Count a dense fallback of ``where`` by ``reason``; warn the first time a reason occurs.
+
+    Once per reason, so a model whose every layer falls back says so once and
+    the summary carries the count.
+    """
+    if not fallbacks[reason]:
+        warnings.warn(f"liteattn: an attention call of {where} ran dense ({reason}); such calls are counted in "
+                      "summary().fallbacks", stacklevel=2)
+    fallbacks[reason] += 1
+
+
 def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Sorted, non-overlapping, non-touching ranges covering the same tokens."""
     merged: list[tuple[int, int]] = []
@@ -198,7 +228,7 @@ class LayerRuntime:
             history_index = attention.step - 1
         else:
             if reason:
-                self._count_fallback(reason)
+                count_fallback(self.fallbacks, self.name, reason)
             out = self.dense_fn(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                 scale=scale, enable_gqa=enable_gqa, parallel_config=parallel_config)
         if timer is not None:
@@ -221,11 +251,9 @@ class LayerRuntime:
             return None, "causal"
         if query.shape[1] != key.shape[1]:
             return None, "cross_attention"
-        if V.validate_backend(self.config.backend, query.device, TRITON_AVAILABLE) == "triton":
-            if query.dtype not in V.KERNEL_DTYPES:
-                return None, "dtype"
-            if query.shape[-1] not in SUPPORTED_HEAD_DIMS:
-                return None, "head_dim"
+        reason = input_fallback_reason(self.config.backend, query)
+        if reason:
+            return None, reason
         key_len = self.masks.key_length(attn_mask, key.shape[1])
         return (key_len, None) if key_len is not None else (None, "mask")
 
@@ -236,10 +264,3 @@ class LayerRuntime:
             if start < key_len:
                 ranges.append((start, key_len))
         return merge_ranges(ranges)
-
-    def _count_fallback(self, reason: str) -> None:
-        if not self.fallbacks[reason]:
-            warnings.warn(
-                f"liteattn: an attention call of {self.name} ran dense ({reason}); such calls are counted in "
-                "summary().fallbacks", stacklevel=2)
-        self.fallbacks[reason] += 1
