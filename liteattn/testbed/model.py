@@ -44,7 +44,9 @@ TRANSFORMER_CONFIG = {
     "eps": 1e-6,
     "rope_max_seq_len": 256,
 }
-VIDEO_CONFIG = {"size": 32, "frames": 16, "channels": 3}
+# The default generation size (the GPU demo's): 32 frames of 64x64 pixels = 32,768 tokens, the token count of
+# Wan2.1-1.3B at 480p. The same weights also generate 32x32 frames (the CPU demo's size): see train.py.
+VIDEO_CONFIG = {"size": 64, "frames": 32, "channels": 3}
 
 
 class PromptEncoder(nn.Module):
@@ -144,13 +146,28 @@ def save_testbed(testbed: Testbed, directory: str | Path, info: dict | None = No
     return directory
 
 
+def _resize_slots(slot: torch.Tensor, slots: int) -> torch.Tensor:
+    """Slot vectors for ``slots`` slots from a model trained with another count (to continue training).
+
+    New slots start as copies of the last trained one plus a little noise, so a
+    prompt that fills them means "one more shape" from the first step on.
+    """
+    if slots <= slot.shape[0]:
+        return slot[:slots].clone()
+    extra = slot[-1:].expand(slots - slot.shape[0], -1)
+    noise = torch.randn(extra.shape, generator=torch.Generator().manual_seed(0)) * 0.02
+    return torch.cat([slot, extra + noise])
+
+
 def load_testbed(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 path: str | Path | None = None) -> Testbed:
+                 path: str | Path | None = None, slots: int | None = None) -> Testbed:
     """Load the shipped testbed (or the one saved in ``path``) in inference mode.
 
     The weights are stored as fp16; ``dtype`` is what the transformer computes
     in (float32 on a CPU, bfloat16 or float16 on a GPU). The prompt encoder
-    stays float32: it is a table lookup.
+    stays float32: it is a table lookup. ``slots`` resizes the prompt encoder
+    to that many shape slots (only to continue training a model saved with
+    another count; default: the saved count).
     """
     from diffusers import WanTransformer3DModel
     from safetensors.torch import load_file
@@ -163,10 +180,13 @@ def load_testbed(device: torch.device | str = "cpu", dtype: torch.dtype = torch.
     meta = json.loads((directory / CONFIG_FILE).read_text())
     config = dict(meta["transformer"], patch_size=tuple(meta["transformer"]["patch_size"]))
     transformer = WanTransformer3DModel(**config)
-    encoder = PromptEncoder(config["text_dim"], vocab_size=meta["vocab_size"])
     tensors = load_file(str(directory / WEIGHTS_FILE))
+    slots = tensors["prompt_encoder.slot"].shape[0] if slots is None else slots
+    encoder = PromptEncoder(config["text_dim"], vocab_size=meta["vocab_size"], slots=slots)
     for prefix, module in (("transformer.", transformer), ("prompt_encoder.", encoder)):
         state = {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+        if prefix == "prompt_encoder." and state["slot"].shape[0] != slots:
+            state["slot"] = _resize_slots(state["slot"], slots)
         module.load_state_dict(state, strict=True)
     testbed = Testbed(transformer.eval().requires_grad_(False), encoder.eval().requires_grad_(False),
                       meta["video"], meta.get("info", {}))

@@ -9,10 +9,13 @@ Why a time budget rather than a step count: the model is trained on a borrowed
 GPU for a fixed number of minutes; the learning rate follows a cosine over
 that time, so the run ends annealed whatever the machine's speed.
 
-Why two clip lengths: the CPU demo runs 8-frame videos and the GPU demo
-16-frame ones; training alternates between them so both are in distribution.
-Fresh videos are drawn every step (the generator is seeded by the step), so
-there is no dataset and no overfitting.
+Why several sizes: the same weights run the CPU demo (8 frames of 32x32
+pixels, 2,048 tokens) and the GPU demo (32 frames of 64x64, 32,768 tokens, where
+attention is most of a step's time, as in real video models). Each step draws
+one *bucket* (frames, size, batch) in turn, every bucket holding about the same
+number of tokens, so every size stays in distribution. Fresh videos are drawn
+every step (the generator is seeded by the step), so there is no dataset and
+no overfitting.
 
 Writes into DIR: ``weights/`` (fp16 safetensors + config.json, refreshed every
 few minutes), ``train_log.txt``, ``loss.png``, ``samples.gif``, ``samples.png``
@@ -30,9 +33,12 @@ from pathlib import Path
 
 import torch
 
-from .data import describe_prompt, generate_videos, random_prompts
+from .data import MAX_SHAPES, describe_prompt, generate_videos, random_prompts
 
-__all__ = ["main", "train"]
+__all__ = ["DEFAULT_BUCKETS", "main", "parse_buckets", "train"]
+
+# frames x size x batch: about 131k tokens each; the GPU demo's size, the CPU demo's, and two between.
+DEFAULT_BUCKETS = "32x64x4,8x32x64,16x64x8,32x64x4,16x32x32"
 
 
 class _Prefetcher:
@@ -83,12 +89,16 @@ def train(args) -> Path:
     torch.backends.cudnn.allow_tf32 = True
     overrides = {k: v for k, v in (("num_layers", args.layers), ("num_attention_heads", args.heads),
                                    ("ffn_dim", args.ffn_dim)) if v is not None}
+    buckets = parse_buckets(args.buckets)
+    video = {"size": args.size, "frames": args.frames, "channels": 3}
     if args.init:
-        testbed = load_testbed("cpu", torch.float32, path=args.init)  # continue training saved weights
+        # Continue training saved weights (the prompt encoder gets this version's slot count).
+        testbed = load_testbed("cpu", torch.float32, path=args.init, slots=MAX_SHAPES)
+        testbed.video = video
         testbed.transformer.requires_grad_(True)
         testbed.prompt_encoder.requires_grad_(True)
     else:
-        testbed = build_testbed(overrides, {"size": args.size, "frames": args.frames})
+        testbed = build_testbed(overrides, video)
     testbed.to(device=device)
     modules = torch.nn.ModuleList([testbed.transformer, testbed.prompt_encoder]).train()
     params = [p for p in modules.parameters() if p.requires_grad]
@@ -106,15 +116,13 @@ def train(args) -> Path:
 
     log(f"device={device} params={n_params / 1e6:.2f}M config={dict(testbed.transformer.config)}")
     log(f"args={vars(args)}")
-    long_tokens = testbed.tokens_per_video(args.frames)
-    short_frames = args.short_frames or args.frames
-    log(f"tokens per video: {long_tokens} ({args.frames} frames), "
-        f"{testbed.tokens_per_video(short_frames)} ({short_frames} frames)")
+    for frames, size, batch in buckets:
+        log(f"bucket: {batch} x {frames} frames of {size}px = {batch * testbed.tokens_per_video(frames, size)} tokens "
+            f"({testbed.tokens_per_video(frames, size)} per video)")
 
     def make_batch(step: int):
-        frames = args.frames if step % 2 == 0 else short_frames
-        batch = args.batch * args.frames // frames  # same token count per step
-        video, prompts = generate_videos(batch, frames, args.size, seed=args.seed * 1_000_003 + step, device=device)
+        frames, size, batch = buckets[step % len(buckets)]
+        video, prompts = generate_videos(batch, frames, size, seed=args.seed * 1_000_003 + step, device=device)
         drop = torch.rand(batch, generator=torch.Generator().manual_seed(step)) < args.cfg_dropout
         return video, torch.where(drop[:, None], 0, prompts)
 
@@ -153,8 +161,7 @@ def train(args) -> Path:
                 mean = torch.stack(losses).mean().item()
                 history.append((step, elapsed, mean))
                 losses = []
-                log(f"step {step:6d}  {elapsed:7.1f}s  loss {mean:.4f}  grad {float(grad_norm):.3f}  lr {lr:.2e}  "
-                    f"frames {x0.shape[2]}")
+                log(f"step {step:6d}  {elapsed:7.1f}s  loss {mean:.4f}  grad {float(grad_norm):.3f}  lr {lr:.2e}")
             if time.perf_counter() - last_save > args.save_every * 60:
                 _save(ema, testbed, out, step, history)
                 last_save = time.perf_counter()
@@ -164,26 +171,30 @@ def train(args) -> Path:
     final = _save(ema, testbed, out, step, history)
     log(f"saved EMA weights to {final}")
 
-    # Evaluate the EMA weights: samples, attention map, loss curve.
+    # Evaluate the EMA weights: samples at the largest and the smallest bucket size, attention map, loss curve.
     testbed.transformer.load_state_dict(ema[0].state_dict())
     testbed.prompt_encoder.load_state_dict(ema[1].state_dict())
     testbed.transformer.eval()
     prompts = random_prompts(args.samples, torch.Generator().manual_seed(1234))
     for i in range(args.samples):
         log(f"sample {i}: {describe_prompt(prompts[i])}")
-    with torch.no_grad(), autocast:
-        fake = sample_video(testbed, prompts, frames=args.frames, steps=args.sample_steps, guidance=args.guidance,
-                            seed=args.seed, show_progress=False)
-    real, _ = generate_videos(args.samples, args.frames, args.size, seed=4321, device=device, prompts=prompts)
-    grid = frame_grid(list(fake) + list(real), columns=args.samples)
-    save_gif(grid, out / "samples.gif")
-    save_strip(frame_grid(list(fake[: min(4, args.samples)]) + list(real[: min(4, args.samples)]), columns=1),
-               out / "samples.png", every=max(1, args.frames // 8))
-    with torch.no_grad(), autocast:
-        stats = capture_attention(testbed, real, prompts, layer=len(testbed.transformer.blocks) // 2)
-    plot_attention(stats, out / "attention.png")
+    largest = max(buckets, key=lambda b: testbed.tokens_per_video(b[0], b[1]))
+    smallest = min(buckets, key=lambda b: testbed.tokens_per_video(b[0], b[1]))
+    for tag, (frames, size, _) in (("", largest), ("_small", smallest)):
+        with torch.no_grad(), autocast:
+            fake = sample_video(testbed, prompts, frames=frames, size=size, steps=args.sample_steps,
+                                guidance=args.guidance, seed=args.seed, show_progress=False)
+        real, _ = generate_videos(args.samples, frames, size, seed=4321, device=device, prompts=prompts)
+        scale = max(1, 128 // size)
+        save_gif(frame_grid(list(fake) + list(real), columns=args.samples, scale=scale), out / f"samples{tag}.gif")
+        save_strip(frame_grid(list(fake[: min(4, args.samples)]) + list(real[: min(4, args.samples)]), columns=1,
+                              scale=scale), out / f"samples{tag}.png", every=max(1, frames // 8))
+        if tag == "":
+            with torch.no_grad(), autocast:
+                stats = capture_attention(testbed, real[:1], prompts[:1], layer=len(testbed.transformer.blocks) // 2)
+            plot_attention(stats, out / "attention.png")
     _plot_loss(history, out / "loss.png")
-    log("wrote samples.gif, samples.png, attention.png, loss.png")
+    log("wrote samples.gif, samples.png, samples_small.gif, samples_small.png, attention.png, loss.png")
     log_file.close()
     return final
 
@@ -224,10 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: time budget only)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=32, help="videos per step at --frames (doubled at half length)")
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--short-frames", type=int, default=8, help="every other step uses this many frames")
-    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--buckets", default=DEFAULT_BUCKETS,
+                   help="comma-separated FRAMESxSIZExBATCH training sizes, one per step in turn "
+                        f"(default: {DEFAULT_BUCKETS})")
+    p.add_argument("--frames", type=int, default=32, help="default frames of the saved model's generations")
+    p.add_argument("--size", type=int, default=64, help="default frame size of the saved model's generations")
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema", type=float, default=0.999)
@@ -246,14 +258,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_buckets(text: str) -> list[tuple[int, int, int]]:
+    """``"32x64x4,8x32x64"`` -> ``[(32, 64, 4), (8, 32, 64)]`` (frames, size, batch)."""
+    buckets = []
+    for item in str(text).split(","):
+        try:
+            frames, size, batch = (int(x) for x in item.strip().lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--buckets: expected FRAMESxSIZExBATCH items like '32x64x4', got {item!r}") from None
+        if frames < 1 or batch < 1 or size < 8 or size % 2:
+            raise ValueError(f"--buckets: {item!r} needs frames >= 1, batch >= 1 and an even size >= 8")
+        buckets.append((frames, size, batch))
+    return buckets
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.minutes <= 0:
         raise ValueError(f"--minutes: expected a positive number, got {args.minutes}")
     if args.size % 2 or args.size < 8:
         raise ValueError(f"--size: expected an even number of pixels >= 8, got {args.size}")
-    if args.frames < 1 or args.short_frames < 0:
-        raise ValueError(f"--frames: expected >= 1 (and --short-frames >= 0), got {args.frames}, {args.short_frames}")
+    if args.frames < 1:
+        raise ValueError(f"--frames: expected >= 1, got {args.frames}")
+    parse_buckets(args.buckets)
     train(args)
 
 
