@@ -335,7 +335,7 @@ def generate_videos(batch: int, frames: int = 16, size: int = 32, seed: int = 0,
             rgb = _PALETTE.to(dev)[color[:, slot].to(dev)]  # (B, 3)
             fill = rgb[:, :, None, None, None] * shade[:, None]
             video = video + alpha[:, None] * (fill - video)
-    video = video * 2 - 1
+    video = video.clamp(0, 1) * 2 - 1
     if return_scene:
         return video, prompts, Scene(centres, angles, radius, layer, active, camera)
     return video, prompts
