@@ -181,6 +181,7 @@ class LiteAttention(nn.Module):
         self.block_size = V.validate_block_size(block_size)
         self.backend = backend
         self.state: SkipState | None = None
+        self._spent: SkipState | None = None  # the state before the last reset(), its buffers reused when they fit
         self.step = 0
         self._history: list[torch.Tensor | float] = []
 
@@ -205,10 +206,33 @@ class LiteAttention(nn.Module):
 
     # -- state -----------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget the skip state and step counter: a new generation starts."""
+        """Forget the skip state and step counter: a new generation starts.
+
+        The state's buffers are kept and refilled by the next call when its
+        inputs have the same shapes, so every generation computes in the same
+        memory (what CUDA graphs captured on an earlier generation need). Keep
+        ``state.clone()`` to read the old state after the next call.
+        """
+        if self.state is not None:
+            self._spent = self.state
         self.state = None
         self.step = 0
         self._history = []
+
+    def _reusable_state(self, q, k) -> SkipState | None:
+        """The last generation's state, refilled, when it fits these inputs; else None (a fresh one is built)."""
+        spent, self._spent = self._spent, None
+        if spent is None or not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 4 \
+                or k.dim() != 4:
+            return None
+        if spent.kv_indices.is_inference() and not torch.is_inference_mode_enabled():
+            return None  # inference tensors cannot be written outside inference mode
+        bsz, seq_q, heads, seq_k = ((q.shape[0], q.shape[1], q.shape[2], k.shape[1]) if self.layout == "bshd"
+                                    else (q.shape[0], q.shape[2], q.shape[1], k.shape[2]))
+        block_m, block_n = self.block_size or default_block_sizes(q.shape[-1])
+        if not spent.matches(bsz, heads, seq_q, seq_k, block_m, block_n, q.device):
+            return None
+        return spent.refill_()
 
     reset_skip_state = reset  # LiteAttention's name
 
@@ -241,6 +265,8 @@ class LiteAttention(nn.Module):
         if must_do is None:
             must_do = self.must_do
         threshold = self.threshold
+        if self.state is None and self._spent is not None:
+            self.state = self._reusable_state(q, k)
         result = lite_attention(
             q, k, v, self.state, threshold=threshold, scale=scale, must_do=must_do, layout=self.layout,
             return_lse=return_lse, enabled=self.enabled, block_size=self.block_size, backend=self.backend,

@@ -219,6 +219,19 @@ class SkipState:
             return False
         return (self.kv_num_blocks._version, self.kv_indices._version) == self._fresh_versions
 
+    def refill_(self) -> "SkipState":
+        """Every key tile active again, in ascending order, in this state's own buffers; returns ``self``.
+
+        Why in place: a new generation that reuses the last one's memory keeps its
+        addresses, so CUDA graphs captured on them stay valid, and nothing is
+        allocated. The spare pair is kept.
+        """
+        kt = self.shape[-1]
+        self.kv_num_blocks.fill_(kt)
+        self.kv_indices.copy_(torch.arange(kt, dtype=torch.int16, device=self.device).expand_as(self.kv_indices))
+        self.calls = 0
+        return self._mark_fresh()
+
     # ------------------------------------------------------------------ double buffering
     def next_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The spare (counts, indices) pair the next call writes into."""

@@ -59,6 +59,14 @@ class LiteAttentionConfig:
             Time every attention call and transformer forward (CUDA events on a
             GPU, ``time.perf_counter`` on a CPU) for :meth:`summary`. Off by
             default: events are cheap, but reading them syncs the device.
+        cuda_graph (`bool`, defaults to `False`):
+            On a CUDA device under ``torch.no_grad()`` / ``inference_mode()``,
+            capture each transformer forward in a CUDA graph (one per CFG context
+            and kind of step) and replay it, so a step costs one launch instead
+            of the host time of every module and attention call; the skip states
+            stay exactly as without graphs (see :mod:`liteattn.integrations.graphs`).
+            Attention calls inside a replayed forward are not timed (``profile``
+            times whole forwards then).
     """
 
     threshold: float | tuple[float, ...] = -10.0
@@ -70,6 +78,7 @@ class LiteAttentionConfig:
     text_tokens: str = "must_do"
     must_do: tuple[tuple[int, int], ...] = ()
     profile: bool = False
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         # Frozen: the fields are normalised (lists to tuples, checked) once, here.
@@ -86,6 +95,8 @@ class LiteAttentionConfig:
         object.__setattr__(self, "must_do", _ranges(self.must_do))
         if not isinstance(self.profile, bool):
             raise ValueError(f"profile: expected True or False, got {self.profile!r}")
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"cuda_graph: expected True or False, got {self.cuda_graph!r}")
 
     def threshold_at(self, step: int) -> float:
         """The threshold of denoising step ``step`` (the schedule's last value repeats)."""

@@ -37,6 +37,7 @@ from torch import nn
 from . import timing
 from .config import LiteAttentionConfig, describe_threshold
 from .families import Family, family_of, select_layers
+from .graphs import ForwardGraphs
 from .layer import ForwardInfo, KeyPaddingMasks, LayerRuntime
 from .report import AttentionCall, ForwardCall, Summary
 
@@ -139,6 +140,8 @@ class _RootHook(ModelHook):
             timer = timing.start(self.patch.device) if self.patch.config.profile else None
             self.patch.begin(info)
             try:
+                if self.patch.graphs is not None:
+                    return self.patch.graphs.run(info, self.fn_ref.original_forward, args, kwargs)
                 return self.fn_ref.original_forward(*args, **kwargs)
             finally:
                 self.patch.end(info, timer)
@@ -265,6 +268,7 @@ class _Patch:
         self.forward: ForwardInfo | None = None
         self.forward_records: dict[str, tuple[int, list[tuple[int, object]]]] = {}
         self.layers: dict[str, LayerRuntime] = {}
+        self.graphs: ForwardGraphs | None = None
         self._sites: list[_HookSite] = []
         self._saved: list[_SavedProcessor] = []
 
@@ -295,6 +299,7 @@ class _Patch:
             self._sites.append(_HookSite.register(module, _LayerHook(self, runtime), LAYER_HOOK))
         self._sites.append(_HookSite.register(self.model, _RootHook(self), ROOT_HOOK))
         _invalidate_registry_caches(self.model)
+        self.graphs = ForwardGraphs(self.layers, self.config, self.fallbacks) if self.config.cuda_graph else None
         setattr(self.model, PATCH_ATTR, self)
 
     def uninstall(self) -> None:

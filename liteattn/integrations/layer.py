@@ -29,8 +29,8 @@ from ..kernels import SUPPORTED_HEAD_DIMS, TRITON_AVAILABLE
 from . import timing
 from .config import LiteAttentionConfig
 
-__all__ = ["CallRecord", "ContextState", "ForwardInfo", "KeyPaddingMasks", "LayerRuntime", "count_fallback",
-           "input_fallback_reason", "key_prefix_length"]
+__all__ = ["CallRecord", "ContextState", "ForwardInfo", "KeyPaddingMasks", "LayerRuntime", "LoggedCall",
+           "count_fallback", "input_fallback_reason", "key_prefix_length"]
 
 # An additive mask entry at or below this removes the key exactly: e^-1000
 # underflows to 0 in every float format, so dropping the key changes nothing.
@@ -54,6 +54,25 @@ class CallRecord:
     mode: str
     history_index: int | None = None  # into the LiteAttention's history, for sparse calls
     timer: object = None
+
+
+@dataclass(frozen=True)
+class LoggedCall:
+    """One attention call made while a CUDA graph was captured: what replaying the graph must redo in Python.
+
+    ``fresh``: a sparse call that started from full lists, refilling ``before``, the state of the last generation
+    (else ``before`` is the state it read); ``after``: the state it wrote (the buffers the graph reads and writes);
+    ``sparsity``: the device tensor the call appended to the layer's history (rewritten by each replay).
+    """
+
+    runtime: "LayerRuntime"
+    context: str
+    mode: str
+    reason: str | None
+    fresh: bool
+    before: object
+    after: object
+    sparsity: torch.Tensor | None
 
 
 @dataclass
@@ -185,6 +204,7 @@ class LayerRuntime:
         self.fallbacks = fallbacks
         self.contexts: dict[str, ContextState] = {}
         self._forward: ForwardInfo | None = None
+        self.log: list[LoggedCall] | None = None  # set while a CUDA graph of the forward is captured
         self._text_len: int | None = None
         self._calls = 0
 
@@ -218,8 +238,10 @@ class LayerRuntime:
         key_len, reason = self._check(query, key, attn_mask, dropout_p, is_causal, parallel_config)
         state = self.state(forward.context, forward.generation) if forward is not None else None
         mode = "fallback" if reason else "dense_step" if self.config.is_dense_step(forward.step) else "sparse"
-        timer = timing.start(query.device) if self.config.profile else None
+        timer = timing.start(query.device) if self.config.profile and self.log is None else None  # no event in a capture
         history_index = None
+        fresh = mode == "sparse" and state.attention.state is None
+        before = (state.attention._spent if fresh else state.attention.state) if mode == "sparse" else None
         if mode == "sparse":
             attention = state.attention
             attention.set_threshold(self.config.threshold_at(forward.step))
@@ -235,6 +257,10 @@ class LayerRuntime:
             timer = timing.stop(timer)
         if state is not None:
             state.records.append(CallRecord(forward.step, mode, history_index, timer))
+        if self.log is not None:  # a CUDA graph is being captured: it must redo this call's bookkeeping
+            self.log.append(LoggedCall(self, forward.context, mode, reason, fresh, before,
+                                       state.attention.state if mode == "sparse" else None,
+                                       state.attention._history[-1] if mode == "sparse" else None))
         return out
 
     def _check(self, query, key, attn_mask, dropout_p, is_causal, parallel_config) -> tuple[int | None, str | None]:
