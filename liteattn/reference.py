@@ -11,14 +11,28 @@ Semantics, per (batch b, head h, query tile i), in the order of its active list
 1. ``s = scale * q_i @ k_jᵀ`` (columns past ``seq_len_k`` are ``-inf``).
 2. The tile's *score* is ``max over valid rows r of (max_c s_rc - m_r) * log2(e)``
    where ``m_r`` is the running row maximum over the tiles visited before it.
-3. The tile is *marked* when ``score < threshold``, it is not the first tile
+3. The tile is *marked* when ``score < threshold``, every valid row's margin
+   ``(max_c s_rc - m_r) * log2(e)`` is finite, it is not the first tile
    visited, and neither the query tile nor the key tile overlaps a must-do
    range. A marked tile is still used in this call (steps 4-5).
 4. Online softmax: ``m' = max(m, rowmax s)``, ``l = l e^{m-m'} + Σ e^{s-m'}``,
-   ``acc = acc e^{m-m'} + e^{s-m'} v_j``.
+   ``acc = acc e^{m-m'} + e^{s-m'} v_j`` (with ``m'`` taken as 0 while it is
+   -inf, so a row whose scores so far are all -inf keeps zero weights).
 5. Tiles not marked are appended, in visiting order, to the next state's list.
 
-Output ``acc / l``, log-sum-exp ``m + log l`` (natural log).
+Output ``acc / l``, log-sum-exp ``m + log l`` (natural log); a row that
+attended to nothing (an empty list, or every score -inf) gives zeros and -inf.
+
+Non-finite inputs. The output follows dense attention over the same tiles
+(SDPA's math backend): a row is NaN where a NaN or +inf score makes its sum
+NaN, zero where every score is -inf, and NaN or infinite values of ``v``
+reach the output through ``acc``. No skip decision made from non-finite scores is carried:
+a margin that is not finite (a tile whose scores in a row are all -inf, a
+running maximum that is +inf or NaN) never finds a tile negligible (step 3),
+and a query tile any of whose valid rows ends with a NaN sum (it met a NaN
+or +inf score) keeps its whole list, so the next call computes exactly what
+it would have without this one. A -inf score beside finite ones weighs
+nothing, as in dense attention, and leaves the decision to the finite ones.
 """
 from __future__ import annotations
 
@@ -106,15 +120,17 @@ def lite_attention_reference(
         s = torch.einsum("bhqmd,bhqnd->bhqmn", qs, ks[bi, hi, j]) * scale  # [B, H, QT, BM, BN]
         s = torch.where(col_valid[j][..., None, :], s, neg_inf)
         tile_max = s.amax(-1)  # [B, H, QT, BM]
-        margin = torch.where(row_valid, (tile_max - m) * LOG2E, neg_inf)
-        score = margin.amax(-1)  # [B, H, QT]
-        mark = active & (t > 0) & (score < threshold) & ~q_prot[None, None, :] & ~k_prot[j]
+        margin = (tile_max - m) * LOG2E
+        score = torch.where(row_valid, margin, neg_inf).amax(-1)  # [B, H, QT]
+        negligible = ((margin < threshold) & (margin > neg_inf)) | ~row_valid  # a non-finite margin decides nothing
+        mark = active & (t > 0) & negligible.all(-1) & ~q_prot[None, None, :] & ~k_prot[j]
         if scores is not None:
             scores[..., t] = torch.where(active, score, float("nan"))
 
         m_new = torch.maximum(m, tile_max)
-        p = torch.exp(s - m_new[..., None])
-        alpha = torch.exp(m - m_new)
+        m_use = torch.where(m_new == neg_inf, 0.0, m_new)  # -inf - -inf would be NaN
+        p = torch.exp(s - m_use[..., None])
+        alpha = torch.exp(m - m_use)
         upd = active[..., None]
         l = torch.where(upd, l * alpha + p.sum(-1), l)
         acc = torch.where(upd[..., None], acc * alpha[..., None] + p @ vs[bi, hi, j], acc)
@@ -125,12 +141,17 @@ def lite_attention_reference(
         next_indices.scatter_(-1, pos, torch.where(keep, j, next_indices.gather(-1, pos)[..., 0])[..., None])
         next_counts += keep.long()
 
-    safe_l = torch.where(l > 0, l, torch.ones_like(l))
-    out = torch.where((l > 0)[..., None], acc / safe_l[..., None], torch.zeros_like(acc))
-    lse = torch.where(l > 0, m + torch.log(safe_l), neg_inf)
+    has_mass = l != 0  # True for NaN: such rows are NaN, as in SDPA; rows that attended to nothing are 0
+    safe_l = torch.where(has_mass, l, torch.ones_like(l))
+    out = torch.where(has_mass[..., None], acc / safe_l[..., None], torch.zeros_like(acc))
+    lse = torch.where(has_mass, m + torch.log(safe_l), neg_inf)
     out = out.reshape(bsz, nheads, qt * bm, dim)[:, :, :seq_q].to(q.dtype)
     lse = lse.reshape(bsz, nheads, qt * bm)[:, :, :seq_q].float()
     if write_state:
+        # A query tile that met a NaN or +inf score (a valid row's sum is NaN) keeps its list as visited.
+        poisoned = (l.isnan() & row_valid).any(-1)  # [B, H, QT]
+        next_counts = torch.where(poisoned, counts, next_counts)
+        next_indices = torch.where(poisoned[..., None], indices, next_indices)
         nxt = (next_counts.to(torch.int32), next_indices.to(torch.int16))
     else:
         nxt = (state.kv_num_blocks.clone(), state.kv_indices.clone())

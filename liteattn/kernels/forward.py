@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 import triton
@@ -35,6 +36,9 @@ SCHEDULE_BY_WORK = True
 # memory with relaxed atomic ORs once per 32 tiles (no per-tile store, no cross-warp reduction).
 # False: one masked flag store per row and tile into the next list (KERNEL_NOTES.md, v1 and v5).
 FLAG_WORDS = True
+# Multiply-adds fused into FMAs, as every kernel version was measured with. Passed explicitly: Triton 3.9 warns that
+# its default (fused) changes to unfused in 3.10, which would change the kernels' code and rounding.
+FP_FUSION = True
 # On Hopper (sm90), run the warp-specialized Gluon kernel of :mod:`liteattn.kernels.hopper` where it applies.
 SM90_KERNEL = True
 # ... as one persistent program per SM (:mod:`liteattn.kernels.hopper_persistent`) instead of one per query tile.
@@ -73,8 +77,11 @@ def _load_kv_tile(desc, ptr, start_n, offs_n, offs_d, stride_s, SEQ_K, HEAD_DIM:
 @triton.jit
 def _store_output(O, LSE, acc, l_i, m_i, b, h, pid_bh, offs_m, offs_d, row_valid, stride_ob, stride_os, stride_oh,
                   SEQ_Q, HEAD_DIM: tl.constexpr, RETURN_LSE: tl.constexpr):
-    """Normalise and store the output rows (and the LSE); rows that saw no key get zeros."""
-    has_mass = l_i > 0
+    """Normalise and store the output rows (and the LSE).
+
+    Rows that attended to nothing (an empty list, or every score -inf) get zeros and LSE -inf, as SDPA gives a
+    row whose scores are all -inf; a NaN sum (the row met a NaN or +inf score) gives NaN, as SDPA does."""
+    has_mass = l_i != 0  # True for NaN
     safe_l = tl.where(has_mass, l_i, 1.0)
     out = tl.where(has_mass[:, None], acc / safe_l[:, None], 0.0)
     o_ptr = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
@@ -114,7 +121,6 @@ def _lite_attention_fwd(
     offs_n = tl.arange(0, BLOCK_N)  # [BN]
     offs_d = tl.arange(0, BLOCK_D)  # [BD]
     row_valid = offs_m < SEQ_Q  # [BM]
-    q_protected = tl.load(Q_PROT + pid_m) != 0
 
     q_ptr = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     b_q = tl.load(q_ptr + offs_m[:, None] * stride_qs + offs_d[None, :],
@@ -176,7 +182,11 @@ def _lite_attention_fwd(
         if WRITE_STATE:
             # Rows for which this tile is NOT negligible raise the flag of position t. No
             # cross-warp reduction here: the per-tile "all rows" test is resolved after the loop.
-            row_keep = ((tile_max - m_i) >= threshold) & row_valid
+            # Only a finite margin below the threshold finds a tile negligible: a -inf tile max (every
+            # score -inf) or a non-finite running max decides nothing (see liteattn.reference).
+            margin = tile_max - m_i
+            negligible = (margin < threshold) & (margin > float("-inf"))
+            row_keep = (negligible == 0) & row_valid
             if FLAG_WORDS:
                 # Collect 32 tiles' flags per row in a register; merge across rows once per 32 tiles.
                 bits = bits | (row_keep.to(tl.int32) << (t % 32))
@@ -187,8 +197,11 @@ def _lite_attention_fwd(
             else:
                 tl.store(flag_ptrs + t, ones, mask=row_keep)
         m_new = tl.maximum(m_i, tile_max)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        # A row whose scores so far are all -inf subtracts 0, not -inf (-inf - -inf is NaN): its weights stay 0
+        # and a later finite score counts as in dense attention.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         b_v = _load_kv_tile(v_desc, v_ptr, start_n, offs_n, offs_d, stride_vs, SEQ_K, HEAD_DIM, USE_TMA, False)
         if UPCAST:
@@ -197,6 +210,10 @@ def _lite_attention_fwd(
         m_i = m_new
 
     if WRITE_STATE:
+        # A row whose sum is NaN met a NaN or +inf score: the query tile keeps its whole list, so no skip
+        # decision is carried from non-finite scores. With the must-do flag of the query tile this
+        # protects every tile (an int: the interpreter of Triton 3.9 cannot mask with a scalar bool).
+        keep_all = tl.load(Q_PROT + pid_m).to(tl.int32) | tl.max(((l_i != l_i) & row_valid).to(tl.int32), 0)
         # Compact the survivors in visiting order, in place over the flags (write position <= read
         # position, and each chunk is fully read before it is written).
         tl.debug_barrier()
@@ -213,8 +230,8 @@ def _lite_attention_fwd(
                 ids = offs_c
             else:
                 ids = tl.where(full_row, offs_c, tl.load(idx_ptr + offs_c, mask=in_range, other=0).to(tl.int32))
-            k_protected = tl.load(K_PROT + ids, mask=in_range, other=0) != 0
-            keep = in_range & ((flag != 0) | (offs_c == 0) | k_protected | q_protected)
+            protected = (tl.load(K_PROT + ids, mask=in_range, other=0).to(tl.int32) | keep_all) != 0
+            keep = in_range & ((flag != 0) | (offs_c == 0) | protected)
             keep_i = keep.to(tl.int32)
             pos = n_keep + tl.cumsum(keep_i, 0) - keep_i
             tl.debug_barrier()
@@ -269,12 +286,19 @@ def _kernel_ready(x: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _hopper_module():
-    """The Gluon kernel's module, or None where Triton lacks the Gluon API it was written against (3.6+)."""
-    if tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit()) < (3, 6):
+    """The Gluon kernel's module, or None (after one warning) where this Triton is not one it is tested with
+    (:data:`liteattn.kernels._gluon.TESTED`) or lacks Gluon's Hopper API. Asked only for calls on an sm90 GPU,
+    so other GPUs, which run the portable kernel by design, see no warning."""
+    from . import _gluon
+
+    if not _gluon.tested():
+        lo, hi = (".".join(map(str, v)) for v in _gluon.TESTED)
+        _warn_portable(f"Triton {triton.__version__} is outside the releases it is tested with ({lo} to {hi}.x)")
         return None
     try:
         from . import hopper
-    except ImportError:  # a Triton build without Gluon's Hopper module
+    except ImportError as exc:  # a Triton build without Gluon's Hopper module
+        _warn_portable(f"this Triton build has no Gluon Hopper API ({exc})")
         return None
     return hopper
 
@@ -286,15 +310,56 @@ def _persistent_module():
         return None
     try:
         from . import hopper_persistent
-    except ImportError:  # a Triton build without host-side Gluon tensor descriptors
+    except ImportError as exc:  # a Triton build without host-side Gluon tensor descriptors
+        _warn_portable(f"this Triton build has no host-side Gluon tensor descriptors ({exc})")
         return None
     return hopper_persistent
 
 
+def _warn_portable(reason: str) -> None:
+    warnings.warn(f"liteattn: the Hopper (sm90) kernel is not used: {reason}; running the portable Triton kernel "
+                  "instead (same results, slower on Hopper)", RuntimeWarning, stacklevel=4)
+
+
+# Triton versions whose Gluon build of the Hopper kernels failed in this process: later calls go straight to the
+# portable kernel instead of failing to compile again on every call. A record of what happened, not a setting.
+_GLUON_BUILD_FAILED: dict[str, str] = {}
+
+
+def _is_build_error(exc: BaseException) -> bool:
+    """A failure to compile (Triton's front end, its passes, ptxas), which leaves every buffer untouched; an error
+    of the launch itself (a CUDA error) is not one and is raised."""
+    from triton.compiler.errors import CompilationError
+
+    if isinstance(exc, CompilationError):
+        return True
+    return type(exc).__module__.startswith("triton.") and "CUDA" not in str(exc)
+
+
 def _sm90_kernel_applies(q, k, out, block_m, block_n) -> bool:
-    """A Hopper GPU, the kernel's tile shapes and a TMA-ready output; anything else runs the Triton kernel."""
+    """A Hopper GPU, the kernel's tile shapes, a TMA-ready output and a Triton that builds the Gluon kernel;
+    anything else runs the Triton kernel."""
+    if q.device.type != "cuda" or torch.version.hip is not None or device_capability(q.device) != (9, 0):
+        return False
+    if triton.__version__ in _GLUON_BUILD_FAILED:
+        return False
     hopper = _hopper_module()
     return hopper is not None and _tma_ready(out) and hopper.supports(q, k, block_m, block_n)
+
+
+def _launch_sm90(launch) -> bool:
+    """Run a Gluon launch; False where this Triton cannot build the kernel (one warning per process; the
+    caller then runs the portable kernel on the untouched buffers)."""
+    try:
+        launch()
+    except Exception as exc:  # noqa: BLE001 - narrowed by _is_build_error, everything else is raised
+        if not _is_build_error(exc):
+            raise
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        _GLUON_BUILD_FAILED[triton.__version__] = f"{type(exc).__name__}: {first_line}"
+        _warn_portable(f"Triton {triton.__version__} failed to build it ({_GLUON_BUILD_FAILED[triton.__version__]})")
+        return False
+    return True
 
 
 def lite_attention_fwd(
@@ -323,39 +388,53 @@ def lite_attention_fwd(
         triton.set_allocator(_tma_allocator)
     grid = (qt, bsz * nheads)
     sm90 = SM90_KERNEL and use_tma and _sm90_kernel_applies(q, k, out, block_m, block_n)
-    persistent = _persistent_module() if sm90 and SM90_PERSISTENT else None
-    use_order = not dense and (persistent.order_by_work(k) if persistent is not None else SCHEDULE_BY_WORK)
-    # Stable: rows of equal length keep index order (neighbouring query tiles, often neighbouring key tiles).
-    order = (torch.argsort(kv_num_blocks, dim=-1, descending=True, stable=True).to(torch.int32) if use_order
-             else kv_num_blocks)
-    n_words = triton.cdiv(kt, 32)
+    # One more zeroed word per query tile than its tiles need (32 per word): a consumer of the Gluon kernels that
+    # met a NaN or +inf score sets it, and the compaction then keeps the whole list.
+    n_words = triton.cdiv(kt, 32) + 1
     # The atomics merge into zeroed words; one more zeroed word counts the persistent kernel's work items.
     n_flags = bsz * nheads * qt * n_words if write_state and (FLAG_WORDS or sm90) else 0
     flags = torch.zeros(n_flags + 1, dtype=torch.int32, device=q.device)
-    # Both kernels take the same runtime arguments: the tensors, BHSD strides, shapes and the scaled constants.
-    args = (
-        q, k, v, out, lse,
-        kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect, k_protect, order, flags, n_words,
-        q.stride(0), q.stride(2), q.stride(1),
-        k.stride(0), k.stride(2), k.stride(1),
-        v.stride(0), v.stride(2), v.stride(1),
-        out.stride(0), out.stride(2), out.stride(1),
-        nheads, nheads // k.shape[1], seq_q, seq_k, qt, kt,
-        scale * LOG2E, threshold,
-    )
     if sm90:
+        persistent = _persistent_module() if SM90_PERSISTENT else None
+        use_order = not dense and (persistent.order_by_work(k) if persistent is not None else SCHEDULE_BY_WORK)
+        args = _launch_args(q, k, v, out, lse, kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect,
+                            k_protect, flags, n_words, scale, threshold, qt, kt, use_order)
         options = dict(dim=dim, seq_k=seq_k, block_m=block_m, block_n=block_n, dense=dense, write_state=write_state,
                        return_lse=return_lse, use_order=use_order)
         if persistent is not None:
-            persistent.launch(args, **options)
+            built = _launch_sm90(lambda: persistent.launch(args, **options))
         else:
-            _hopper_module().launch(grid, args, **options)
-        return out, lse
+            built = _launch_sm90(lambda: _hopper_module().launch(grid, args, **options))
+        if built:
+            return out, lse
+    use_order = not dense and SCHEDULE_BY_WORK
+    args = _launch_args(q, k, v, out, lse, kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect,
+                        k_protect, flags, n_words, scale, threshold, qt, kt, use_order)
     _lite_attention_fwd[grid](
         *args,
         HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_M=block_m, BLOCK_N=block_n,
         DENSE=dense, WRITE_STATE=write_state, RETURN_LSE=return_lse, USE_TMA=use_tma,
         RAGGED_K=seq_k % block_n != 0, BLOCK_C=128, USE_ORDER=use_order,
         UPCAST=_interpreting() and q.dtype == torch.bfloat16, FLAG_WORDS=FLAG_WORDS,
+        enable_fp_fusion=FP_FUSION,
     )
     return out, lse
+
+
+def _launch_args(q, k, v, out, lse, kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect, k_protect,
+                 flags, n_words, scale, threshold, qt, kt, use_order):
+    """The runtime arguments every kernel takes: the tensors, BHSD strides, shapes and the scaled constants."""
+    bsz, nheads, seq_q, _ = q.shape
+    # Stable: rows of equal length keep index order (neighbouring query tiles, often neighbouring key tiles).
+    order = (torch.argsort(kv_num_blocks, dim=-1, descending=True, stable=True).to(torch.int32) if use_order
+             else kv_num_blocks)
+    return (
+        q, k, v, out, lse,
+        kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect, k_protect, order, flags, n_words,
+        q.stride(0), q.stride(2), q.stride(1),
+        k.stride(0), k.stride(2), k.stride(1),
+        v.stride(0), v.stride(2), v.stride(1),
+        out.stride(0), out.stride(2), out.stride(1),
+        nheads, nheads // k.shape[1], seq_q, k.shape[2], qt, kt,
+        scale * LOG2E, threshold,
+    )

@@ -34,7 +34,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .forward import device_capability
+from ._gluon import cta_barrier, tma_load, tma_store
+from .forward import FP_FUSION, device_capability
 
 PRODUCER_REGS = gl.constexpr(24)
 CONSUMER_REGS = gl.constexpr(240)
@@ -107,7 +108,7 @@ def _copy_when_free(desc, coord, ready, empty, dst, phase):
     pass over the ring does not wait."""
     mbarrier.wait(empty, phase ^ 1)
     mbarrier.expect(ready, desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(desc, coord, ready, dst)
+    tma_load(desc, coord, ready, dst)
 
 
 @gluon.jit
@@ -189,16 +190,22 @@ def _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, thres
     tile_max = _row_max(s, TREE_MAX, s_layout) * qk_scale
     if WRITE_STATE:
         # Per row, bit (t % 32) says "this tile is not negligible for me"; merged across rows in memory
-        # once per 32 tiles (KERNEL_NOTES.md, v5).
-        row_keep = ((tile_max - m_i) >= threshold) & row_valid
+        # once per 32 tiles (KERNEL_NOTES.md, v5). Only a finite margin below the threshold finds the tile
+        # negligible: a -inf tile max or a non-finite running max decides nothing (see liteattn.reference).
+        margin = tile_max - m_i
+        negligible = (margin < threshold) & (margin > float("-inf"))
+        row_keep = (negligible == 0) & row_valid
         bits = bits | (row_keep.to(gl.int32) << (t % 32))
         if (t % 32 == 31) | (t == n_active - 1):
             word_ptrs = flag_words + t // 32 + gl.zeros_like(bits)
             gl.atomic_or(word_ptrs, bits, mask=bits != 0, sem="relaxed")
             bits = gl.zeros_like(bits)
     m_new = gl.maximum(m_i, tile_max)
-    p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
-    alpha = gl.exp2(m_i - m_new)
+    # A row whose scores so far are all -inf subtracts 0, not -inf (-inf - -inf is NaN): its weights stay 0 and a
+    # later finite score counts as in dense attention.
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
+    alpha = gl.exp2(m_i - m_use)
     return p, alpha, m_new, bits
 
 
@@ -206,20 +213,21 @@ def _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, thres
 def _compact_chunk(c, n_keep, state_off, pid_m, n_active, KV_IDX, NEXT_IDX, Q_PROT, K_PROT, FLAGS, NW, KT,
                    DENSE: gl.constexpr, BLOCK_C: gl.constexpr, c_layout: gl.constexpr):
     """List positions ``c .. c+BLOCK_C-1`` of one query tile: append the survivors (flagged, first visited or
-    must-do) to the ``n_keep`` already written to the next list, in visiting order; returns the new count."""
+    must-do; all of them where a consumer met a NaN or +inf score, :func:`_flag_nonfinite`) to the ``n_keep``
+    already written to the next list, in visiting order; returns the new count."""
     offs_c = c + gl.arange(0, BLOCK_C, layout=c_layout)
     in_range = offs_c < n_active
     # Merged by the consumers' atomics at L2: read past L1.
     words = gl.load(FLAGS + state_off * NW + offs_c // 32, mask=in_range, other=0, cache_modifier=".cg")
+    keep_all = gl.load(Q_PROT + pid_m).to(gl.int32) | gl.load(FLAGS + state_off * NW + NW - 1, cache_modifier=".cg")
     flag = (words >> (offs_c % 32)) & 1
     if DENSE:
         ids = offs_c
     else:
         listed = gl.load(KV_IDX + state_off * KT + offs_c, mask=in_range, other=0).to(gl.int32)
         ids = gl.where(n_active == KT, offs_c, listed)  # a full row is visited in ascending order
-    k_protected = gl.load(K_PROT + ids, mask=in_range, other=0) != 0
-    q_protected = gl.load(Q_PROT + pid_m) != 0
-    keep = in_range & ((flag != 0) | (offs_c == 0) | k_protected | q_protected)
+    protected = (gl.load(K_PROT + ids, mask=in_range, other=0).to(gl.int32) | keep_all) != 0
+    keep = in_range & ((flag != 0) | (offs_c == 0) | protected)
     keep_i = keep.to(gl.int32)
     pos = n_keep + gl.associative_scan(keep_i, 0, _add) - keep_i
     gl.store(NEXT_IDX + state_off * KT + pos, ids.to(gl.int16), mask=keep)
@@ -298,8 +306,9 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
 
 @gluon.jit
 def _normalize(acc, m_i, l_i, o_layout: gl.constexpr):
-    """Output rows (acc / l, zero where nothing was attended) and their natural-log LSE (-inf there)."""
-    has_mass = l_i > 0
+    """Output rows (acc / l) and their natural-log LSE: zero and -inf where nothing was attended (an empty list,
+    or every score -inf, as SDPA), NaN where the sum is NaN (a NaN or +inf score, as SDPA)."""
+    has_mass = l_i != 0  # True for NaN
     safe_l = gl.where(has_mass, l_i, 1.0)
     inv_l = gl.convert_layout(gl.where(has_mass, 1.0 / safe_l, 0.0), gl.SliceLayout(1, o_layout))
     lse = gl.where(has_mass, (m_i + gl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
@@ -307,8 +316,16 @@ def _normalize(acc, m_i, l_i, o_layout: gl.constexpr):
 
 
 @gluon.jit
+def _flag_nonfinite(flag_words, NW, l_i, row_valid):
+    """Rows whose sum is NaN met a NaN or +inf score: set the query tile's last flag word (one past its tile
+    bits), so the compaction keeps the whole list and no skip decision made from such scores is carried."""
+    bad = ((l_i != l_i) & row_valid).to(gl.int32)
+    gl.atomic_or(flag_words + (NW - 1) + gl.zeros_like(bad), bad, mask=bad != 0, sem="relaxed")
+
+
+@gluon.jit
 def _consumer(row0, q_rows, q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, idx_ptr, n_active,
-              full_row, flag_words, qk_scale, threshold, o_desc, LSE, lse_off, SEQ_Q, SEQ_K, KT,
+              full_row, flag_words, NW, qk_scale, threshold, o_desc, LSE, lse_off, SEQ_Q, SEQ_K, KT,
               ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
               RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
               TURN: gl.constexpr, PINGPONG: gl.constexpr, PREFETCH: gl.constexpr, BY_POSITION: gl.constexpr,
@@ -334,13 +351,15 @@ def _consumer(row0, q_rows, q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_
                                       idx_ptr, n_active, full_row, flag_words, row_valid, acc, m_i, qk_scale,
                                       threshold, SEQ_K, KT, BLOCK_N, STAGES, RAGGED_K, WRITE_STATE, TURN, PINGPONG,
                                       PREFETCH, BY_POSITION, TREE_MAX, LANE_SUMS, s_layout, o_layout)
+    if WRITE_STATE:  # read by the compaction after the partitions join
+        _flag_nonfinite(flag_words, NW, l_i, row_valid)
 
     # Epilogue: stage through this consumer's rows of Q's shared memory (no longer read) and store with TMA,
     # which clips the rows past SEQ_Q.
     out, lse = _normalize(acc, m_i, l_i, o_layout)
     q_rows.store(out.to(dtype))
     fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [row0, 0], q_rows)
+    tma_store(o_desc, [row0, 0], q_rows)
     if RETURN_LSE:
         gl.store(LSE + lse_off + offs_m, lse, mask=row_valid)
     tma.store_wait(0)
@@ -408,7 +427,7 @@ def _lite_attention_fwd_sm90(
         mbarrier.init(k_empty.index(i), count=2)
         mbarrier.init(v_empty.index(i), count=2)
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [pid_m * BLOCK_M, 0], q_bar, q_smem)
+    tma_load(q_desc, [pid_m * BLOCK_M, 0], q_bar, q_smem)
 
     state_off = pid_bh.to(gl.int64) * QT + pid_m
     if DENSE:
@@ -423,19 +442,19 @@ def _lite_attention_fwd_sm90(
 
     gl.warp_specialize([
         (_consumer, (row0, q_smem.slice(0, ROWS), q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
-                     turn_bars, idx_ptr, n_active, full_row, flag_words, qk_scale, threshold, o_desc, LSE,
+                     turn_bars, idx_ptr, n_active, full_row, flag_words, NW, qk_scale, threshold, o_desc, LSE,
                      lse_off, SEQ_Q, SEQ_K, KT, ROWS, BLOCK_N, BLOCK_D, STAGES, RAGGED_K, WRITE_STATE,
                      RETURN_LSE, 0, PINGPONG, PREFETCH, BY_POSITION, TREE_MAX, LANE_SUMS)),
         (_consumer, (row0 + ROWS, q_smem.slice(ROWS, ROWS), q_bar, k_bufs, v_bufs, k_ready, v_ready, k_empty,
-                     v_empty, turn_bars, idx_ptr, n_active, full_row, flag_words, qk_scale, threshold, o_desc, LSE,
-                     lse_off, SEQ_Q, SEQ_K, KT, ROWS, BLOCK_N, BLOCK_D, STAGES, RAGGED_K, WRITE_STATE,
+                     v_empty, turn_bars, idx_ptr, n_active, full_row, flag_words, NW, qk_scale, threshold, o_desc,
+                     LSE, lse_off, SEQ_Q, SEQ_K, KT, ROWS, BLOCK_N, BLOCK_D, STAGES, RAGGED_K, WRITE_STATE,
                      RETURN_LSE, 1, PINGPONG, PREFETCH, BY_POSITION, TREE_MAX, LANE_SUMS)),
         (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, idx_ptr, n_active,
                      full_row, KT, BLOCK_N, STAGES, PREFETCH, BY_POSITION)),
     ], [NUM_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
     if WRITE_STATE:
         # Compact the survivors in visiting order into the next list (after every consumer's atomics).
-        gl.thread_barrier()
+        cta_barrier()
         c_layout: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
         n_keep = gl.to_tensor(0)
         for c in range(0, n_active, BLOCK_C):
@@ -491,7 +510,7 @@ def launch(grid, args, *, dim, seq_k, block_m, block_n, dense, write_state, retu
         RAGGED_K=seq_k % block_n != 0, BLOCK_C=32 * warps, USE_ORDER=use_order,
         PINGPONG=PINGPONG, PREFETCH=PREFETCH, BY_POSITION=BY_POSITION,
         TREE_MAX=tree_max_for(dim, dense, TREE_MAX), LANE_SUMS=lane_sums_for(dense, LANE_SUMS),
-        num_warps=warps, maxnreg=MAX_REGS,
+        num_warps=warps, maxnreg=MAX_REGS, enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -537,4 +556,5 @@ def compile_sm90a(fn, constexprs: dict, types: dict, aligned=()):
         if signature[name].startswith("*") or name in aligned:
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = GluonASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": MAX_REGS})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": MAX_REGS,
+                                                                            "enable_fp_fusion": FP_FUSION})

@@ -41,9 +41,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .forward import device_index
-from .hopper import (MAX_REGS, _attend_tiles, _compact_chunk, _copy_when_free, _next_tile, _normalize,
-                     _tile_at, compile_sm90a, lane_sums_for, tree_max_for)
+from ._gluon import tma_load, tma_store
+from .forward import FP_FUSION, device_index
+from .hopper import (MAX_REGS, _attend_tiles, _compact_chunk, _copy_when_free, _flag_nonfinite, _next_tile,
+                     _normalize, _tile_at, compile_sm90a, lane_sums_for, tree_max_for)
 
 # setmaxnreg (producer, consumer) registers per thread: the producer also compacts the finished items; the
 # consumers get what the producer's warpgroup gives up, 168 + (168 - producer) / 2. Measured: (40, 232); with
@@ -136,7 +137,7 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, 
         item_ids.index(qb).store(gl.full([1], w, gl.int32, layout=id_layout))
         mbarrier.expect(q_ready.index(qb), 2 * q_desc.block_type.nbytes)
         for half in gl.static_range(2):
-            tma.async_copy_global_to_shared(q_desc, [b, h, pid_m * (2 * ROWS) + half * ROWS, 0],
+            tma_load(q_desc, [b, h, pid_m * (2 * ROWS) + half * ROWS, 0],
                                             q_ready.index(qb),
                                             q_bufs.index(2 * qb + half).reshape([1, 1, ROWS, BLOCK_D]))
         full_row = n_active == KT
@@ -229,12 +230,13 @@ def _consumer(o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_read
                                           TURN, PINGPONG, PREFETCH, BY_POSITION, TREE_MAX, LANE_SUMS, s_layout,
                                           o_layout)
         if WRITE_STATE:  # this consumer's detection atomics for the item are issued
+            _flag_nonfinite(flag_words, NW, l_i, row_valid)
             mbarrier.arrive(flags_bars.index(i % 2), count=1)
 
         out, lse = _normalize(acc, m_i, l_i, o_layout)
         q_rows.store(out.to(dtype))
         fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [b, h, row0, 0], q_rows.reshape([1, 1, ROWS, BLOCK_D]))
+        tma_store(o_desc, [b, h, row0, 0], q_rows.reshape([1, 1, ROWS, BLOCK_D]))
         if RETURN_LSE:
             gl.store(LSE + pid_bh.to(gl.int64) * SEQ_Q + offs_m, lse, mask=row_valid)
         g += n_active
@@ -371,7 +373,7 @@ def launch(args, *, dim, seq_k, block_m, block_n, dense, write_state, return_lse
         USE_ORDER=use_order, PINGPONG=pingpong_for(dim), PREFETCH=PREFETCH, BY_POSITION=BY_POSITION,
         TREE_MAX=tree_max_for(dim, dense, TREE_MAX), LANE_SUMS=lane_sums_for(dense, LANE_SUMS),
         PRODUCER_REGS=REGS[0], CONSUMER_REGS=REGS[1],
-        num_warps=block_m // 32, maxnreg=MAX_REGS,
+        num_warps=block_m // 32, maxnreg=MAX_REGS, enable_fp_fusion=FP_FUSION,
     )
 
 
