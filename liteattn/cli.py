@@ -11,6 +11,7 @@ import sys
 
 _SUBCOMMANDS = {
     "demo": ("liteattn.demo", "generate a video dense and with liteattn; report speed and quality"),
+    "eval": ("liteattn.evaluate", "score liteattn against dense on the testbed over many prompts and seeds"),
     "bench": ("liteattn.bench.run", "time liteattn against dense attention and FlexAttention"),
 }
 

@@ -1,4 +1,5 @@
-"""``liteattn demo`` end to end at a tiny size on the CPU: files written, report sane."""
+"""``liteattn demo`` and ``liteattn eval`` end to end at a tiny size on the CPU: files written, reports sane,
+options checked before any work."""
 import json
 import os
 
@@ -31,8 +32,8 @@ def test_writes_every_file(demo_run):
 def test_report_fields_are_sane(demo_run):
     _, out = demo_run
     r = json.loads((out / "report.json").read_text())
-    assert (r["frames"], r["steps"], r["seed"], r["threshold"], r["dense_steps"]) == (2, 3, 3, -1.0, 1)
-    assert r["tokens_per_video"] == 2 * 16 * 16
+    assert (r["frames"], r["pixels"], r["steps"], r["seed"], r["threshold"], r["dense_steps"]) == (2, 32, 3, 3, -1.0, 1)
+    assert r["tokens_per_video"] == 2 * 16 * 16 and r["cuda_graphs"] is False
     for run in ("dense", "liteattn"):
         assert r[run]["wall_s"] > 0 and 0 < r[run]["attention_s"] < r[run]["wall_s"]
     lite = r["liteattn"]
@@ -43,17 +44,51 @@ def test_report_fields_are_sane(demo_run):
     assert lite["sparsity_last_step"] == lite["sparsity_per_step"][2]
     assert lite["sparsity_mean"] == pytest.approx(sum(lite["sparsity_per_step"]) / 3)
     assert set(lite["sparsity_per_layer"]) == {f"blocks.{i}.attn1" for i in range(r["model"]["layers"])}
-    q = r["quality_vs_dense"]
-    assert q["lpips"] is None and "offline" in q["lpips_note"]
-    assert 0.0 < q["ssim"] <= 1.0
-    psnr = float(q["psnr_db"])
-    assert psnr > 15
+    for run in ("dense", "liteattn"):
+        scores = r["scores"][run]
+        assert {"prompt_adherence", "subject_consistency", "motion_smoothness", "background_stability",
+                "overall"} <= set(scores)
+        assert all(0.0 <= scores[k] <= 1.0 for k in scores if k != "details")
+    fidelity = r["fidelity_vs_dense"]
+    assert 0.0 < fidelity["ssim"] <= 1.0 and float(fidelity["psnr_db"]) > 15
 
 
-def test_rejects_bad_options(tmp_path):
-    with pytest.raises(ValueError, match="--threshold"):
-        main(["demo", "--out", str(tmp_path), "--device", "cpu", "--threshold", "3"])
-    with pytest.raises(ValueError, match="--dense-steps"):
-        main(["demo", "--out", str(tmp_path), "--device", "cpu", "--dense-steps", "-1"])
-    with pytest.raises(ValueError, match="--steps"):
-        main(["demo", "--out", str(tmp_path), "--device", "cpu", "--steps", "0"])
+def test_eval_reports_intervals_and_a_choice(tmp_path):
+    rc = main(["eval", "--out", str(tmp_path), "--device", "cpu", "--frames", "2", "--steps", "3", "--prompts", "2",
+               "--seeds", "1", "--threshold", "-1", "--dense-steps", "1", "--workers", "1", "--no-progress"])
+    assert rc == 0
+    r = json.loads((tmp_path / "eval.json").read_text())
+    assert len(r["pairs"]) == 2 and len(r["settings"]) == 1
+    setting = r["settings"][0]
+    for dim in ("prompt_adherence", "overall"):
+        dense, lite = r["dense"]["scores"][dim], setting["scores"][dim]
+        assert dense["low"] <= dense["mean"] <= dense["high"] and dense["n"] == 2
+        assert lite["diff_vs_dense"]["n"] == 2
+    assert 0.0 <= setting["sparsity"] < 1.0 and isinstance(setting["inside_dense_interval"], bool)
+    assert (tmp_path / "eval.md").read_text().startswith("2 prompt x seed pairs")
+    assert (tmp_path / "pareto.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threshold", "3"], "liteattn demo: --threshold: expected a negative number"),
+    (["--steps", "0"], "liteattn demo: --steps: expected at least 1, got 0"),
+    (["--frames", "-2"], "liteattn demo: --frames: expected at least 1, got -2"),
+    (["--dense-steps", "-1"], "liteattn demo: --dense-steps: expected at least 0, got -1"),
+    (["--pixels", "33"], "liteattn demo: --pixels: expected an even number"),
+    (["--device", "tpu"], "liteattn demo: --device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+    (["--prompt", "purple circle"], "liteattn demo: --prompt: each shape must be"),
+])
+def test_bad_options_are_one_line_errors_before_any_work(argv, message, tmp_path, capsys):
+    rc = main(["demo", "--out", str(tmp_path / "never"), "--device", "cpu", *argv])  # a later --device wins
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_out_under_a_file_is_refused_up_front(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc = main(["demo", "--out", str(blocker / "demo"), "--device", "cpu"])
+    assert rc == 2
+    assert "--out: expected a folder to write into" in capsys.readouterr().err

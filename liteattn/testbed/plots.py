@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["plot_skip_masks", "plot_sparsity"]
+__all__ = ["plot_rows", "plot_skip_masks", "plot_sparsity"]
 
 
 def _pyplot():
@@ -18,10 +18,15 @@ def _pyplot():
 
 
 def plot_sparsity(per_step: dict[int, float], per_layer: dict[str, dict[int, float]], path: str | Path,
-                  title: str) -> Path:
-    """Skipped fraction of tiles per step: the mean over layers (thick) and each layer (thin)."""
+                  title: str, dense_steps: int = 0) -> Path:
+    """Skipped fraction of tiles per step: the mean over layers (thick) and each layer (thin); the first
+    ``dense_steps`` steps shaded and labelled (they run the model's own dense attention)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = plt.subplots(figsize=(7.2, 3.4))
+    if dense_steps:
+        ax.axvspan(-0.5, dense_steps - 0.5, color="0.88", zorder=0)
+        ax.text(dense_steps / 2 - 0.5, 50, f"first {dense_steps} steps\ndense: they\nlay out\nthe video",
+                ha="center", va="center", fontsize=6.5, color="0.3")
     for name, steps in per_layer.items():
         xs = sorted(steps)
         ax.plot(xs, [100 * steps[s] for s in xs], lw=0.9, alpha=0.6, label=name)
@@ -33,7 +38,7 @@ def plot_sparsity(per_step: dict[int, float], per_layer: dict[str, dict[int, flo
     ax.set_ylim(0, 100)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2, loc="upper left")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="layer", title_fontsize=6)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
@@ -80,5 +85,32 @@ def plot_skip_masks(masks: dict[str, torch.Tensor], path: str | Path, tiles_per_
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_rows(videos: list[torch.Tensor], labels: list[str], path: str | Path, every: int = 1,
+              title: str = "") -> Path:
+    """One labelled row per video ``(3, F, H, W)`` in [-1, 1], every ``every``-th frame, frames numbered."""
+    plt = _pyplot()
+    picked = list(range(0, videos[0].shape[1], every))
+    fig, axes = plt.subplots(len(videos), len(picked), figsize=(1.2 * len(picked) + 0.8, 1.25 * len(videos) + 0.5),
+                             squeeze=False)
+    for row, (video, label) in enumerate(zip(videos, labels)):
+        frames = ((video.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)
+        for col, f in enumerate(picked):
+            ax = axes[row, col]
+            ax.imshow(frames[f].numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"frame {f}", fontsize=7)
+            if col == 0:
+                ax.set_ylabel(label, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

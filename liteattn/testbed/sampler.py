@@ -67,14 +67,17 @@ def _context(transformer, name: str, **where):
 
 @torch.no_grad()
 def sample_video(testbed, prompts: torch.Tensor, *, frames: int | None = None, size: int | None = None,
-                 steps: int = 20, guidance: float = 4.0, seed: int = 0, shift: float = 1.0,
+                 steps: int = 20, guidance: float = 4.0, seed: int | list[int] = 0, shift: float = 1.0,
                  show_progress: bool = True, desc: str = "sampling",
                  on_step: Callable[[int], None] | None = None) -> torch.Tensor:
     """Generate videos for ``prompts`` ``(B, MAX_SHAPES)``; returns float32 ``(B, 3, F, H, W)`` in [-1, 1].
 
     ``guidance <= 1`` skips the unconditional branch. The initial noise is drawn
     on the CPU from ``seed``, so a seed gives the same starting point on any
-    device. ``on_step(i)`` runs after each step (e.g. to read the skip state).
+    device; ``seed`` may be one int per prompt, which makes each video
+    independent of the others in the batch (a prompt and seed give the same
+    video alone or batched). ``on_step(i)`` runs after each step (e.g. to read
+    the skip state).
     """
     if guidance < 0:
         raise ValueError(f"guidance: expected a float >= 0, got {guidance!r}")
@@ -83,8 +86,13 @@ def sample_video(testbed, prompts: torch.Tensor, *, frames: int | None = None, s
     size = size or testbed.video["size"]
     batch = prompts.shape[0]
     dev, dtype = testbed.device, testbed.dtype
-    noise = torch.randn(batch, testbed.video["channels"], frames, size, size,
-                        generator=torch.Generator().manual_seed(int(seed)))
+    shape = (testbed.video["channels"], frames, size, size)
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != batch:
+            raise ValueError(f"seed: expected one int or {batch} ints (one per prompt), got {len(seed)}")
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seed])
+    else:
+        noise = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(int(seed)))
     x = noise.to(dev)
     cond = testbed.encode(prompts)
     uncond = testbed.encode(testbed.null_prompt(batch)) if guidance > 1 else None
