@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import os
 from typing import Iterable, Sequence
 
@@ -36,6 +37,9 @@ def validate_qkv(q, k, v, layout: str, kernel: bool) -> tuple[int, int, int, int
             raise ValueError(f"{name}: expected a 4-D tensor {want} for layout={layout!r}, got shape {tuple(x.shape)}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v: expected one device, got q on {q.device}, k on {k.device}, v on {v.device}")
+    if q.device.type == "meta":
+        raise ValueError("q, k, v: tensors on the 'meta' device hold no values, so there is nothing to attend over; "
+                         "pass tensors on a CPU or GPU (to trace shapes, use torch.compile or FakeTensorMode)")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     allowed = KERNEL_DTYPES if kernel else REFERENCE_DTYPES
@@ -103,12 +107,27 @@ def validate_block_size(block_size) -> tuple[int, int] | None:
 
 
 def flat_to_ranges(flat: Sequence[int]) -> list[tuple[int, int]]:
-    """LiteAttention's flat ``must_do_list`` ``[s0, e0, s1, e1, ...]`` to pairs."""
-    flat = list(flat)
+    """The CUDA LiteAttention's flat ``must_do_list`` to ``(start, end)`` pairs (end exclusive), in either of
+    the formats its releases documented.
+
+    Its v0.2 README lists boundaries in strictly ascending order, ``[start0, end0, start1, end1, ...]``
+    (``[2, 12, 40, 45, 60, 80]``: tokens 2-11, 40-44 and 60-79). Its earlier README lists them strictly
+    descending, because its kernel walks key tiles from the end: ``[80, 60, 45, 40, 12, 2]`` for the same tokens.
+    A descending list is read as the ascending one reversed, so both give ``[(2, 12), (40, 45), (60, 80)]``.
+    """
+    if isinstance(flat, (str, bytes)) or not isinstance(flat, Iterable):
+        raise ValueError(f"must_do_list: expected a flat list of token indices, got {flat!r}")
+    try:
+        flat = [operator.index(x) for x in flat]
+    except TypeError:
+        raise ValueError(f"must_do_list: expected a flat list of int token indices, got {flat!r}") from None
     if len(flat) % 2:
         raise ValueError(f"must_do_list: expected an even-length flat list [start0, end0, start1, end1, ...], got {flat}")
-    if any(b <= a for a, b in zip(flat, flat[1:])):
-        raise ValueError(f"must_do_list: expected strictly ascending values, got {flat}")
+    if len(flat) > 1 and all(b < a for a, b in zip(flat, flat[1:])):
+        flat = flat[::-1]  # the descending format: the same boundaries, walked from the end
+    elif any(b <= a for a, b in zip(flat, flat[1:])):
+        raise ValueError("must_do_list: expected strictly ascending boundaries [start0, end0, start1, end1, ...] "
+                         f"or strictly descending ones [end_n, start_n, ..., end0, start0], got {flat}")
     return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
 

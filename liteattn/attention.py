@@ -34,7 +34,7 @@ def _prepare_state(state, bsz, nheads, seq_q, seq_k, block_size, device) -> Skip
         if not isinstance(state, SkipState):
             raise ValueError(f"state: expected a liteattn.SkipState or None, got {type(state).__name__}")
         if state.matches(bsz, nheads, seq_q, seq_k, bm, bn, device):
-            return state
+            return _outside_inference_mode(state)
         warnings.warn(
             f"liteattn: the skip state was built for {state!r} but the inputs are B={bsz}, H={nheads}, "
             f"seq_len=({seq_q}, {seq_k}), tiles=({bm}, {bn}) on {device}; starting a fresh state "
@@ -42,6 +42,21 @@ def _prepare_state(state, bsz, nheads, seq_q, seq_k, block_size, device) -> Skip
             stacklevel=3,
         )
     return SkipState.full(bsz, nheads, seq_q, seq_k, bm, bn, device)
+
+
+def _outside_inference_mode(state: SkipState) -> SkipState:
+    """``state``, or a copy of its lists in ordinary tensors when it was made under ``torch.inference_mode()``
+    and this call is not: the call writes into the state's buffers, and torch forbids writing into inference
+    tensors outside inference mode (a generation may well start inside it and go on outside). The copy drops
+    the spare buffers, which are inference tensors too; the next call allocates new ones."""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return state
+    if not (state.kv_num_blocks.is_inference() or state.kv_indices.is_inference()
+            or (state._spare is not None and state._spare[0].is_inference())):
+        return state
+    copy = SkipState(state.kv_num_blocks.clone(), state.kv_indices.clone(), state.seq_len_q, state.seq_len_k,
+                     state.block_m, state.block_n, state.calls, _trusted=True)
+    return copy._mark_fresh() if state.is_fresh() else copy
 
 
 def lite_attention(
@@ -157,6 +172,9 @@ class LiteAttention(nn.Module):
             since :meth:`reset`; the last value repeats).
         enabled: False computes dense attention and keeps the state.
         must_do: token ranges never skipped (see :func:`lite_attention`).
+        must_do_list: the same ranges in the CUDA LiteAttention's flat form,
+            ascending ``[start0, end0, ...]`` or descending ``[end_n, start_n,
+            ...]`` (:func:`liteattn._validation.flat_to_ranges`).
         layout: ``"bshd"`` (default) or ``"bhsd"``.
         block_size: ``(block_m, block_n)`` tile sizes, default per head_dim.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
@@ -172,10 +190,15 @@ class LiteAttention(nn.Module):
 
     def __init__(self, threshold: float | Sequence[float] = -10.0, *, enabled: bool = True,
                  must_do: Sequence[tuple[int, int]] | None = None, layout: str = "bshd",
-                 block_size: tuple[int, int] | None = None, backend: str = "auto"):
+                 block_size: tuple[int, int] | None = None, backend: str = "auto",
+                 must_do_list: Sequence[int] | None = None):
         super().__init__()
         self.set_threshold(threshold)
         self.enabled = bool(enabled)
+        if must_do_list is not None:
+            if must_do is not None:
+                raise ValueError("must_do and must_do_list: pass one of them, not both")
+            must_do = V.flat_to_ranges(must_do_list)
         self.must_do = list(must_do) if must_do is not None else None
         self.layout = V.validate_layout(layout)
         self.block_size = V.validate_block_size(block_size)
@@ -254,7 +277,8 @@ class LiteAttention(nn.Module):
         """``out`` (like q), or ``(out, lse)`` with ``return_lse`` / ``return_softmax_lse``.
 
         ``must_do`` overrides the instance's ranges for this call;
-        ``must_do_list`` takes LiteAttention's flat ``[start0, end0, ...]`` form.
+        ``must_do_list`` takes the CUDA LiteAttention's flat form, ascending
+        ``[start0, end0, ...]`` or descending ``[end_n, start_n, ...]``.
         """
         if return_softmax_lse is not None:
             return_lse = return_softmax_lse

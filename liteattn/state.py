@@ -51,6 +51,16 @@ class SkipState:
       count are undefined.
 
     ``QT = ceil(seq_len_q / block_m)``, ``KT = ceil(seq_len_k / block_n)``.
+
+    A state built from tensors (``SkipState(kv_num_blocks, kv_indices, ...)``),
+    from a mask (:meth:`from_dense`) or loaded (:meth:`from_state_dict`, or
+    unpickled) is checked once, when it is built: counts in ``[0, KT]``, listed
+    indices in ``[0, KT)`` without repeats, the dtypes, both tensors on one
+    device holding values (not ``meta``). The kernel trusts the lists it reads
+    (an index out of range would read another head's memory), and a state the
+    library writes is valid by construction, so the calls themselves check
+    nothing and never sync the device for it; a state edited in place after it
+    was built can be checked again with :meth:`validate`.
     ``H`` is the number of *query* heads: GQA/MQA groups share K/V tiles but
     every query head keeps its own skip set.
 
@@ -78,14 +88,29 @@ class SkipState:
     # [0, 1, ..., KT-1], so a call that marks nothing may walk tiles by address like dense attention
     # (known without a device sync). Any in-place edit, and every kernel write, bumps a counter.
     _fresh_versions: tuple[int, int] | None = field(default=None, repr=False)
+    # Set by the library's own builders (full, clone, to, advanced, ...), whose lists are valid by construction:
+    # they skip the content check, which reads the whole state (and syncs a GPU).
+    _trusted: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "seq_len_q", "seq_len_k"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"SkipState: {name} must be a positive int, got {getattr(self, name)!r}")
-        if self.kv_num_blocks.dtype != torch.int32 or self.kv_indices.dtype != torch.int16:
-            raise ValueError("SkipState: kv_num_blocks must be int32 and kv_indices int16, got "
-                             f"{self.kv_num_blocks.dtype} and {self.kv_indices.dtype}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SkipState: {name}: expected a positive int, got {value!r}")
+        if isinstance(self.calls, bool) or not isinstance(self.calls, int) or self.calls < 0:
+            raise ValueError(f"SkipState: calls: expected an int >= 0, got {self.calls!r}")
+        for name, dtype in (("kv_num_blocks", torch.int32), ("kv_indices", torch.int16)):
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"SkipState: {name}: expected a torch.Tensor of {dtype}, got {type(value).__name__}")
+            if value.dtype != dtype:
+                raise ValueError(f"SkipState: {name}: expected {dtype}, got {value.dtype} (convert with .to({dtype}))")
+        if self.kv_num_blocks.device != self.kv_indices.device:
+            raise ValueError(f"SkipState: kv_num_blocks and kv_indices: expected one device, got "
+                             f"{self.kv_num_blocks.device} and {self.kv_indices.device}")
+        if self.kv_indices.device.type == "meta":
+            raise ValueError("SkipState: kv_num_blocks, kv_indices: tensors on the 'meta' device hold no values; "
+                             "build the state on the device of q, k, v")
         if self.kv_num_blocks.dim() != 3 or self.kv_indices.dim() != 4:
             raise ValueError(
                 "SkipState: expected kv_num_blocks (B, H, QT) and kv_indices (B, H, QT, KT), got "
@@ -106,6 +131,72 @@ class SkipState:
                 f"({self.block_m}, {self.block_n}) need QT={qt}, KT={kt}; got kv_indices "
                 f"{tuple(self.kv_indices.shape)}"
             )
+        if not self._trusted:
+            self.validate()
+        self._trusted = False  # a copy made with dataclasses.replace is checked again
+
+    def validate(self) -> "SkipState":
+        """Check the lists: every count in ``[0, KT]``, the first ``count`` indices of every list in ``[0, KT)``
+        and distinct. Raises ``ValueError`` naming the first bad entry; returns the state.
+
+        Why it matters: the kernel reads exactly the listed tiles, so an index past ``KT`` would read memory of
+        another head (the PyTorch path clamped it silently to the last tile), a repeated index would count a
+        tile twice, and a count out of range would walk past the list. Reads the whole state once (a device
+        sync on a GPU); the library's calls never need it.
+        """
+        if torch.compiler.is_compiling():  # data-dependent: checked where the state was built, not while tracing
+            return self
+        kt = self.kv_indices.shape[-1]
+        counts = self.kv_num_blocks
+        bad = (counts < 0) | (counts > kt)
+        if bool(bad.any()):
+            pos = tuple(torch.nonzero(bad)[0].tolist())
+            raise ValueError(f"SkipState: kv_num_blocks{list(pos)} = {int(counts[pos])}: expected a count in "
+                             f"[0, KT={kt}]")
+        listed = torch.arange(kt, device=counts.device) < counts[..., None].long()
+        idx = self.kv_indices.long()
+        bad = listed & ((idx < 0) | (idx >= kt))
+        if bool(bad.any()):
+            pos = tuple(torch.nonzero(bad)[0].tolist())
+            raise ValueError(f"SkipState: kv_indices{list(pos)} = {int(idx[pos])}: expected a key-tile index in "
+                             f"[0, KT={kt}) (the entries before kv_num_blocks{list(pos[:3])} = "
+                             f"{int(counts[pos[:3]])} are the list)")
+        hits = torch.zeros(*idx.shape[:3], kt + 1, dtype=torch.int32, device=idx.device)
+        hits.scatter_add_(-1, torch.where(listed, idx, kt), listed.to(torch.int32))
+        repeated = hits[..., :kt] > 1
+        if bool(repeated.any()):
+            *row, tile = torch.nonzero(repeated)[0].tolist()
+            raise ValueError(f"SkipState: kv_indices{row}: key tile {tile} is listed {int(hits[(*row, tile)])} "
+                             f"times among the first {int(counts[tuple(row)])} entries; each active tile once")
+        return self
+
+    # ------------------------------------------------------------------ saving and loading
+    def state_dict(self) -> dict:
+        """The state as plain tensors and ints, for ``torch.save`` (``torch.load`` reads it back with its default
+        ``weights_only=True``); :meth:`from_state_dict` rebuilds and checks it."""
+        return {"kv_num_blocks": self.kv_num_blocks, "kv_indices": self.kv_indices, "seq_len_q": self.seq_len_q,
+                "seq_len_k": self.seq_len_k, "block_m": self.block_m, "block_n": self.block_n,
+                "calls": self.calls}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "SkipState":
+        """A state from :meth:`state_dict`'s output (e.g. loaded with ``torch.load``), checked like any state
+        built from tensors."""
+        if not isinstance(state, dict):
+            raise ValueError(f"state: expected the dict of SkipState.state_dict(), got {type(state).__name__}")
+        keys = ("kv_num_blocks", "kv_indices", "seq_len_q", "seq_len_k", "block_m", "block_n")
+        missing = [key for key in keys if key not in state]
+        if missing:
+            raise ValueError(f"state: missing {missing}; expected the dict of SkipState.state_dict()")
+        return cls(*(state[key] for key in keys), calls=state.get("calls", 0))
+
+    def __getstate__(self) -> dict:
+        return self.state_dict()
+
+    def __setstate__(self, state: dict) -> None:
+        # Unpickling rebuilds through the constructor, so a pickled state is checked like a hand-built one.
+        self.__init__(*(state[key] for key in ("kv_num_blocks", "kv_indices", "seq_len_q", "seq_len_k", "block_m",
+                                               "block_n")), calls=state.get("calls", 0))
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -129,7 +220,7 @@ class SkipState:
         counts = torch.full((batch, heads, qt), kt, dtype=torch.int32, device=device)
         order = torch.arange(kt, dtype=torch.int16, device=device)
         indices = order.expand(batch, heads, qt, kt).contiguous()
-        return cls(counts, indices, seq_len_q, seq_len_k, block_m, block_n)._mark_fresh()
+        return cls(counts, indices, seq_len_q, seq_len_k, block_m, block_n, _trusted=True)._mark_fresh()
 
     @classmethod
     def from_dense(
@@ -139,8 +230,11 @@ class SkipState:
 
         Active tiles are visited in ascending index order.
         """
-        if active.dtype != torch.bool or active.dim() != 4:
-            raise ValueError(f"from_dense: expected a bool (B, H, QT, KT) mask, got {active.dtype} {tuple(active.shape)}")
+        if not isinstance(active, torch.Tensor) or active.dtype != torch.bool or active.dim() != 4:
+            got = f"{active.dtype} {tuple(active.shape)}" if isinstance(active, torch.Tensor) else type(active).__name__
+            raise ValueError(f"from_dense: expected a bool (B, H, QT, KT) mask, got {got}")
+        if active.device.type == "meta":
+            raise ValueError("from_dense: a mask on the 'meta' device holds no values")
         kt = active.shape[-1]
         _check_key_tiles(kt, seq_len_k, block_n)
         counts = active.sum(-1, dtype=torch.int32)
@@ -150,7 +244,7 @@ class SkipState:
         indices = torch.where(
             torch.arange(kt, device=active.device) < counts[..., None].long(), order, torch.zeros_like(order)
         ).contiguous()
-        return cls(counts.contiguous(), indices, seq_len_q, seq_len_k, block_m, block_n)
+        return cls(counts.contiguous(), indices, seq_len_q, seq_len_k, block_m, block_n, _trusted=True)
 
     # ------------------------------------------------------------------ inspection
     @property
@@ -172,11 +266,13 @@ class SkipState:
         dense.scatter_(-1, idx, valid)
         return dense[..., :kt]
 
-    def sparsity(self) -> float:
-        """Fraction of (query tile, key tile) pairs that are skipped. Syncs the device."""
+    @property
+    def sparsity(self) -> "Sparsity":
+        """Fraction of (query tile, key tile) pairs that are skipped, a float (as the repr shows it); calling it,
+        ``state.sparsity()``, gives the same value, as it did when this was a method. Syncs the device."""
         b, h, qt, kt = self.shape
         total = b * h * qt * kt
-        return 1.0 - float(self.kv_num_blocks.sum(dtype=torch.int64)) / total if total else 0.0
+        return Sparsity(1.0 - float(self.kv_num_blocks.sum(dtype=torch.int64)) / total if total else 0.0)
 
     def sparsity_per_head(self) -> torch.Tensor:
         """Skipped fraction per ``(B, H)``, float32."""
@@ -195,13 +291,13 @@ class SkipState:
     def clone(self) -> "SkipState":
         """An independent copy (its own buffers), e.g. to keep a snapshot."""
         copy = SkipState(self.kv_num_blocks.clone(), self.kv_indices.clone(), self.seq_len_q, self.seq_len_k,
-                         self.block_m, self.block_n, self.calls)
+                         self.block_m, self.block_n, self.calls, _trusted=True)
         return copy._mark_fresh() if self.is_fresh() else copy
 
     def to(self, device: torch.device | str) -> "SkipState":
         """A copy on ``device``; the original is untouched."""
         moved = SkipState(self.kv_num_blocks.to(device, copy=True), self.kv_indices.to(device, copy=True),
-                          self.seq_len_q, self.seq_len_k, self.block_m, self.block_n, self.calls)
+                          self.seq_len_q, self.seq_len_k, self.block_m, self.block_n, self.calls, _trusted=True)
         return moved._mark_fresh() if self.is_fresh() else moved
 
     def _mark_fresh(self) -> "SkipState":
@@ -247,7 +343,7 @@ class SkipState:
         another call (take a :meth:`clone` to keep it).
         """
         return SkipState(counts, indices, self.seq_len_q, self.seq_len_k, self.block_m, self.block_n,
-                         self.calls + 1, _spare=(self.kv_num_blocks, self.kv_indices))
+                         self.calls + 1, _spare=(self.kv_num_blocks, self.kv_indices), _trusted=True)
 
     # ------------------------------------------------------------------ printing
     def to_string(self, grid: tuple[int, int] = (16, 32), batch: int = 0, head: int = 0) -> str:
@@ -270,10 +366,18 @@ class SkipState:
         b, h, qt, kt = self.shape
         return (f"SkipState(B={b}, H={h}, QT={qt}, KT={kt}, tiles=({self.block_m}, {self.block_n}), "
                 f"seq_len=({self.seq_len_q}, {self.seq_len_k}), calls={self.calls}, "
-                f"sparsity={self.sparsity():.3f}, device={self.device})")
+                f"sparsity={self.sparsity:.3f}, device={self.device})")
 
     def __str__(self) -> str:
         return repr(self) + "\n" + self.to_string()
+
+
+class Sparsity(float):
+    """A skipped fraction that can also be called (``state.sparsity()`` returns it), so code written when
+    :attr:`SkipState.sparsity` was a method keeps working."""
+
+    def __call__(self) -> float:
+        return float(self)
 
 
 def tile_protection(ranges: list[tuple[int, int]] | None, seq_len: int, block: int,

@@ -6,6 +6,7 @@ claims: the skip set only grows, and what it drops is negligible softmax mass.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -408,3 +409,37 @@ def test_kernel_output_does_not_silently_drop_gradients(local_qkv, kernel_device
     assert out.requires_grad
     with pytest.raises(RuntimeError):
         out.float().sum().backward()
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # interpreter noise
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("modes", [("inference", "plain"), ("plain", "inference"), ("inference", "no_grad"),
+                                   ("no_grad", "inference", "plain")])
+def test_calls_mix_inference_mode_and_no_grad(modes, backend, local_qkv, kernel_device, gen):
+    """A generation may start under torch.inference_mode() and go on outside it (or the other way round, or
+    under no_grad): every step runs, and the results and skip sets equal those of the same steps in one mode.
+    The first call's state was made of inference tensors, which torch forbids writing outside inference mode."""
+    device = "cpu" if backend == "torch" else kernel_device
+    dtype = torch.float32 if backend == "torch" else torch.float16
+    q, k, v = (x.to(device, dtype) for x in local_qkv(1, 64, 2, 1, 16, generator=gen))
+    contexts = {"inference": torch.inference_mode, "no_grad": torch.no_grad, "plain": contextlib.nullcontext}
+    mixed = LiteAttention(threshold=-2.0, layout="bhsd", block_size=(16, 16), backend=backend)
+    plain = LiteAttention(threshold=-2.0, layout="bhsd", block_size=(16, 16), backend=backend)
+    for step, mode in enumerate(modes * 2):
+        with contexts[mode]():
+            got = mixed(q, k, v)
+        want = plain(q, k, v)
+        assert torch.equal(got, want), (step, mode)
+        assert torch.equal(mixed.state.to_dense(), plain.state.to_dense())
+    assert plain.history[-1] > 0, "the steps must skip tiles, or the skip sets compared are trivial"
+    assert mixed.history == plain.history
+
+
+def test_functional_state_from_inference_mode_is_usable_outside(local_qkv, gen):
+    q, k, v = local_qkv(1, 48, 2, 2, 16, generator=gen)
+    with torch.inference_mode():
+        _, state = lite_attention(q, k, v, layout="bhsd", threshold=-2.0, block_size=(16, 16))
+    assert state.kv_indices.is_inference()
+    out, nxt = lite_attention(q, k, v, state, layout="bhsd", threshold=-2.0)
+    assert not nxt.kv_indices.is_inference() and nxt.calls == 2
+    assert torch.equal(state.to_dense() >= nxt.to_dense(), torch.ones_like(nxt.to_dense()))  # only grows

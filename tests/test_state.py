@@ -193,3 +193,107 @@ def test_tile_protection_marks_overlapping_tiles():
     assert prot.tolist() == [1, 0, 1, 1, 1]
     assert tile_protection(None, 70, 16, torch.device("cpu")).tolist() == [0] * 5
     assert tile_protection([(16, 32)], 70, 16, torch.device("cpu")).tolist() == [0, 1, 0, 0, 0]
+
+
+def _hand_built(counts, lists, kt=4):
+    """A (1, 1, QT, kt) state from per-query-tile counts and index lists (16-token tiles)."""
+    rows = [list(row) + [0] * (kt - len(row)) for row in lists]
+    return (torch.tensor([[counts]], dtype=torch.int32), torch.tensor([[rows]], dtype=IDX), 16 * len(counts),
+            16 * kt, 16, 16)
+
+
+@pytest.mark.parametrize("counts,lists,match", [
+    ([2], [[0, 99]], r"kv_indices\[0, 0, 0, 1\] = 99: expected a key-tile index in \[0, KT=4\)"),
+    ([2], [[-1, 2]], r"kv_indices\[0, 0, 0, 0\] = -1"),
+    ([3], [[1, 2, 1]], r"kv_indices\[0, 0, 0\]: key tile 1 is listed 2 times among the first 3 entries"),
+    ([4], [[0, 1, 2, 2]], r"key tile 2 is listed 2 times"),  # a full row's list is checked too
+    ([2, -1], [[0, 1], [0]], r"kv_num_blocks\[0, 0, 1\] = -1: expected a count in \[0, KT=4\]"),
+    ([5], [[0, 1, 2, 3]], r"kv_num_blocks\[0, 0, 0\] = 5"),
+])
+def test_hand_built_state_is_checked(counts, lists, match):
+    """The issue's findings: index 99 of 4 key tiles was clamped to tile 3, a repeated index counted twice, a
+    negative count gave zeros, a count past KT raised torch's IndexError. Each is a ValueError when the state is
+    built, and so is the same state loaded back."""
+    with pytest.raises(ValueError, match=match):
+        SkipState(*_hand_built(counts, lists))
+    counts_t, indices_t, *sizes = _hand_built(counts, lists)
+    with pytest.raises(ValueError, match=match):
+        SkipState.from_state_dict(dict(zip(("kv_num_blocks", "kv_indices", "seq_len_q", "seq_len_k", "block_m",
+                                            "block_n"), (counts_t, indices_t, *sizes))))
+
+
+def test_entries_past_the_count_are_not_checked():
+    state = SkipState(*_hand_built([1, 0], [[3, 99, -5, 3], [7, 7, 7, 7]]))
+    assert state.to_dense().tolist() == [[[[False, False, False, True], [False, False, False, False]]]]
+
+
+def test_state_edited_in_place_is_checked_on_request():
+    state = SkipState.full(1, 1, 32, 64, 16, 16)
+    state.kv_num_blocks[0, 0, 0] = 3
+    assert state.validate() is state  # row 0 lists 0, 1, 2: fine
+    state.kv_indices[0, 0, 1, 2] = 0
+    with pytest.raises(ValueError, match=r"kv_indices\[0, 0, 1\]: key tile 0 is listed 2 times"):
+        state.validate()
+
+
+def test_constructor_checks_dtype_device_and_types():
+    counts, indices, *sizes = _hand_built([1], [[0]])
+    with pytest.raises(ValueError, match=r"kv_num_blocks: expected torch.int32, got torch.int64 \(convert with"):
+        SkipState(counts.long(), indices, *sizes)
+    with pytest.raises(ValueError, match="kv_indices: expected a torch.Tensor"):
+        SkipState(counts, [[[[0, 0, 0, 0]]]], *sizes)
+    with pytest.raises(ValueError, match="expected one device, got cpu and meta"):
+        SkipState(counts, indices.to("meta"), *sizes)
+    with pytest.raises(ValueError, match="'meta' device hold no values"):
+        SkipState(counts.to("meta"), indices.to("meta"), *sizes)
+    with pytest.raises(ValueError, match="block_m: expected a positive int, got True"):
+        SkipState(counts, indices, 16, 64, True, 16)
+    with pytest.raises(ValueError, match="calls: expected an int >= 0"):
+        SkipState(counts, indices, *sizes, calls=-1)
+
+
+def test_state_dict_round_trip_through_torch_save(tmp_path):
+    mask = torch.rand(2, 3, 4, 5) < 0.5
+    state = SkipState.from_dense(mask, 60, 80, 16, 16)
+    state.calls = 4
+    path = tmp_path / "state.pt"
+    torch.save(state.state_dict(), path)
+    loaded = SkipState.from_state_dict(torch.load(path))  # weights_only=True: plain tensors and ints
+    assert torch.equal(loaded.to_dense(), mask) and loaded.calls == 4
+    assert (loaded.seq_len_q, loaded.seq_len_k, loaded.block_m, loaded.block_n) == (60, 80, 16, 16)
+    with pytest.raises(ValueError, match=r"state: missing \['kv_indices'\]"):
+        SkipState.from_state_dict({k: v for k, v in state.state_dict().items() if k != "kv_indices"})
+    with pytest.raises(ValueError, match="state: expected the dict"):
+        SkipState.from_state_dict(state)
+
+
+def test_unpickled_state_is_checked():
+    import pickle
+
+    state = SkipState.from_dense(torch.rand(1, 2, 3, 4) < 0.5, 48, 64, 16, 16)
+    again = pickle.loads(pickle.dumps(state))
+    assert torch.equal(again.to_dense(), state.to_dense())
+    state.kv_indices[0, 0, 0, :] = 9
+    state.kv_num_blocks[0, 0, 0] = 1
+    with pytest.raises(ValueError, match=r"kv_indices\[0, 0, 0, 0\] = 9"):
+        pickle.loads(pickle.dumps(state))
+
+
+def test_library_built_states_skip_the_content_check(monkeypatch):
+    """full, from_dense, clone, to and advanced build valid lists: the check (a full read of the state, a device
+    sync on a GPU) runs for hand-built states only, never on the path of a call."""
+    calls = []
+    monkeypatch.setattr(SkipState, "validate", lambda self: calls.append(1) or self)
+    state = SkipState.full(1, 2, 64, 64, 16, 16)
+    state = SkipState.from_dense(state.to_dense(), 64, 64, 16, 16).clone().to("cpu")
+    state.advanced(*state.next_buffers())
+    assert calls == []
+    SkipState(state.kv_num_blocks, state.kv_indices, 64, 64, 16, 16)
+    assert calls == [1]
+
+
+def test_sparsity_is_a_value_and_still_callable():
+    state = SkipState.from_dense(torch.tensor([[[[True, False, False, True]]]]), 16, 64, 16, 16)
+    assert state.sparsity == 0.5 and isinstance(state.sparsity, float)
+    assert state.sparsity() == 0.5 and type(state.sparsity()) is float
+    assert f"{state.sparsity:.2f}" == "0.50" and "sparsity=0.500" in repr(state)

@@ -159,9 +159,13 @@ def test_non_iterable_must_do(qkv):
 
 @pytest.mark.parametrize("flat,match", [
     ([0, 10, 20], "must_do_list: expected an even-length"),
-    ([10, 0], "must_do_list: expected strictly ascending"),
+    ([10, 10], "must_do_list: expected strictly ascending"),
     ([0, 10, 5, 20], "must_do_list: expected strictly ascending"),
+    ([20, 5, 10, 0], "or strictly descending"),
     ([0, 100], r"must_do: range \(0, 100\)"),
+    ([100, 0], r"must_do: range \(0, 100\)"),
+    ([0.5, 10], "must_do_list: expected a flat list of int"),
+    ("0, 10", "must_do_list: expected a flat list"),
 ])
 def test_bad_must_do_list(qkv, flat, match):
     attn = LiteAttention(block_size=(16, 16))
@@ -240,3 +244,30 @@ def test_state_is_untouched_by_a_rejected_call(qkv):
     with pytest.raises(ValueError):
         lite_attention(*qkv, state, threshold=1.0)
     assert torch.equal(state.kv_num_blocks, before.kv_num_blocks) and state._spare is None
+
+
+@pytest.mark.parametrize("flat,ranges", [
+    ([2, 12, 40, 45, 60, 80], [(2, 12), (40, 45), (60, 80)]),  # the CUDA LiteAttention's v0.2 README
+    ([80, 60, 45, 40, 12, 2], [(2, 12), (40, 45), (60, 80)]),  # its earlier README: descending, same tokens
+    ([10, 0], [(0, 10)]),
+    ([], []),
+])
+def test_must_do_list_reads_both_upstream_formats(flat, ranges):
+    from liteattn._validation import flat_to_ranges
+
+    assert flat_to_ranges(flat) == ranges
+    assert LiteAttention(must_do_list=flat).must_do == ranges  # also a constructor argument
+
+
+def test_must_do_list_and_must_do_together_are_refused():
+    with pytest.raises(ValueError, match="must_do and must_do_list: pass one of them"):
+        LiteAttention(must_do=[(0, 10)], must_do_list=[0, 10])
+
+
+def test_meta_tensors_are_refused(qkv):
+    q, k, v = (x.to("meta") for x in qkv)
+    for backend in ("auto", "torch"):
+        with pytest.raises(ValueError, match="'meta' device hold no values"):
+            lite_attention(q, k, v, backend=backend)
+    with pytest.raises(ValueError, match="'meta' device hold no values"):
+        LiteAttention()(q, k, v)
