@@ -62,7 +62,8 @@ def family_of(model: nn.Module) -> Family | None:
 def select_layers(model: nn.Module, family: Family | None, config: LiteAttentionConfig) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every self-attention layer to patch, in model order.
 
-    Raises ``ValueError`` when nothing matches and ``NotImplementedError`` for
+    Raises ``ValueError`` when nothing matches (naming ``exclude`` when it
+    excluded every layer ``include`` selects) and ``NotImplementedError`` for
     an unknown family without ``include`` or for a layer whose processor calls
     SDPA directly instead of diffusers' attention dispatcher.
     """
@@ -74,7 +75,7 @@ def select_layers(model: nn.Module, family: Family | None, config: LiteAttention
             f"(known: {known}); pass include=(regex, ...) naming them, e.g. include=(r'attn1$',)"
         )
     exclude = (family.exclude if family else ()) + config.exclude
-    chosen = []
+    chosen, excluded = [], []
     for name, module in model.named_modules():
         if not any(re.search(p, name) for p in include):
             continue
@@ -84,6 +85,7 @@ def select_layers(model: nn.Module, family: Family | None, config: LiteAttention
             continue
         if any(re.search(p, name) for p in exclude):
             logger.info("liteattn: %s stays dense (excluded)", name)
+            excluded.append(name)
             continue
         if getattr(module, "is_cross_attention", False):
             logger.info("liteattn: %s stays dense (cross-attention)", name)
@@ -95,6 +97,12 @@ def select_layers(model: nn.Module, family: Family | None, config: LiteAttention
             )
         logger.debug("liteattn: patching %s", name)
         chosen.append((name, module))
+    if not chosen and excluded and any(any(re.search(p, name) for p in config.exclude) for name in excluded):
+        # The layers were there; the user's exclude removed the last of them (blaming include would send the
+        # user to the wrong option).
+        raise ValueError(f"exclude: {config.exclude!r} leaves no self-attention layer of {type(model).__name__} to "
+                         f"patch (it excludes all {len(excluded)} that include selects, e.g. {excluded[0]!r}); "
+                         "nothing would run through liteattn: narrow exclude, or leave the model unpatched")
     if not chosen:
         raise ValueError(f"include: no self-attention layer of {type(model).__name__} matches {include!r}")
     return chosen

@@ -16,6 +16,7 @@ dtype still runs.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -237,7 +238,7 @@ class LayerRuntime:
         self._calls += 1
         key_len, reason = self._check(query, key, attn_mask, dropout_p, is_causal, parallel_config)
         state = self.state(forward.context, forward.generation) if forward is not None else None
-        mode = "fallback" if reason else "dense_step" if self.config.is_dense_step(forward.step) else "sparse"
+        mode = "fallback" if reason else "dense_step" if self._runs_stock(state, forward.step) else "sparse"
         timer = timing.start(query.device) if self.config.profile and self.log is None else None  # no event in a capture
         history_index = None
         fresh = mode == "sparse" and state.attention.state is None
@@ -262,6 +263,18 @@ class LayerRuntime:
                                        state.attention.state if mode == "sparse" else None,
                                        state.attention._history[-1] if mode == "sparse" else None))
         return out
+
+    def _runs_stock(self, state: ContextState, step: int) -> bool:
+        """A configured dense step, or a step that cannot differ from dense attention: a configuration that never
+        marks (threshold -inf at every step) while this context holds no skip state (none seeded, none carried).
+        Both run the model's own attention, the same bits as ``remove()`` gives, where liteattn's walk over every
+        tile would differ from it by rounding (~1e-7). A schedule that marks at some step runs its -inf steps
+        through liteattn (``dense_steps`` gives stock steps first), so within a configuration a step's route
+        does not change from one generation to the next, as CUDA graphs captured per kind of step assume."""
+        if self.config.is_dense_step(step):
+            return True
+        schedule = self.config.threshold if isinstance(self.config.threshold, tuple) else (self.config.threshold,)
+        return all(t == -math.inf for t in schedule) and state.attention.state is None
 
     def _check(self, query, key, attn_mask, dropout_p, is_causal, parallel_config) -> tuple[int | None, str | None]:
         """``(valid key length, None)``, or ``(None, reason)`` when the call must run dense."""

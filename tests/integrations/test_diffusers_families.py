@@ -4,7 +4,6 @@ refusals (CogVideoX calls SDPA directly).
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ diffusers = pytest.importorskip("diffusers")
 import liteattn.integrations as li  # noqa: E402
 from liteattn.state import num_tiles  # noqa: E402
 
-NO_SKIP = -math.inf
+NO_SKIP = -1e30  # marks nothing, through liteattn (-inf runs the model's own attention: test_never_skip.py)
 
 HUNYUAN_VIDEO_TOKENS = 3 * 4 * 8
 HUNYUAN_LAYERS = ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
@@ -120,6 +119,17 @@ def test_unknown_model_needs_include(tiles, gen):
         out = model(x, text, 1.0)
     torch.testing.assert_close(out, stock, rtol=1e-5, atol=1e-6)
     assert [(c.context, c.step) for c in handle.summary().calls] == [("default", 0)]
+
+
+def test_excluding_every_layer_blames_exclude(tiny, tiles):
+    """exclude=['.*'] left nothing to patch and the error named include, which was right."""
+    model = tiny.wan()
+    with pytest.raises(ValueError, match=r"exclude: \('\.\*',\) leaves no self-attention layer of "
+                                         r"WanTransformer3DModel to patch \(it excludes all 2"):
+        li.apply(model, exclude=[".*"], block_size=tiles)
+    with pytest.raises(ValueError, match=r"^include: no self-attention layer"):  # include matching nothing
+        li.apply(model, include=[r"^nothing$"], block_size=tiles)
+    assert not hasattr(model, "_liteattn_patch")
 
 
 def test_processor_shared_by_patched_layers_is_restored(tiles, gen):
