@@ -1,7 +1,25 @@
-"""``liteattn`` command line: ``liteattn bench`` and ``liteattn demo``.
+"""``liteattn`` command line: ``liteattn demo``, ``liteattn eval`` and ``liteattn bench``.
 
 Each subcommand lives in its own module and exposes ``add_arguments(parser)``
 and ``run(args)``; this file only wires them up.
+
+Errors a user can act on. A bad value is reported as one line on stderr,
+``liteattn <command>: <option>: <what was expected>, got <value>``, with exit
+code 2 and no traceback, and before any work starts:
+
+- argparse's own usage errors (unknown options, values its ``type=`` rejects)
+  exit 2 as argparse does;
+- a subcommand module may define ``check_args(args)``, called after parsing
+  and before ``run(args)``, which raises ``ValueError`` with the message
+  starting with the option, e.g. ``ValueError("--steps: expected at least 1,
+  got 0")``; checks that need more than one option, the file system (an
+  ``--out`` under a regular file) or an import belong there, so a mistake
+  fails in a second, not after minutes of work;
+- a ``ValueError`` that ``run(args)`` raises later (liteattn's public API
+  raises them for bad input, naming the argument) is reported the same way.
+
+Other exceptions are bugs and keep their traceback; ``run`` returns its own
+exit codes for outcomes (e.g. ``liteattn bench`` without a GPU returns 1).
 """
 from __future__ import annotations
 
@@ -14,6 +32,8 @@ _SUBCOMMANDS = {
     "eval": ("liteattn.evaluate", "score liteattn against dense on the testbed over many prompts and seeds"),
     "bench": ("liteattn.bench.run", "time liteattn against dense attention and FlexAttention"),
 }
+
+USAGE_ERROR = 2  # argparse's exit code for a bad command line; bad values caught later use it too
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,12 +50,23 @@ def main(argv: list[str] | None = None) -> int:
         modules[name] = module
         module.add_arguments(sub.add_parser(name, help=help_text, description=module.__doc__,
                                             formatter_class=argparse.RawDescriptionHelpFormatter))
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse printed its usage error (exit 2) or the help (exit 0)
+        return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else USAGE_ERROR
     module = modules[args.command]
     if isinstance(module, ImportError):
         print(f"liteattn {args.command}: cannot run: {module}", file=sys.stderr)
         return 1
-    return int(module.run(args) or 0)
+    try:
+        check = getattr(module, "check_args", None)
+        if check is not None:
+            check(args)
+        return int(module.run(args) or 0)
+    except ValueError as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the message holds
+        print(f"liteattn {args.command}: {message}", file=sys.stderr)
+        return USAGE_ERROR
 
 
 if __name__ == "__main__":

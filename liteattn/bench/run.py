@@ -17,6 +17,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 from .registry import (DEFAULT_FRACTIONS, DEFAULT_SHAPES, METHODS, PATTERNS, QUICK_SHAPES, Method, Pattern, Shape,
                        parse_fractions, parse_methods, parse_patterns, parse_shapes)
 
-__all__ = ["NO_CUDA_MESSAGE", "BenchConfig", "add_arguments", "resolve_config", "run"]
+__all__ = ["NO_CUDA_MESSAGE", "BenchConfig", "add_arguments", "check_args", "resolve_config", "run"]
 
 NO_CUDA_MESSAGE = (
     "liteattn bench needs a CUDA GPU: it times liteattn's Triton kernel against cuDNN and FlashAttention "
@@ -130,6 +131,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "batch)")
     parser.add_argument("--no-clocks", dest="clocks", action="store_false",
                         help="do not sample the SM clock and board power with nvidia-smi while timing")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """What argparse's types cannot check, before any timing starts (``liteattn.cli`` reports the ``ValueError``
+    as one line): ``--out`` must be a folder that can be created or written into, or a run of minutes would end
+    failing to write its results."""
+    out = Path(args.out)
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out: expected a folder for bench.json, bench.txt and bench.png, but "
+                                 f"{str(parent)!r} is a file")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"--out: cannot write into {str(parent)!r} (permission denied)")
+            break
 
 
 def resolve_config(args: argparse.Namespace) -> BenchConfig:
