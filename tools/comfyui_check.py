@@ -39,9 +39,11 @@ ComfyUI cannot be imported):
    another block patch set before the node still run; a second node replaces
    the first one's settings; a non-Wan model and a calibration profile are refused.
 
-Wall time of each sampling run is recorded; on a GPU (--device cuda) the
-stock and sparse runs of a larger video (e.g. --frames 32 --size 64 --steps 30)
-give the node's speed-up.
+Wall time of each sampling run is recorded. On a GPU (--device cuda, bfloat16,
+liteattn's Triton kernel) the checks allow for bfloat16 rounding, and a last
+step times whole sampling runs without and with the node once everything is
+warm; a larger video shows the speed-up (e.g. --frames 32 --size 64 --steps 30:
+32,768 tokens, as Wan2.1-1.3B at 480p).
 """
 from __future__ import annotations
 
@@ -95,8 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"shapes, 'COLOUR [TEXTURE] KIND, ...' "
                                                                  f"(default {DEFAULT_PROMPT!r})")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
-                        help="max |difference| allowed between ComfyUI runs that must agree (default 1e-4)")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="max |difference| allowed between ComfyUI runs that must agree (default 1e-4 in float32 "
+                             "on a CPU; 3e-2 in bfloat16 on a GPU, a first guess not yet measured)")
     parser.add_argument("--json", default=None, help="write the report here")
 
 
@@ -118,6 +121,8 @@ def check_args(args) -> None:
         raise ValueError(f"--threshold: expected a negative number (log2 units), got {args.threshold}")
     if not args.steps >= 2:
         raise ValueError(f"--steps: expected at least 2 (the experts check splits them), got {args.steps}")
+    if args.tolerance is not None and not args.tolerance > 0:
+        raise ValueError(f"--tolerance: expected a positive number, got {args.tolerance}")
 
 
 # ---------------------------------------------------------------------------- ComfyUI, the testbed as a Wan model
@@ -330,11 +335,26 @@ def check_node_glue(comfy, node, base, runner: Runner) -> dict:
         "other_override_calls": calls["override"], "other_block_patch_calls": calls["block0"],
         "liteattn_calls": len(override.summary().calls), "refusals": refusals,
     }
-    # Cross-attention goes to the other override: once per block and step (CFG batched: one call for both).
+    # Two steps: the other block patch runs at least once per step, the other override at least for each block's
+    # cross-attention at each step, liteattn records every (step, branch, block).
     result["ok"] = (result["input_model_untouched"] and result["second_node_replaces_first"]
-                    and result["block_patch_chained_once"] and calls["block0"] == 2 and calls["override"] >= 2 * blocks
+                    and result["block_patch_chained_once"] and calls["block0"] >= 2 and calls["override"] >= 2 * blocks
                     and result["liteattn_calls"] == 2 * 2 * blocks and all(v != "accepted" for v in refusals.values()))
     return result
+
+
+def timing(runner: Runner, stock, patched, rounds: int = 2) -> dict:
+    """Wall time of a whole sampling run without and with the node, alternated; the best of ``rounds`` each."""
+    seconds = {"stock": [], "node": []}
+    for index in range(rounds):
+        for label, model in (("stock", stock), ("node", patched)):
+            name = f"timing {index}: {label}"
+            runner.comfy_sample(name, model)
+            seconds[label].append(runner.seconds[name])
+    best = {label: min(values) for label, values in seconds.items()}
+    override = patched.model_options["transformer_options"]["optimized_attention_override"]
+    return {"stock_seconds": best["stock"], "node_seconds": best["node"], "speedup": best["stock"] / best["node"],
+            "node_sparsity": override.summary().sparsity, "rounds": rounds}
 
 
 def one_cond_per_call(comfy, args: dict) -> list:
@@ -385,6 +405,8 @@ def run(args) -> int:
     from liteattn.testbed import load_testbed
 
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    if args.tolerance is None:
+        args.tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     torch.manual_seed(args.seed)
     testbed = load_testbed(args.device, dtype)
     node = load_node(comfy)()
@@ -409,7 +431,9 @@ def run(args) -> int:
     stock = runner.comfy_sample("comfyui stock", base)
     reference, _ = runner.diffusers_sample("diffusers dense")
     checks["loading"] = {"max_abs_difference_vs_diffusers": max_diff(stock, reference)}
-    checks["loading"]["ok"] = checks["loading"]["max_abs_difference_vs_diffusers"] < 1e-2
+    # Two implementations of the same model: ~1e-5 apart in float32, further in bfloat16 (a sanity bound there).
+    checks["loading"]["ok"] = checks["loading"]["max_abs_difference_vs_diffusers"] < (
+        1e-3 if dtype == torch.float32 else 0.25)
 
     # 2. dense: the never-skip threshold against ComfyUI's own attention.
     never = patch(base, NEVER_SKIP, 0)
@@ -434,7 +458,12 @@ def run(args) -> int:
                               max_abs_difference_video=max_diff(first, applied),
                               max_abs_difference_vs_dense=max_diff(first, stock),
                               fallbacks=dict(first_summary.fallbacks))
-    checks["sparsity"]["ok"] = (checks["sparsity"]["unequal"] == 0 and checks["sparsity"]["missing"] == 0
+    # In float32 the two implementations' attention inputs differ by ~1e-6, and no tile decision flips; in bfloat16
+    # their rounding differs enough to flip a few, so there the per-step fractions must agree within 2 %.
+    step_gap = max(abs(a - b) for a, b in zip(checks["sparsity"]["per_step_node"], checks["sparsity"]["per_step_apply"]))
+    checks["sparsity"]["max_per_step_difference"] = step_gap
+    checks["sparsity"]["ok"] = ((checks["sparsity"]["unequal"] == 0 if dtype == torch.float32 else step_gap <= 0.02)
+                                and checks["sparsity"]["missing"] == 0
                                 and first_summary.sparsity > 0 and not first_summary.fallbacks)
 
     # 4. repeat: a second generation with the same patched model.
@@ -483,6 +512,8 @@ def run(args) -> int:
     # 7. the node on ComfyUI's ModelPatcher: chains, replaces itself, refuses what it cannot patch.
     checks["node_glue"] = check_node_glue(comfy, node, base, runner)
 
+    if args.device == "cuda":  # speed, once everything is compiled and warm
+        report["timing"] = timing(runner, base, sparse)
     report["seconds"] = runner.seconds
     report["ok"] = all(check["ok"] for check in checks.values())
     print(json.dumps(checks, indent=1))
