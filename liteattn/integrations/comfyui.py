@@ -269,7 +269,8 @@ class LiteAttentionOverride:
 
     Args:
         config: threshold (or per-step schedule), dense_steps, block_size,
-            backend and profile; include/exclude/text_tokens/must_do do not apply.
+            backend and profile; its other fields (layer selection, text
+            tokens, must-do ranges, CUDA graphs) are diffusers' and do not apply.
         previous: the override to chain, or None.
     """
 
