@@ -37,8 +37,8 @@ SIZES = {"small": {"frames": 8, "pixels": 32, "steps": 20}, "large": {"frames": 
 # (docs/testbed.md, "Choosing the defaults"): the most skipping whose evaluator scores stay inside dense's
 # confidence intervals. The first steps stay dense, as serving stacks do: the noisiest steps lay out the video,
 # and their attention is the least like the later steps'.
-DEFAULT_THRESHOLD = -2.0
-DEFAULT_DENSE_STEPS = 4
+DEFAULT_THRESHOLD = -1.0
+DEFAULT_DENSE_STEPS = 3
 DEFAULT_PROMPT = "yellow striped circle, red square, blue triangle"
 MASK_CONTEXT = "cond"
 

@@ -177,6 +177,7 @@ def run(args) -> int:
             entry["speedup_wall"] = dense_wall / entry["timing"]["wall_s"]
         report["settings"].append(entry)
         print(_line(entry), flush=True)
+        (out / "eval.json").write_text(json.dumps(report, indent=1, default=str) + "\n")  # kept if a later one fails
     best = [e for e in report["settings"] if e["inside_dense_interval"]]
     key = (lambda e: e.get("speedup_wall", e["sparsity"]))
     report["chosen"] = ({"threshold": max(best, key=key)["threshold"], "dense_steps": max(best, key=key)["dense_steps"]}
