@@ -133,6 +133,26 @@ def test_tile_loop_reads_the_list_only_for_partial_rows(module, by_position):
         assert bool(unconditional) is (not by_position), loads
 
 
+@pytest.mark.parametrize("module", ["hopper", "hopper_persistent"])
+def test_every_arrive_follows_a_barrier_over_its_partition(module):
+    """The consumers' detection atomics, the non-finite flag and their output stores are ordered before the
+    producer (or the compaction) reads or reuses them by the mbarrier arrive that follows them. One thread
+    arrives for a four-warp partition, so that order holds because Triton puts a barrier over the partition's
+    warps before every arrive (``bar.sync id, 128``; ``bar.warp.sync`` in the one-warp producer). Checked on the
+    PTX of each tested Triton: a release that dropped the barrier would make the kernels race."""
+    code = [line.strip() for line in _compile(module, 128, 128, False, True, None)["ptx"].splitlines()]
+    code = [line for line in code if line and not line.startswith(("//", ".loc"))]
+    arrives = [i for i, line in enumerate(code) if re.search(r"\bmbarrier\.arrive\.shared", line)]
+    consumer = 0
+    for i in arrives:
+        j = i - 1  # back to the start of the basic block: a barrier, a label or a branch
+        while not re.match(r"(bar\.|barrier\.|\$L\w+:|(@!?%p\d+\s+)?bra(\.uni)?\s|ret;|\})", code[j]):
+            j -= 1
+        assert re.match(r"bar\.(sync\s+\d+,\s*128;|warp\.sync)", code[j]), (code[j], code[i])
+        consumer += code[j].startswith("bar.sync")
+    assert consumer >= 8, "the consumers' arrives were not found"
+
+
 def _longest_fmnmx_chain(body: list[str]) -> int:
     """Longest run of FMNMX in a tile loop's SASS where each reads the one before (register dataflow in
     program order; any other instruction writing a register ends the chain through it)."""

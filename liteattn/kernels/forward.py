@@ -336,12 +336,15 @@ def _is_build_error(exc: BaseException) -> bool:
     return type(exc).__module__.startswith("triton.") and "CUDA" not in str(exc)
 
 
+def _on_hopper(q: torch.Tensor) -> bool:
+    """An NVIDIA sm90 GPU (H100, H200), the one the Gluon kernels are written for."""
+    return q.device.type == "cuda" and torch.version.hip is None and device_capability(q.device) == (9, 0)
+
+
 def _sm90_kernel_applies(q, k, out, block_m, block_n) -> bool:
     """A Hopper GPU, the kernel's tile shapes, a TMA-ready output and a Triton that builds the Gluon kernel;
     anything else runs the Triton kernel."""
-    if q.device.type != "cuda" or torch.version.hip is not None or device_capability(q.device) != (9, 0):
-        return False
-    if triton.__version__ in _GLUON_BUILD_FAILED:
+    if not _on_hopper(q) or triton.__version__ in _GLUON_BUILD_FAILED:
         return False
     hopper = _hopper_module()
     return hopper is not None and _tma_ready(out) and hopper.supports(q, k, block_m, block_n)
@@ -355,8 +358,9 @@ def _launch_sm90(launch) -> bool:
     except Exception as exc:  # noqa: BLE001 - narrowed by _is_build_error, everything else is raised
         if not _is_build_error(exc):
             raise
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-        _GLUON_BUILD_FAILED[triton.__version__] = f"{type(exc).__name__}: {first_line}"
+        # Triton's compile errors start with the source location and excerpt; the reason is the last line.
+        reason = ([line.strip() for line in str(exc).splitlines() if line.strip()] or [""])[-1][:300]
+        _GLUON_BUILD_FAILED[triton.__version__] = f"{type(exc).__name__}: {reason}"
         _warn_portable(f"Triton {triton.__version__} failed to build it ({_GLUON_BUILD_FAILED[triton.__version__]})")
         return False
     return True

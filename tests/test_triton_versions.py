@@ -1,0 +1,144 @@
+"""Which Triton runs which kernel: the Gluon (Hopper) kernels on the releases they are tested with, the portable
+Triton kernel everywhere else, after one warning and never a crash. The GPU side cannot run here: the choices
+are driven through stand-ins for the GPU checks, and the portable kernel runs in Triton's interpreter (with the
+TMA descriptors a Hopper would use)."""
+from __future__ import annotations
+
+import ast
+import re
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import liteattn.kernels.forward as fwd  # noqa: E402
+from liteattn import SkipState  # noqa: E402
+from liteattn.kernels import _gluon  # noqa: E402
+from liteattn.reference import lite_attention_reference  # noqa: E402
+from liteattn.state import tile_protection  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def fresh_module_lookup():
+    """The module lookups are cached per process (their warning is printed once): start and end uncached."""
+    fwd._hopper_module.cache_clear()
+    fwd._persistent_module.cache_clear()
+    yield
+    fwd._hopper_module.cache_clear()
+    fwd._persistent_module.cache_clear()
+
+
+@pytest.mark.parametrize("version,tested", [("3.5.1", False), ("3.6.0", True), ("3.7.1", True), ("3.8.0", True),
+                                            ("3.9.0", True), ("3.9.2+git1a2b", True), ("3.10.0", False),
+                                            ("4.0.0", False), ("main", False)])
+def test_tested_releases(version, tested):
+    assert _gluon.tested(version) is tested
+
+
+def test_installed_triton_is_a_tested_one():
+    """The test suite itself runs on a tested release (.ci/run runs it on both ends of the range)."""
+    assert _gluon.tested(), triton.__version__
+
+
+def test_pyproject_bounds_say_what_is_tested():
+    """pyproject.toml admits exactly the tested minor releases of Triton."""
+    (spec,) = re.findall(r'^\s*"(triton[^"]*)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    lo, hi = _gluon.TESTED
+    assert f">={lo[0]}.{lo[1]}" in spec and f"<{hi[0]}.{hi[1] + 1}" in spec, spec
+
+
+def test_ci_runs_both_ends_of_the_range():
+    script = (ROOT / ".ci" / "run").read_text()
+    pinned = set(re.findall(r"^run_suite \S+ (\d+\.\d+)\.\d+$", script, re.M))
+    assert pinned == {".".join(map(str, v)) for v in _gluon.TESTED}, pinned
+
+
+def test_gluon_names_resolve_on_this_triton():
+    """The kernels call the names bound in _gluon; on every tested release they are Gluon builtins (the
+    removed names of 3.9 exist only to raise)."""
+    for fn in (_gluon.tma_load, _gluon.tma_store, _gluon.cta_barrier):
+        assert getattr(fn, "__triton_builtin__", False), fn
+    names = {fn.__name__ for fn in (_gluon.tma_load, _gluon.tma_store, _gluon.cta_barrier)}
+    modern = _gluon.triton_version() >= (3, 8)
+    assert ("async_load" in names) is modern and ("async_copy_global_to_shared" in names) is not modern
+    assert ("barrier" in names) is (_gluon.triton_version() >= (3, 7))
+
+
+def test_untested_triton_runs_the_portable_kernel_after_one_warning(monkeypatch, fresh_module_lookup):
+    monkeypatch.setattr(_gluon, "tested", lambda version=None: False)
+    with pytest.warns(RuntimeWarning, match=r"Hopper \(sm90\) kernel is not used: Triton .* is outside the "
+                                            r"releases it is tested with \(3\.6 to 3\.9\.x\)") as seen:
+        assert fwd._hopper_module() is None
+        assert fwd._persistent_module() is None
+        assert fwd._hopper_module() is None
+    assert len([w for w in seen if w.category is RuntimeWarning]) == 1
+
+
+def _inputs(gen):
+    q = torch.randn(1, 2, 70, 32, generator=gen).half()
+    k, v = (torch.randn(1, 1, 70, 32, generator=gen).half() for _ in range(2))
+    state = SkipState.full(1, 2, 70, 70, 16, 16)
+    prot = tile_protection([], 70, 16, torch.device("cpu"))
+    return q, k, v, state, prot
+
+
+def _run(q, k, v, state, prot):
+    counts, indices = state.next_buffers()
+    out, lse = fwd.lite_attention_fwd(q, k, v, state.kv_num_blocks, state.kv_indices, counts, indices, prot, prot,
+                                      32 ** -0.5, -2.0, 16, 16, False, True, True, use_tma=True)
+    return out, lse, (counts.clone(), indices.clone())
+
+
+def test_a_gluon_build_failure_runs_the_portable_kernel(monkeypatch, gen):
+    """A Hopper call whose Gluon kernel fails to compile (here: the removed-API error of Triton 3.9, which a
+    version gate would let through if the names moved again) gives the portable kernel's result, with one
+    warning; later calls go straight to the portable kernel without trying to build again."""
+    from triton.compiler.errors import CompilationError
+
+    attempts = []
+
+    def launch(*args, **kwargs):
+        attempts.append(1)
+        raise CompilationError(None, ast.parse("x").body[0],
+                               "async_copy_global_to_shared has been removed; call async_load instead")
+
+    fake = SimpleNamespace(supports=lambda q, k, bm, bn: True, launch=launch)
+    monkeypatch.setattr(fwd, "_on_hopper", lambda q: True)
+    monkeypatch.setattr(fwd, "_hopper_module", lambda: fake)
+    monkeypatch.setattr(fwd, "SM90_PERSISTENT", False)
+    monkeypatch.setattr(fwd, "_GLUON_BUILD_FAILED", {})
+    q, k, v, state, prot = _inputs(gen)
+    with pytest.warns(RuntimeWarning, match=rf"Triton {re.escape(triton.__version__)} failed to build it "
+                                            r"\(CompilationError: .*async_copy_global_to_shared") as seen:
+        out, lse, (counts, indices) = _run(q, k, v, state, prot)
+    assert len([w for w in seen if w.category is RuntimeWarning]) == 1 and attempts == [1]
+    ref_out, ref_lse, (ref_counts, _) = lite_attention_reference(q.float(), k.float(), v.float(), state, -2.0)
+    torch.testing.assert_close(out.float(), ref_out, rtol=0, atol=6e-3)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=2e-3)
+    assert torch.equal(counts, ref_counts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        again, _, _ = _run(q, k, v, state, prot)
+    assert attempts == [1] and torch.equal(again, out)
+
+
+def test_a_launch_error_is_not_taken_for_a_build_failure(monkeypatch, gen):
+    """A CUDA error of the launch itself (an illegal address, a sticky error) is raised, not hidden behind a
+    second kernel."""
+    def launch(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(fwd, "_on_hopper", lambda q: True)
+    monkeypatch.setattr(fwd, "_hopper_module", lambda: SimpleNamespace(supports=lambda *a: True, launch=launch))
+    monkeypatch.setattr(fwd, "SM90_PERSISTENT", False)
+    monkeypatch.setattr(fwd, "_GLUON_BUILD_FAILED", {})
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        _run(*_inputs(gen))
