@@ -107,6 +107,12 @@ class LiteAttentionConfig:
         """Whether step ``step`` runs the model's own dense attention."""
         return step < self.dense_steps
 
+    @property
+    def never_marks(self) -> bool:
+        """Whether no step can mark a tile (threshold -inf at every step): the configuration is dense attention."""
+        schedule = self.threshold if isinstance(self.threshold, tuple) else (self.threshold,)
+        return all(t == -math.inf for t in schedule)
+
 
 def _patterns(name: str, patterns) -> tuple[str, ...]:
     patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)

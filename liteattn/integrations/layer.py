@@ -16,7 +16,6 @@ dtype still runs.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -273,8 +272,7 @@ class LayerRuntime:
         does not change from one generation to the next, as CUDA graphs captured per kind of step assume."""
         if self.config.is_dense_step(step):
             return True
-        schedule = self.config.threshold if isinstance(self.config.threshold, tuple) else (self.config.threshold,)
-        return all(t == -math.inf for t in schedule) and state.attention.state is None
+        return self.config.never_marks and state.attention.state is None
 
     def _check(self, query, key, attn_mask, dropout_p, is_causal, parallel_config) -> tuple[int | None, str | None]:
         """``(valid key length, None)``, or ``(None, reason)`` when the call must run dense."""
