@@ -91,7 +91,8 @@ class LiteAttention:
                     "default": DEFAULT_THRESHOLD, "min": NEVER_SKIP, "max": -0.1, "step": 0.1,
                     "tooltip": "How small a tile's weight must be to be skipped from then on, in log2 units below "
                                "the row's largest: -10 skips tiles under 2^-10 of it. Closer to 0 skips more and "
-                               f"costs more quality. {NEVER_SKIP:g} never skips (exact dense attention)."}),
+                               f"costs more quality. {NEVER_SKIP:g} never skips: the model's own attention, as "
+                               "without this node."}),
                 "dense_steps": ("INT", {
                     "default": DEFAULT_DENSE_STEPS, "min": 0, "max": 10000,
                     "tooltip": "The first denoising steps of each sampler run use the model's usual attention; "

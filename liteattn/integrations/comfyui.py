@@ -61,8 +61,9 @@ def threshold_from_input(value) -> float:
     """The node's threshold widget value as a liteattn threshold.
 
     Negative log2 units, as in :func:`liteattn.lite_attention`; values at or
-    below :data:`NEVER_SKIP` (and ``-inf``) become ``-inf``: nothing is marked,
-    and every call is exact dense attention computed by liteattn.
+    below :data:`NEVER_SKIP` (and ``-inf``) become ``-inf``: nothing is
+    marked, and the model runs its own attention (the same output as without
+    the node).
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value >= 0:
         raise ValueError(f"threshold: expected a negative number in log2 units (e.g. -10.0; {NEVER_SKIP:g} or "
@@ -259,8 +260,9 @@ class LiteAttentionOverride:
     shape) inside a block known from :func:`block_of` runs through liteattn,
     split into its conditioning entries (:func:`split_chunks`), one
     :class:`~liteattn.LiteAttention` per (block, entry), at the step given by
-    :func:`step_from_sigmas`. Steps before ``config.dense_steps`` run the
-    model's own attention. Everything else (cross-attention, masks, other
+    :func:`step_from_sigmas`. Steps before ``config.dense_steps``, and every
+    step of a configuration that never marks (threshold -inf throughout), run
+    the model's own attention, bit for bit. Everything else (cross-attention, masks, other
     layouts, a dtype or head_dim liteattn cannot compute, calls outside a
     sampler) goes to ``previous`` (the override installed before this one) or,
     without one, to ComfyUI's ``func``: nothing the model or another patch
@@ -340,7 +342,7 @@ class LiteAttentionOverride:
         if self.generations.observe(step):
             self._slots, self._labels = {}, {}
         slots = [self._slot(block, chunk) for chunk in chunks]
-        if self.config.is_dense_step(step):
+        if self.config.is_dense_step(step) or self.config.never_marks:
             timer = timing.start(q.device) if self.config.profile else None
             out = self._dense(func, args, kwargs)
             timer = timing.stop(timer) if timer is not None else None

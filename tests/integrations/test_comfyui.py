@@ -293,12 +293,24 @@ def test_dense_steps_run_comfyui_attention(local_qkv, gen):
 
 
 def test_never_skip_is_comfyui_attention(local_qkv, gen):
+    """A configuration that never marks is dense attention: ComfyUI's own, bit for bit, as without the node."""
     steps = _steps(local_qkv, gen, branches=1)
     override, func = LiteAttentionOverride(_config(threshold=threshold_from_input(NEVER_SKIP))), CountingAttention()
     for step, qkvs in enumerate(steps):
         out = _call(override, func, *qkvs[0], _options(step))
+        torch.testing.assert_close(out, CountingAttention()(*qkvs[0], H), rtol=0, atol=0)
+    assert func.calls == len(steps)
+    assert {c.mode for c in override.summary().calls} == {"dense_step"}
+
+
+def test_a_threshold_that_marks_nothing_is_dense_attention_through_liteattn(local_qkv, gen):
+    steps = _steps(local_qkv, gen, branches=1)
+    override, func = LiteAttentionOverride(_config(threshold=NEVER_SKIP + 1)), CountingAttention()
+    for step, qkvs in enumerate(steps):
+        out = _call(override, func, *qkvs[0], _options(step))
         torch.testing.assert_close(out, CountingAttention()(*qkvs[0], H), rtol=1e-5, atol=1e-5)
     assert func.calls == 0 and override.summary().sparsity == 0.0
+    assert {c.mode for c in override.summary().calls} == {"sparse"}
 
 
 def test_per_step_threshold_schedule(local_qkv, gen):
