@@ -69,3 +69,27 @@ def test_bad_arguments(tmp_path):
         load_testbed(dtype=torch.int8)
     with pytest.raises(ValueError, match="tokens"):
         build_testbed({"num_layers": 1}).prompt_encoder(torch.zeros(2, 5, dtype=torch.long))
+
+
+def test_training_continues_a_model_saved_with_fewer_slots(tmp_path):
+    """v2 added a fourth prompt slot: loading with ``slots=`` keeps the trained slots and adds one near the last."""
+    small = build_testbed({"num_layers": 1, "num_attention_heads": 2, "ffn_dim": 64})
+    small.prompt_encoder.slot.data = small.prompt_encoder.slot.data[:3].clone()
+    save_testbed(small, tmp_path)
+    with pytest.raises(ValueError, match="tokens"):  # the saved count is kept: a 4-token prompt is refused
+        load_testbed("cpu", torch.float32, path=tmp_path).prompt_encoder(torch.zeros(1, 4).long())
+    grown = load_testbed("cpu", torch.float32, path=tmp_path, slots=4)
+    slot = grown.prompt_encoder.slot
+    assert slot.shape[0] == 4
+    torch.testing.assert_close(slot[:3], small.prompt_encoder.slot.detach().half().float())
+    assert (slot[3] - slot[2]).abs().max() < 0.2
+
+
+def test_training_buckets_are_parsed_and_checked():
+    from liteattn.testbed.train import DEFAULT_BUCKETS, parse_buckets
+
+    assert parse_buckets("32x64x4, 8x32x64") == [(32, 64, 4), (8, 32, 64)]
+    assert all(f * (s // 2) ** 2 * b == 131072 for f, s, b in parse_buckets(DEFAULT_BUCKETS))
+    for bad in ("32x64", "0x64x4", "8x33x4", "axbxc"):
+        with pytest.raises(ValueError, match="--buckets"):
+            parse_buckets(bad)

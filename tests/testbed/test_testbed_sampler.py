@@ -66,3 +66,13 @@ def test_seeded_and_deterministic(tiny):
     b = sample_video(tiny, prompt, frames=1, size=16, steps=2, seed=seed, show_progress=False)
     c = sample_video(tiny, prompt, frames=1, size=16, steps=2, seed=seed + 1, show_progress=False)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_one_seed_per_prompt_makes_each_video_independent_of_the_batch(tiny):
+    prompts = torch.stack([encode_prompt("blue striped square"), encode_prompt("red circle, green cross")])
+    seed = int(torch.randint(0, 999, ()))
+    both = sample_video(tiny, prompts, frames=1, size=16, steps=2, seed=[seed, seed + 7], show_progress=False)
+    alone = sample_video(tiny, prompts[1:], frames=1, size=16, steps=2, seed=[seed + 7], show_progress=False)
+    torch.testing.assert_close(both[1:], alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="seed"):
+        sample_video(tiny, prompts, frames=1, size=16, steps=2, seed=[seed], show_progress=False)
