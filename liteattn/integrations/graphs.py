@@ -122,7 +122,8 @@ class ForwardGraphs:
             phase = ("fresh", config.threshold_at(step))
         else:
             phase = ("list", (step - config.dense_steps) % 2, config.threshold_at(step))
-        return (info.context, phase, str(spec), tuple(signature))
+        # Tensors made in inference mode cannot be written outside it: a graph's static inputs belong to one mode.
+        return (info.context, phase, torch.is_inference_mode_enabled(), str(spec), tuple(signature))
 
     def run(self, info: ForwardInfo, forward: Callable, args: tuple, kwargs: dict):
         """The forward's output through its graph (capturing it on the second sighting), or eagerly."""
