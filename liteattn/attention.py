@@ -102,6 +102,10 @@ def lite_attention(
         backend: ``"auto"`` (Triton on GPU, PyTorch elsewhere), ``"triton"`` or
             ``"torch"``.
 
+    NaN or infinite values in q, k, v give what dense attention over the same tiles gives (NaN rows where
+    SDPA has them), and no skip decision made from non-finite scores reaches ``next_state``: a query tile that
+    met a NaN or +inf score keeps all its tiles (the rules: :mod:`liteattn.reference`).
+
     Returns:
         ``(out, next_state)``, or ``(out, lse, next_state)`` with ``return_lse``.
         ``out`` has q's shape and layout. ``next_state`` reuses ``state``'s spare

@@ -48,6 +48,7 @@ def _compile(module, block_n, head_dim, dense, write_state, pingpong, regs=None,
         res = subprocess.run([sys.executable, "-c", code, ptx_path, cubin_path], capture_output=True, text=True,
                              env=env)
         assert res.returncode == 0, res.stderr[-3000:]
+        assert "TRITON_DEFAULT_FP_FUSION" not in res.stderr  # fusion is passed, not left to a changing default
         with open(ptx_path) as f:
             ptx = f.read()
         with open(cubin_path, "rb") as f:
