@@ -22,17 +22,15 @@ scores many prompts and seeds with confidence intervals.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import sys
 from pathlib import Path
 
-__all__ = ["DEFAULT_DENSE_STEPS", "DEFAULT_PROMPT", "DEFAULT_THRESHOLD", "SIZES", "add_arguments", "check_args",
-           "run"]
+from ._testbed_cli import SIZES, check_positive, check_size_options, prepare
 
-# Per size: frames, frame size in pixels and denoising steps. small: a CPU's ~1 minute; large: the GPU default.
-SIZES = {"small": {"frames": 8, "pixels": 32, "steps": 20}, "large": {"frames": 32, "pixels": 64, "steps": 30}}
+__all__ = ["DEFAULT_DENSE_STEPS", "DEFAULT_PROMPT", "DEFAULT_THRESHOLD", "add_arguments", "check_args", "run"]
+
 # Chosen on an H200 from a sweep of thresholds and dense first steps over 32 prompts and seeds at the large size
 # (docs/testbed.md, "Choosing the defaults"): the most skipping whose evaluator scores stay inside dense's
 # confidence intervals. The first steps stay dense, as serving stacks do: the noisiest steps lay out the video,
@@ -66,68 +64,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _device(text: str):
-    import torch
-
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {text!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: {text!r} asked for, but no CUDA device is available; use --device cpu")
-    return device
-
-
-def check_out(path: str, option: str = "--out") -> Path:
-    """The output folder, refused up front when it cannot be a folder (a file is in the way)."""
-    out = Path(path)
-    for parent in [out, *out.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{option}: expected a folder to write into, but {str(parent)!r} is a file")
-            break
-    return out
-
-
-def _positive(name: str, value: int | None, low: int = 1) -> None:
-    if value is not None and value < low:
-        raise ValueError(f"{name}: expected at least {low}, got {value}")
-
-
 def check_args(args) -> None:
     """Every option checked before any work starts (a ``ValueError`` naming the option)."""
     from .testbed.data import encode_prompt
 
-    _device(args.device)
-    _positive("--steps", args.steps)
-    _positive("--frames", args.frames)
-    _positive("--pixels", args.pixels, 8)
-    if args.pixels is not None and args.pixels % 2:
-        raise ValueError(f"--pixels: expected an even number (2x2-pixel patches), got {args.pixels}")
+    check_size_options(args)
     if not args.threshold < 0:
         raise ValueError(f"--threshold: expected a negative number (log2 units, e.g. -2), got {args.threshold:g}")
-    _positive("--dense-steps", args.dense_steps, 0)
+    check_positive("--dense-steps", args.dense_steps, 0)
     if not args.guidance >= 0:
         raise ValueError(f"--guidance: expected a number >= 0, got {args.guidance:g}")
     try:
         encode_prompt(args.prompt)
     except ValueError as err:
         raise ValueError(f"--prompt: {str(err).removeprefix('prompt: ')}") from None
-    check_out(args.out)
-
-
-def _options(args):
-    """(device, size name, frames, pixels, steps) after :func:`check_args`."""
-    device = _device(args.device)
-    size = args.size or ("large" if device.type == "cuda" else "small")
-    preset = SIZES[size]
-    return (device, size, preset["frames"] if args.frames is None else args.frames,
-            preset["pixels"] if args.pixels is None else args.pixels,
-            preset["steps"] if args.steps is None else args.steps)
 
 
 def _per_layer_per_step(summary) -> dict[str, dict[int, float]]:
@@ -191,25 +141,21 @@ def _finite(x: float) -> float | str:
 
 
 def run(args) -> int:
-    try:  # fail early, with a clear message, when diffusers is missing
-        importlib.import_module(".integrations.diffusers", __package__)
-    except ImportError as err:
-        print(f"liteattn demo needs diffusers >= 0.42 (pip install 'liteattn[diffusers]'): {err}", file=sys.stderr)
-        return 2
     check_args(args)
+    setup = prepare(args, "demo")
+    if isinstance(setup, str):
+        print(setup, file=sys.stderr)
+        return 2
     import torch
 
-    from .testbed import describe_prompt, encode_prompt, load_testbed
+    from .testbed import describe_prompt, encode_prompt
     from .testbed.evaluator import score_video
     from .testbed.metrics import psnr, ssim
     from .testbed.runs import generate
 
-    device, size, frames, pixels, steps = _options(args)
-    out = check_out(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    device, size, frames, pixels, steps = setup.device, setup.size, setup.frames, setup.pixels, setup.steps
+    out, dtype, testbed = setup.out, setup.dtype, setup.testbed
     tokens = encode_prompt(args.prompt)[None]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    testbed = load_testbed(device, dtype)
     tokens_per_video = testbed.tokens_per_video(frames, pixels)
     graphs = device.type == "cuda" and not args.no_cuda_graph
     print(f"liteattn demo: '{describe_prompt(tokens[0])}', {frames} frames of {pixels}px = {tokens_per_video} tokens, "

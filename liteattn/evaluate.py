@@ -15,14 +15,14 @@ attention kernel time. Writes eval.json, eval.md and pareto.png.
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import json
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from .demo import DEFAULT_DENSE_STEPS, DEFAULT_THRESHOLD, SIZES, _device, _positive, check_out
+from ._testbed_cli import SIZES, check_positive, check_size_options, prepare
+from .demo import DEFAULT_DENSE_STEPS, DEFAULT_THRESHOLD
 
 __all__ = ["add_arguments", "check_args", "run"]
 
@@ -53,21 +53,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_args(args) -> None:
     """Every option checked before any work starts."""
-    _device(args.device)
-    for name in ("steps", "frames", "prompts", "seeds", "batch"):
-        _positive(f"--{name}", getattr(args, name))
-    _positive("--pixels", args.pixels, 8)
-    if args.pixels is not None and args.pixels % 2:
-        raise ValueError(f"--pixels: expected an even number (2x2-pixel patches), got {args.pixels}")
+    check_size_options(args)
+    for name in ("prompts", "seeds", "batch"):
+        check_positive(f"--{name}", getattr(args, name))
     for t in args.threshold:
         if not t < 0:
             raise ValueError(f"--threshold: expected negative numbers (log2 units, e.g. -2), got {t:g}")
     for d in args.dense_steps:
-        _positive("--dense-steps", d, 0)
+        check_positive("--dense-steps", d, 0)
     if not args.guidance >= 0:
         raise ValueError(f"--guidance: expected a number >= 0, got {args.guidance:g}")
-    _positive("--workers", args.workers, 0)
-    check_out(args.out)
+    check_positive("--workers", args.workers, 0)
 
 
 def _score(item):
@@ -101,27 +97,22 @@ def _stats(per_video: list[dict], dense: list[dict] | None) -> dict:
 
 
 def run(args) -> int:
-    try:
-        importlib.import_module(".integrations.diffusers", __package__)
-    except ImportError as err:
-        print(f"liteattn eval needs diffusers >= 0.42 (pip install 'liteattn[diffusers]'): {err}", file=sys.stderr)
-        return 2
     check_args(args)
+    setup = prepare(args, "eval")
+    if isinstance(setup, str):
+        print(setup, file=sys.stderr)
+        return 2
     import os
 
     import torch
 
-    from .demo import _options
-    from .testbed import describe_prompt, load_testbed
+    from .testbed import describe_prompt
     from .testbed.data import random_prompts
     from .testbed.metrics import psnr, ssim
     from .testbed.runs import generate
 
-    device, size, frames, pixels, steps = _options(args)
-    out = check_out(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    testbed = load_testbed(device, dtype)
+    device, frames, pixels, steps = setup.device, setup.frames, setup.pixels, setup.steps
+    out, dtype, testbed = setup.out, setup.dtype, setup.testbed
     prompts = random_prompts(args.prompts, torch.Generator().manual_seed(20261202))
     pairs = [(p, s) for p in range(args.prompts) for s in range(args.seeds)]
     all_prompts = torch.stack([prompts[p] for p, _ in pairs])

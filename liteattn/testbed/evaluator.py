@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import _RADIUS, _SPEED, BACKGROUND_MAX, COLORS, KINDS, SHADE_MIN, TEXTURES, decode_prompt
+from .data import _RADIUS, _SPEED, BACKGROUND_MAX, COLORS, SHADE_MIN, TEXTURES, decode_prompt
 
 __all__ = ["DIMENSIONS", "VideoScores", "score_video", "score_videos", "summarize"]
 
