@@ -20,6 +20,12 @@ Semantics, per (batch b, head h, query tile i), in the order of its active list
    -inf, so a row whose scores so far are all -inf keeps zero weights).
 5. Tiles not marked are appended, in visiting order, to the next state's list.
 
+With ``skip_softmax`` (the serving stacks' per-call rule, NVIDIA's BLASST),
+a marked tile is instead left out of this call (no exponentials, no P.V: its
+weights are below ``2**threshold`` of the row maximum), its QK having been
+computed as every tile's is, and the returned lists hold the tiles that were
+used: the caller carries nothing to the next call.
+
 Output ``acc / l``, log-sum-exp ``m + log l`` (natural log); a row that
 attended to nothing (an empty list, or every score -inf) gives zeros and -inf.
 
@@ -66,6 +72,7 @@ def lite_attention_reference(
     compute_dtype: torch.dtype = torch.float32,
     write_state: bool = True,
     return_scores: bool = False,
+    skip_softmax: bool = False,
 ):
     """Reference forward on BHSD tensors.
 
@@ -79,6 +86,9 @@ def lite_attention_reference(
         write_state: if False, return the input counts/indices as the "next" pair.
         return_scores: also return the per-visited-tile scores ``(B, H, QT, KT)``
             (NaN where a list position is unused), useful for calibration.
+        skip_softmax: a marked tile is not used in this call (its exponentials
+            and P.V skipped) rather than in the next ones; the returned lists
+            are the tiles used.
 
     Returns:
         ``out (B, H, S_q, D)`` in q's dtype, ``lse (B, H, S_q)`` float32,
@@ -131,7 +141,7 @@ def lite_attention_reference(
         m_use = torch.where(m_new == neg_inf, 0.0, m_new)  # -inf - -inf would be NaN
         p = torch.exp(s - m_use[..., None])
         alpha = torch.exp(m - m_use)
-        upd = active[..., None]
+        upd = (active & ~mark if skip_softmax else active)[..., None]
         l = torch.where(upd, l * alpha + p.sum(-1), l)
         acc = torch.where(upd[..., None], acc * alpha[..., None] + p @ vs[bi, hi, j], acc)
         m = torch.where(upd, m_new, m)
