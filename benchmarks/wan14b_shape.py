@@ -148,11 +148,11 @@ def run_mode(mode: str, model, hidden, prompt, args) -> dict:
     start, stop = _clock(device)
     handle = None
     if mode == "dense":
-        handle = li.apply(model, dense_steps=args.warmup + args.steps, profile=True, block_size=args.block_size)
+        handle = li.apply(model, dense_steps=args.warmup + args.steps, timing=True, block_size=args.block_size)
     elif mode == "liteattn":
-        handle = li.apply(model, threshold=args.threshold, profile=True, block_size=args.block_size)
+        handle = li.apply(model, threshold=args.threshold, timing=True, block_size=args.block_size)
     elif mode == "forced":
-        handle = li.apply(model, threshold=-math.inf, profile=True, block_size=args.block_size)
+        handle = li.apply(model, threshold=-math.inf, timing=True, block_size=args.block_size)
         seed_states(handle, model, hidden, args.force_sparsity, args.block_size, args.seed)
     try:
         step_ms = []

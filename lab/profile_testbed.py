@@ -47,8 +47,8 @@ def attention_share(testbed, frames, size, prompt):
             "attention_share": attn / total if total else None, "top_kernels_ms": {k: v / 5e3 for k, v in top}}
 
 
-def generation(testbed, prompt, frames, size, steps, threshold, dense_steps, profile=True):
-    handle = apply(testbed.transformer, threshold=threshold, dense_steps=dense_steps, profile=profile)
+def generation(testbed, prompt, frames, size, steps, threshold, dense_steps, timing=True):
+    handle = apply(testbed.transformer, threshold=threshold, dense_steps=dense_steps, timing=timing)
     try:
         kw = dict(frames=frames, size=size, steps=steps, guidance=4.0, seed=0, show_progress=False)
         sample_video(testbed, prompt, **dict(kw, steps=min(steps, dense_steps + 2)))  # compile outside the timing

@@ -33,22 +33,26 @@ def apply(pipe_or_transformer, threshold=None, *, config: LiteAttentionConfig | 
             per-step schedule).
         config (:class:`LiteAttentionConfig`, *optional*): the settings; never modified.
         **overrides: any other :class:`LiteAttentionConfig` field, e.g.
-            ``dense_steps=5``, ``block_size=(64, 64)``, ``profile=True``.
+            ``dense_steps=5``, ``block_size=(64, 64)``, ``timing=True``, or
+            ``profile="profile.json"`` (a calibration profile from
+            :func:`liteattn.calibrate`: per-layer thresholds and dense first steps,
+            refused for another model).
 
     Returns:
         A handle with ``summary()``, ``remove()``, ``new_generation()`` and
         ``attention(layer, context)``.
 
     Raises:
-        ValueError: liteattn is already applied, an argument is invalid, or no
-            layer matches.
+        ValueError: liteattn is already applied, an argument is invalid, no
+            layer matches, or the calibration profile was made for another model
+            (the message names what differs).
         NotImplementedError: an unknown transformer family without ``include``,
             or a layer that calls SDPA directly (CogVideoX).
 
     Example::
 
         >>> pipe = WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-14B-Diffusers", torch_dtype=torch.bfloat16)
-        >>> handle = liteattn.integrations.apply(pipe, threshold=-10.0, dense_steps=2, profile=True)
+        >>> handle = liteattn.integrations.apply(pipe, threshold=-10.0, dense_steps=2, timing=True)
         >>> video = pipe(prompt, num_inference_steps=50).frames[0]
         >>> print(handle.summary())
         >>> liteattn.integrations.remove(pipe)
@@ -82,7 +86,7 @@ def new_generation(pipe_or_transformer) -> None:
 
 
 def summary(pipe_or_transformer):
-    """Sparsity per layer and per step of the latest generation (times with ``profile=True``).
+    """Sparsity per layer and per step of the latest generation (times with ``timing=True``).
 
     Returns a :class:`~liteattn.integrations.report.Summary`: ``print()`` it
     for tables, or use ``per_step()``, ``per_layer()``, ``calls`` and ``to_dict()``.

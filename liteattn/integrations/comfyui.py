@@ -271,8 +271,9 @@ class LiteAttentionOverride:
 
     Args:
         config: threshold (or per-step schedule), dense_steps, block_size,
-            backend and profile; its other fields (layer selection, text
-            tokens, must-do ranges, CUDA graphs) are diffusers' and do not apply.
+            backend and timing; its other fields (layer selection, text
+            tokens, must-do ranges, CUDA graphs, a calibration profile, the
+            skip rule) are diffusers' and do not apply.
         previous: the override to chain, or None.
     """
 
@@ -343,7 +344,7 @@ class LiteAttentionOverride:
             self._slots, self._labels = {}, {}
         slots = [self._slot(block, chunk) for chunk in chunks]
         if self.config.is_dense_step(step) or self.config.never_marks:
-            timer = timing.start(q.device) if self.config.profile else None
+            timer = timing.start(q.device) if self.config.timing else None
             out = self._dense(func, args, kwargs)
             timer = timing.stop(timer) if timer is not None else None
             for slot in slots:  # one timer for the batch, reported on its first entry
@@ -408,7 +409,7 @@ class LiteAttentionOverride:
         outs = []
         for chunk, slot in zip(chunks, slots):
             rows = slice(chunk.start, chunk.stop)
-            timer = timing.start(q.device) if self.config.profile else None
+            timer = timing.start(q.device) if self.config.timing else None
             attention = slot.attention
             attention.set_threshold(threshold)
             out = attention(*(x[rows].unflatten(-1, (heads, -1)) for x in (q, k, v)))
@@ -420,7 +421,7 @@ class LiteAttentionOverride:
 
     # -- what happened -----------------------------------------------------------------
     def summary(self) -> Summary:
-        """Sparsity per block and per step of the latest generation (times with ``config.profile``).
+        """Sparsity per block and per step of the latest generation (times with ``config.timing``).
 
         Blocks are named ``blocks.<i>`` and contexts by CFG branch (``"cond"``,
         ``"uncond"``), as in :func:`liteattn.integrations.summary`.

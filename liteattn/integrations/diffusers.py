@@ -137,7 +137,7 @@ class _RootHook(ModelHook):
             self.steps.set_context(CacheContext(DEFAULT_CONTEXT))
         try:
             info = self._advance(self._context(), args, kwargs)
-            timer = timing.start(self.patch.device) if self.patch.config.profile else None
+            timer = timing.start(self.patch.device) if self.patch.config.timing else None
             self.patch.begin(info)
             try:
                 if self.patch.graphs is not None:
@@ -294,7 +294,8 @@ class _Patch:
             module.processor._attention_backend = backend
             self._saved.append(saved)
             dense = functools.partial(_dispatch.dispatch_attention_fn, backend=saved.backend)
-            runtime = LayerRuntime(name, self.config, text_position, dense, self.masks, self.fallbacks)
+            runtime = LayerRuntime(name, self.config, text_position, dense, self.masks, self.fallbacks,
+                                   profile_key=self.profile_key(name))
             self.layers[name] = runtime
             self._sites.append(_HookSite.register(module, _LayerHook(self, runtime), LAYER_HOOK))
         self._sites.append(_HookSite.register(self.model, _RootHook(self), ROOT_HOOK))
@@ -311,6 +312,11 @@ class _Patch:
         _invalidate_registry_caches(self.model)
         if getattr(self.model, PATCH_ATTR, None) is self:
             delattr(self.model, PATCH_ATTR)
+
+    def profile_key(self, name: str) -> str:
+        """A layer's name in a calibration profile and in ``handle.layers``: ``"transformer_2:"`` marks a pipeline's
+        second transformer."""
+        return name if self.label == "transformer" else f"{self.label}:{name}"
 
     @property
     def installed(self) -> bool:
@@ -335,7 +341,8 @@ class _Patch:
             for context, state in runtime.contexts.items():
                 history = state.attention.history
                 for r in state.records:
-                    sparsity = history[r.history_index] if r.history_index is not None else 0.0
+                    sparsity = (history[r.history_index] if r.history_index is not None
+                                else float(r.sparsity) if r.sparsity is not None else 0.0)
                     calls.append(AttentionCall(self.label, context, runtime.name, r.step, r.mode, sparsity,
                                                timing.elapsed_ms(r.timer)))
         forwards = [ForwardCall(self.label, context, step, timing.elapsed_ms(timer))
@@ -365,7 +372,7 @@ class LiteAttentionHandle:
         return [name if p.label == "transformer" else f"{p.label}:{name}" for p in self._patches for name in p.layers]
 
     def summary(self) -> Summary:
-        """Sparsity per layer and step (and times with ``profile=True``) of the latest generation."""
+        """Sparsity per layer and step (and times with ``timing=True``) of the latest generation."""
         return _summary(self._patches)
 
     def new_generation(self) -> None:
@@ -387,13 +394,23 @@ class LiteAttentionHandle:
             raise ValueError(f"layer: {layer!r} is not patched; patched layers: {list(patch.layers)}")
         return patch.layers[layer].state(context).attention
 
+    def patched(self) -> dict[str, tuple[nn.Module, list[str]]]:
+        """Per transformer label (``"transformer"``, ``"transformer_2"``), the model and its patched layer names:
+        what a calibration profile binds to."""
+        return {p.label: (p.model, list(p.layers)) for p in self._patches}
+
+    def layer_runtimes(self) -> dict[str, LayerRuntime]:
+        """Every patched layer's :class:`~liteattn.integrations.layer.LayerRuntime`, by the names of :attr:`layers`:
+        for tools that steer or observe each call (calibration sets ``runtime.steer``)."""
+        return {p.profile_key(name): runtime for p in self._patches for name, runtime in p.layers.items()}
+
     def remove(self) -> None:
         """Undo the patch (same as :func:`remove` on the patched object)."""
         _uninstall([p for p in self._patches if p.installed], what="this handle")
 
     def __repr__(self) -> str:
         return (f"LiteAttentionHandle({len(self.layers)} layers in {[p.label for p in self._patches]}, "
-                f"threshold={describe_threshold(self.config)}, dense_steps={self.config.dense_steps})")
+                f"threshold={describe_threshold(self.config)}, dense_steps={self.config.first_skipping_step})")
 
 
 def apply(pipe_or_transformer, threshold=None, *, config: LiteAttentionConfig | None = None,
@@ -409,6 +426,9 @@ def apply(pipe_or_transformer, threshold=None, *, config: LiteAttentionConfig | 
     for label, model in targets:  # select everything before touching anything
         family = family_of(model)
         plans.append(_Patch(label, model, config, family, select_layers(model, family, config)))
+    if config.profile is not None:  # a profile made for another model is refused before anything changes
+        config.profile.check_model({p.label: (p.model, [name for name, _ in p.layer_modules]) for p in plans},
+                                   config.block_size)
     for patch in plans:
         patch.install()
     return LiteAttentionHandle(plans, config)
@@ -482,6 +502,7 @@ def _summary(patches: list[_Patch]) -> Summary:
         fallbacks.update(patch.fallbacks)
     config = patches[0].config
     tiles = "default" if config.block_size is None else "x".join(map(str, config.block_size))
-    header = (f"liteattn: threshold {describe_threshold(config)}, dense_steps {config.dense_steps}, tiles {tiles}, "
+    header = (f"liteattn: threshold {describe_threshold(config)}, dense_steps {config.first_skipping_step}, "
+              f"{'' if config.skip_rule == 'carry' else 'skip rule ' + config.skip_rule + ', '}tiles {tiles}, "
               f"backend {config.backend}, {sum(len(p.layers) for p in patches)} patched layers")
     return Summary(calls, forwards, dict(fallbacks), header)

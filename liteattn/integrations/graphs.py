@@ -14,7 +14,8 @@ a new generation refills the last generation's buffers in place
 serve every step of every generation. One graph is kept per *key*: CFG
 context, kind of step ("dense" for the first ``dense_steps``, "fresh" for
 the first skipping step, which starts from full lists, then "list" with the
-step's parity, which says which buffer is read), threshold, and the shapes,
+step's parity, which says which buffer is read), threshold (with a calibration
+profile: the step range, which fixes every layer's threshold), and the shapes,
 dtypes and strides of the forward's inputs. Before each replay every
 skipping layer's state must sit in the buffers the graph reads; otherwise the
 forward runs eagerly, unchanged.
@@ -116,12 +117,13 @@ class ForwardGraphs:
         if not on_cuda and self._make_graph is None:
             return None
         step, config = info.step, self.config
+        first = config.first_skipping_step
         if config.is_dense_step(step):
             phase = ("dense",)
-        elif step == config.dense_steps:
-            phase = ("fresh", config.threshold_at(step))
+        elif step == first:
+            phase = ("fresh", config.step_kind(step))
         else:
-            phase = ("list", (step - config.dense_steps) % 2, config.threshold_at(step))
+            phase = ("list", (step - first) % 2, config.step_kind(step))
         # Tensors made in inference mode cannot be written outside it: a graph's static inputs belong to one mode.
         return (info.context, phase, torch.is_inference_mode_enabled(), str(spec), tuple(signature))
 
@@ -192,7 +194,7 @@ class ForwardGraphs:
         history_index = None
         if call.mode == "sparse":
             attention = state.attention
-            attention.set_threshold(self.config.threshold_at(info.step))
+            attention.set_threshold(call.threshold)
             attention._history.append(call.sparsity.clone())
             attention._spent = None
             after = copy.copy(call.after)

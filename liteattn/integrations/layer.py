@@ -8,6 +8,10 @@ see different prompts, so they keep separate states. Batched CFG (LTX: one
 call, batch = [uncond, cond]) needs nothing more, as the state is per batch
 element already.
 
+Why thresholds are looked up per layer: a calibration profile
+(:mod:`liteattn.calibration`) gives each layer its own threshold per step
+range, resolved once per layer and token count (:meth:`LayerRuntime.threshold_at`).
+
 Why a call may fall back to dense: liteattn takes no attention mask, dropout
 or causal flag, and its GPU kernel takes bf16/fp16 with head_dim a multiple of
 16. A call it cannot compute exactly runs the layer's original backend and is
@@ -25,12 +29,14 @@ import torch
 
 from .. import _validation as V
 from ..attention import LiteAttention
-from ..kernels import SUPPORTED_HEAD_DIMS, TRITON_AVAILABLE
+from ..kernels import SUPPORTED_HEAD_DIMS, TRITON_AVAILABLE, default_block_sizes
+from ..reference import lite_attention_reference
+from ..state import SkipState
 from . import timing
 from .config import LiteAttentionConfig
 
 __all__ = ["CallRecord", "ContextState", "ForwardInfo", "KeyPaddingMasks", "LayerRuntime", "LoggedCall",
-           "count_fallback", "input_fallback_reason", "key_prefix_length"]
+           "count_fallback", "input_fallback_reason", "key_prefix_length", "per_call_attention"]
 
 # An additive mask entry at or below this removes the key exactly: e^-1000
 # underflows to 0 in every float format, so dropping the key changes nothing.
@@ -54,6 +60,7 @@ class CallRecord:
     mode: str
     history_index: int | None = None  # into the LiteAttention's history, for sparse calls
     timer: object = None
+    sparsity: object = None  # the skipped fraction of a per-call (skip-softmax) call, which keeps no history
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,7 @@ class LoggedCall:
     before: object
     after: object
     sparsity: torch.Tensor | None
+    threshold: float | None = None  # the threshold the captured call used (a replay's key fixes it)
 
 
 @dataclass
@@ -167,6 +175,28 @@ def count_fallback(fallbacks: Counter, where: str, reason: str) -> None:
     fallbacks[reason] += 1
 
 
+def per_call_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, threshold: float,
+                       scale: float | None, must_do: list[tuple[int, int]],
+                       block_size: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Skip-softmax attention on BSHD tensors: ``(out, skipped fraction)``, nothing carried.
+
+    Every tile's QK is computed; a tile negligible by liteattn's rule in this
+    call (for every row, ``(max s - m) * log2(e) < threshold``, ``m`` the
+    running max) skips its exponentials and P.V (:func:`liteattn.reference.lite_attention_reference`
+    with ``skip_softmax``). The fraction is of P.V tiles skipped, a device
+    tensor (no sync); QK costs what dense attention's does.
+    """
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    bsz, heads, seq_q, dim = q.shape
+    block_m, block_n = block_size or default_block_sizes(dim)
+    full = SkipState.full(bsz, heads, seq_q, k.shape[2], block_m, block_n, q.device)
+    out, _, (used, _) = lite_attention_reference(
+        q, k, v, full, threshold, scale, must_do,
+        compute_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, skip_softmax=True)
+    skipped = 1.0 - used.sum(dtype=torch.int64) / float(full.kv_num_blocks.sum(dtype=torch.int64))
+    return out.transpose(1, 2), skipped
+
+
 def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Sorted, non-overlapping, non-touching ranges covering the same tokens."""
     merged: list[tuple[int, int]] = []
@@ -192,11 +222,19 @@ class LayerRuntime:
             is_causal=..., scale=..., enable_gqa=..., parallel_config=...)``.
         masks: the transformer's shared :class:`KeyPaddingMasks`.
         fallbacks: the transformer's counter of dense fallbacks by reason.
+        profile_key: the layer's name in a calibration profile (``"transformer_2:blocks.0.attn1"`` for a pipeline's
+            second transformer); default ``name``.
+
+    ``steer``, None unless a tool sets it on this instance, is called before each skipping call as
+    ``steer(runtime, info, attention, q, k, v, scale, must_do, threshold)`` (BSHD tensors, the keys already cut to
+    their valid length) and returns the threshold the call uses: calibration chooses thresholds from the call's own
+    inputs with it (the marginal rule), and measurements read the inputs.
     """
 
     def __init__(self, name: str, config: LiteAttentionConfig, text_position: str | None,
-                 dense_fn: Callable, masks: KeyPaddingMasks, fallbacks: Counter):
+                 dense_fn: Callable, masks: KeyPaddingMasks, fallbacks: Counter, profile_key: str | None = None):
         self.name = name
+        self.profile_key = name if profile_key is None else profile_key
         self.config = config
         self.text_position = text_position
         self.dense_fn = dense_fn
@@ -207,6 +245,8 @@ class LayerRuntime:
         self.log: list[LoggedCall] | None = None  # set while a CUDA graph of the forward is captured
         self._text_len: int | None = None
         self._calls = 0
+        self.steer: Callable | None = None
+        self._schedules: dict[int, tuple[tuple[int, float], ...] | None] = {}  # by token count
 
     # -- lifecycle of one module forward ---------------------------------------------
     def enter(self, forward: ForwardInfo | None, text_len: int | None) -> None:
@@ -229,6 +269,20 @@ class LayerRuntime:
             state.generation = generation
         return state
 
+    def threshold_at(self, step: int, tokens: int) -> float:
+        """This layer's threshold at ``step`` for a sequence of ``tokens`` tokens: the profile's (resolved once per
+        token count), else the configuration's global one."""
+        if tokens not in self._schedules:
+            self._schedules[tokens] = self.config.layer_thresholds(self.profile_key, tokens)
+        schedule = self._schedules[tokens]
+        if schedule is None:
+            return self.config.threshold_at(step)
+        threshold = schedule[0][1]
+        for first_step, value in schedule:
+            if step >= first_step:
+                threshold = value
+        return threshold
+
     # -- the attention call ------------------------------------------------------------
     def attend(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                enable_gqa=False, parallel_config=None) -> torch.Tensor:
@@ -238,16 +292,24 @@ class LayerRuntime:
         key_len, reason = self._check(query, key, attn_mask, dropout_p, is_causal, parallel_config)
         state = self.state(forward.context, forward.generation) if forward is not None else None
         mode = "fallback" if reason else "dense_step" if self._runs_stock(state, forward.step) else "sparse"
-        timer = timing.start(query.device) if self.config.profile and self.log is None else None  # no event in a capture
-        history_index = None
+        timer = timing.start(query.device) if self.config.timing and self.log is None else None  # no event in a capture
+        history_index = per_call_sparsity = threshold = None
         fresh = mode == "sparse" and state.attention.state is None
         before = (state.attention._spent if fresh else state.attention.state) if mode == "sparse" else None
         if mode == "sparse":
             attention = state.attention
-            attention.set_threshold(self.config.threshold_at(forward.step))
-            out = attention(query, key[:, :key_len], value[:, :key_len], scale=scale,
-                            must_do=self._must_do(query.shape[1], key_len))
-            history_index = attention.step - 1
+            key, value = key[:, :key_len], value[:, :key_len]
+            must_do = self._must_do(query.shape[1], key_len)
+            threshold = self.threshold_at(forward.step, query.shape[1])
+            if self.steer is not None:
+                threshold = self.steer(self, forward, attention, query, key, value, scale, must_do, threshold)
+            if self.config.skip_rule == "per_call":
+                out, per_call_sparsity = per_call_attention(query, key, value, threshold, scale, must_do,
+                                                            self.config.block_size)
+            else:
+                attention.set_threshold(threshold)
+                out = attention(query, key, value, scale=scale, must_do=must_do)
+                history_index = attention.step - 1
         else:
             if reason:
                 count_fallback(self.fallbacks, self.name, reason)
@@ -256,11 +318,11 @@ class LayerRuntime:
         if timer is not None:
             timer = timing.stop(timer)
         if state is not None:
-            state.records.append(CallRecord(forward.step, mode, history_index, timer))
+            state.records.append(CallRecord(forward.step, mode, history_index, timer, per_call_sparsity))
         if self.log is not None:  # a CUDA graph is being captured: it must redo this call's bookkeeping
             self.log.append(LoggedCall(self, forward.context, mode, reason, fresh, before,
                                        state.attention.state if mode == "sparse" else None,
-                                       state.attention._history[-1] if mode == "sparse" else None))
+                                       state.attention._history[-1] if mode == "sparse" else None, threshold))
         return out
 
     def _runs_stock(self, state: ContextState, step: int) -> bool:

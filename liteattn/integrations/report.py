@@ -20,7 +20,7 @@ class AttentionCall:
     ``mode``: "sparse" (liteattn), "dense_step" (a configured dense step) or
     "fallback" (a call liteattn could not compute exactly, run dense).
     ``sparsity``: fraction of tiles skipped (0 for dense calls).
-    ``attention_ms``: None unless the patch was applied with ``profile=True``.
+    ``attention_ms``: None unless the patch was applied with ``timing=True``.
     """
 
     transformer: str
@@ -58,7 +58,7 @@ class Summary:
 
     @property
     def attention_ms(self) -> float | None:
-        """Total attention time, None when not profiled."""
+        """Total attention time, None when not timed."""
         return _total(c.attention_ms for c in self.calls)
 
     def per_step(self) -> dict[int, dict]:

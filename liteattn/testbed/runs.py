@@ -15,7 +15,7 @@ What is measured on a GPU, and how:
   ``torch.profiler`` over one more, eager generation (kernel durations do not
   depend on how they were launched).
 
-On a CPU everything is synchronous: the patch's ``profile`` timers give the
+On a CPU everything is synchronous: the patch's ``timing`` timers give the
 attention time directly, and there is no warm-up.
 """
 from __future__ import annotations
@@ -72,8 +72,11 @@ def _kernel_seconds(fn) -> tuple[float, float]:
 def generate(testbed, prompts: torch.Tensor, seeds: list[int], *, frames: int, size: int, steps: int,
              guidance: float, threshold: float | None, dense_steps: int, block_size=None, cuda_graph: bool = True,
              warmup: int = 2, kernel_times: bool = True, mask_layers: tuple[int, ...] = (),
-             show_progress: bool = False, desc: str = "sampling") -> Generation:
+             show_progress: bool = False, desc: str = "sampling", profile=None) -> Generation:
     """Generate ``prompts`` with per-prompt ``seeds``; ``threshold=None`` runs every step dense.
+
+    ``profile``: a calibration profile (a path or a :class:`liteattn.calibration.Profile`) instead of
+    ``threshold`` and ``dense_steps``: per-layer thresholds and its own dense first steps.
 
     ``warmup`` generations (GPU only) come first, of ``dense_steps + 5`` steps at
     most: enough to see every kind of step twice, so that every CUDA graph is
@@ -85,16 +88,23 @@ def generate(testbed, prompts: torch.Tensor, seeds: list[int], *, frames: int, s
 
     device = testbed.device
     on_gpu = device.type == "cuda"
-    sparse = threshold is not None
-    options = dict(threshold=threshold if sparse else -10.0, dense_steps=dense_steps if sparse else steps,
-                   block_size=block_size)
+    sparse = threshold is not None or profile is not None
+    if profile is not None:
+        if threshold is not None:
+            raise ValueError("threshold: expected None with a profile (the profile sets the thresholds), got "
+                             f"{threshold!r}")
+        options = dict(profile=profile, block_size=block_size)
+    else:
+        options = dict(threshold=threshold if sparse else -10.0, dense_steps=dense_steps if sparse else steps,
+                       block_size=block_size)
     sample = dict(prompts=prompts, frames=frames, size=size, guidance=guidance, seed=list(seeds))
     transformer = testbed.transformer
-    handle = apply(transformer, profile=not on_gpu, cuda_graph=cuda_graph and on_gpu, **options)
+    handle = apply(transformer, timing=not on_gpu, cuda_graph=cuda_graph and on_gpu, **options)
     try:
         if on_gpu:
             for _ in range(warmup):
-                sample_video(testbed, steps=min(steps, options["dense_steps"] + 5), show_progress=False, **sample)
+                sample_video(testbed, steps=min(steps, handle.config.first_skipping_step + 5), show_progress=False,
+                             **sample)
         _sync(device)
         start = time.perf_counter()
         video = sample_video(testbed, steps=steps, show_progress=show_progress, desc=desc, **sample)

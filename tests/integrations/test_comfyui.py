@@ -451,7 +451,7 @@ def test_context_windows_keep_separate_states(local_qkv, gen):
 
 def test_release_keeps_the_summary(local_qkv, gen):
     steps = _steps(local_qkv, gen, branches=1)
-    override = LiteAttentionOverride(_config(profile=True))
+    override = LiteAttentionOverride(_config(timing=True))
     for step, qkvs in enumerate(steps):
         _call(override, CountingAttention(), *qkvs[0], _options(step))
     before = override.summary()

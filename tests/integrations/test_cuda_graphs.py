@@ -128,3 +128,29 @@ def test_real_cuda_graphs_match_eager(tiny, loops, tiles):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert handle.summary().per_step() == summary.per_step()
     handle.remove()
+
+
+def test_replays_with_a_calibration_profile_match_eager_ones(tiny, loops, tiles):
+    """With a profile a graph's key is the step range: every layer's threshold is fixed by it, and replays redo
+    each call with the threshold it was captured with."""
+    from liteattn.calibration.profile import Profile, model_binding
+
+    model = tiny.wan(sharpen=SHARP)
+    layers = ["blocks.0.attn1", "blocks.1.attn1"]
+    profile = Profile(models={"transformer": model_binding(model, layers)}, tiles=tiles, tokens=160,
+                      token_rule="exact", steps=7, dense_steps=1, range_starts=(1, 3, 5),
+                      thresholds={layers[0]: [-4.0, -2.0, "-inf"], layers[1]: [-1.5, -3.0, -2.5]})
+    eager = li.apply(model, profile=profile, block_size=tiles)
+    expected = [loops.wan(model, seed=2, steps=7) for _ in range(3)]
+    summary = eager.summary()
+    eager.remove()
+    handle = li.apply(model, profile=profile, block_size=tiles, cuda_graph=True)
+    graphs = _emulate(model)
+    for generation, (want, _) in enumerate(expected):
+        got, _ = loops.wan(model, seed=2, steps=7)
+        assert torch.equal(got, want), f"generation {generation}"
+    assert graphs.replays > 0
+    assert {key[1][-1] for key in graphs._graphs if key[1][0] != "dense"} >= {("range", 0), ("range", 1), ("range", 2)}
+    assert handle.summary().per_step() == summary.per_step()
+    assert handle.attention(layers[1], "cond").threshold == -2.5  # the last call's, set again by the replay
+    handle.remove()

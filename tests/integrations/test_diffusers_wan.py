@@ -233,7 +233,7 @@ def test_threshold_schedule_follows_the_step(tiny, loops, tiles):
 
 def test_profile_times_attention_and_forwards(tiny, loops, tiles):
     model = tiny.wan()
-    handle = li.apply(model, threshold=THRESHOLD, block_size=tiles, profile=True)
+    handle = li.apply(model, threshold=THRESHOLD, block_size=tiles, timing=True)
     loops.wan(model, steps=2)
     summary = handle.summary()
     assert all(c.attention_ms is not None and c.attention_ms > 0 for c in summary.calls)
