@@ -56,7 +56,7 @@ def _outside_inference_mode(state: SkipState) -> SkipState:
         return state
     copy = SkipState(state.kv_num_blocks.clone(), state.kv_indices.clone(), state.seq_len_q, state.seq_len_k,
                      state.block_m, state.block_n, state.calls, _trusted=True)
-    return copy._mark_fresh() if state.is_fresh() else copy
+    return copy._marked_fresh() if state.is_fresh() else copy
 
 
 def lite_attention(
@@ -135,20 +135,20 @@ def lite_attention(
             spare_counts, spare_indices = state.next_buffers()
             counts, indices = spare_counts.copy_(counts), spare_indices.copy_(indices)
     else:
+        from .kernels.common import FULL_WALK, LIST_WALK, KernelCall
         from .kernels.op import run_forward
 
         counts, indices = state.next_buffers() if write else (state.kv_num_blocks, state.kv_indices)
-        out, lse = run_forward(
+        out, lse = run_forward(KernelCall(
             qh, kh, vh, state.kv_num_blocks, state.kv_indices, counts, indices,
             tile_protection(ranges, seq_q, state.block_m, q.device),
             tile_protection(ranges, seq_k, state.block_n, q.device),
             scale, threshold, state.block_m, state.block_n,
-            # A fresh state (every list ascending and full) is walked like dense attention when nothing can
-            # be marked; with detection on, the list specialization walks it (full rows ascend there too,
-            # whatever the list holds), which was 1.5-5 % faster than the dense one at 75k-119k tokens
-            # (KERNEL_NOTES v10).
-            not enabled or (state.is_fresh() and not write), write, return_lse,
-        )
+            # A fresh state (every list ascending and full) is walked in full, like dense attention, when nothing
+            # can be marked; with detection on, the list walk takes it (full rows ascend there too, whatever the
+            # list holds), which was 1.5-5 % faster than the full walk at 75k-119k tokens (lab/kernel-notes.md v10).
+            FULL_WALK if not enabled or (state.is_fresh() and not write) else LIST_WALK, write, return_lse,
+        ))
     next_state = state.advanced(counts, indices) if write else state
     out = out.transpose(1, 2) if layout == "bshd" else out
     return (out, lse, next_state) if return_lse else (out, next_state)

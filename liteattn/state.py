@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -59,8 +60,13 @@ class SkipState:
     device holding values (not ``meta``). The kernel trusts the lists it reads
     (an index out of range would read another head's memory), and a state the
     library writes is valid by construction, so the calls themselves check
-    nothing and never sync the device for it; a state edited in place after it
-    was built can be checked again with :meth:`validate`.
+    nothing and never sync the device for it.
+
+    States are values: do not edit a state's tensors in place, build a new
+    state from the edited tensors (the constructor, :meth:`from_dense`). The
+    library only writes a state's spare pair and returns the result as a new
+    state; what it knows about a state (it was checked; it is fresh, below) is
+    not re-derived from the tensors, so an in-place edit can go unseen.
     ``H`` is the number of *query* heads: GQA/MQA groups share K/V tiles but
     every query head keeps its own skip set.
 
@@ -68,9 +74,12 @@ class SkipState:
     marked, and a tile's score is measured against the running row maximum of
     the tiles visited before it. A fresh state visits tiles in ascending order
     and marking preserves the order of the survivors. A *full* row (every key
-    tile active) is always visited in ascending order, whatever its list holds,
-    and a fresh state (:meth:`full`) called with nothing to mark is walked by
-    address like dense attention.
+    tile active) is always visited in ascending order, whatever its list holds.
+    A *fresh* state (:meth:`full`, :meth:`refill_`, and their :meth:`clone` /
+    :meth:`to` copies; :meth:`is_fresh`) has every list full and ascending, so a
+    call on it with nothing to mark runs the kernel's *full walk*: every key
+    tile by position, no list read, like dense attention. Every other state
+    runs the *list walk*, which gives the same result on full lists.
 
     The skip set only grows: a call's next state is its current list minus
     the tiles it marked.
@@ -84,13 +93,16 @@ class SkipState:
     block_n: int
     calls: int = 0  # how many attention calls produced this state since it was created
     _spare: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
-    # Set by full(): the tensors' version counters at creation. While they are unchanged every list is
-    # [0, 1, ..., KT-1], so a call that marks nothing may walk tiles by address like dense attention
-    # (known without a device sync). Any in-place edit, and every kernel write, bumps a counter.
-    _fresh_versions: tuple[int, int] | None = field(default=None, repr=False)
     # Set by the library's own builders (full, clone, to, advanced, ...), whose lists are valid by construction:
     # they skip the content check, which reads the whole state (and syncs a GPU).
     _trusted: bool = field(default=False, repr=False)
+    # Set by full() and refill_() (and kept by clone() and to()): every list is [0, 1, ..., KT-1], known without
+    # reading the tensors (a device sync). Not an argument, so a state built from tensors, or with
+    # dataclasses.replace, never is; cleared when a call is about to write the state's buffers (next_buffers()).
+    _fresh: bool = field(default=False, init=False, repr=False)
+    # The state whose buffers are this state's spare pair (set by advanced(); weak: a chain of states must not
+    # keep every earlier state object alive).
+    _spare_owner: weakref.ref | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "seq_len_q", "seq_len_k"):
@@ -220,7 +232,7 @@ class SkipState:
         counts = torch.full((batch, heads, qt), kt, dtype=torch.int32, device=device)
         order = torch.arange(kt, dtype=torch.int16, device=device)
         indices = order.expand(batch, heads, qt, kt).contiguous()
-        return cls(counts, indices, seq_len_q, seq_len_k, block_m, block_n, _trusted=True)._mark_fresh()
+        return cls(counts, indices, seq_len_q, seq_len_k, block_m, block_n, _trusted=True)._marked_fresh()
 
     @classmethod
     def from_dense(
@@ -292,28 +304,26 @@ class SkipState:
         """An independent copy (its own buffers), e.g. to keep a snapshot."""
         copy = SkipState(self.kv_num_blocks.clone(), self.kv_indices.clone(), self.seq_len_q, self.seq_len_k,
                          self.block_m, self.block_n, self.calls, _trusted=True)
-        return copy._mark_fresh() if self.is_fresh() else copy
+        return copy._marked_fresh() if self.is_fresh() else copy
 
     def to(self, device: torch.device | str) -> "SkipState":
         """A copy on ``device``; the original is untouched."""
         moved = SkipState(self.kv_num_blocks.to(device, copy=True), self.kv_indices.to(device, copy=True),
                           self.seq_len_q, self.seq_len_k, self.block_m, self.block_n, self.calls, _trusted=True)
-        return moved._mark_fresh() if self.is_fresh() else moved
+        return moved._marked_fresh() if self.is_fresh() else moved
 
-    def _mark_fresh(self) -> "SkipState":
-        # Inference-mode tensors track no versions: such a state is walked as a list (same result), as is
-        # any state under torch.compile (is_fresh is False while tracing).
-        if torch.compiler.is_compiling():
-            return self
-        if not (self.kv_num_blocks.is_inference() or self.kv_indices.is_inference()):
-            self._fresh_versions = (self.kv_num_blocks._version, self.kv_indices._version)
+    def _marked_fresh(self) -> "SkipState":
+        # Not while torch.compile traces: a state made in a compiled region is walked as a list (same result).
+        if not torch.compiler.is_compiling():
+            self._fresh = True
         return self
 
     def is_fresh(self) -> bool:
-        """True for a state from :meth:`full` that nothing has written since (every list full, ascending)."""
-        if self._fresh_versions is None or torch.compiler.is_compiling():
-            return False
-        return (self.kv_num_blocks._version, self.kv_indices._version) == self._fresh_versions
+        """True for a state from :meth:`full` or :meth:`refill_` (or a copy of one) whose buffers no call has
+        written since: every list full and ascending. Such a state is walked in full when nothing can
+        be marked (see the class docstring). False while ``torch.compile`` traces, so that a compiled graph does
+        not depend on which state object it was traced with (the list walk gives the same result)."""
+        return self._fresh and not torch.compiler.is_compiling()
 
     def refill_(self) -> "SkipState":
         """Every key tile active again, in ascending order, in this state's own buffers; returns ``self``.
@@ -326,11 +336,18 @@ class SkipState:
         self.kv_num_blocks.fill_(kt)
         self.kv_indices.copy_(torch.arange(kt, dtype=torch.int16, device=self.device).expand_as(self.kv_indices))
         self.calls = 0
-        return self._mark_fresh()
+        return self._marked_fresh()
 
     # ------------------------------------------------------------------ double buffering
     def next_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The spare (counts, indices) pair the next call writes into."""
+        """The spare (counts, indices) pair the next call writes into.
+
+        Asked for by a call that is about to write them: the state whose buffers they are (the one this state
+        advanced from) stops being fresh here, so a later call on it reads its lists.
+        """
+        owner = self._spare_owner() if self._spare_owner is not None else None
+        if owner is not None:
+            owner._fresh = False
         if self._spare is None:
             self._spare = (torch.empty_like(self.kv_num_blocks), torch.empty_like(self.kv_indices))
         return self._spare
@@ -340,10 +357,13 @@ class SkipState:
 
         The returned state keeps this state's buffers as its spare, so this
         object must not be used again after the returned one is passed to
-        another call (take a :meth:`clone` to keep it).
+        another call (take a :meth:`clone` to keep it): that call writes this
+        state's buffers (this state then stops being fresh).
         """
-        return SkipState(counts, indices, self.seq_len_q, self.seq_len_k, self.block_m, self.block_n,
-                         self.calls + 1, _spare=(self.kv_num_blocks, self.kv_indices), _trusted=True)
+        nxt = SkipState(counts, indices, self.seq_len_q, self.seq_len_k, self.block_m, self.block_n,
+                        self.calls + 1, _spare=(self.kv_num_blocks, self.kv_indices), _trusted=True)
+        nxt._spare_owner = weakref.ref(self)
+        return nxt
 
     # ------------------------------------------------------------------ printing
     def to_string(self, grid: tuple[int, int] = (16, 32), batch: int = 0, head: int = 0) -> str:

@@ -343,17 +343,17 @@ def test_torch_compile_triton_custom_op(fullgraph, local_qkv, kernel_device, fre
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # interpreter noise
 def test_kernel_walk_and_eager_launch(local_qkv, kernel_device, gen, monkeypatch):
-    """A fresh state is walked as dense attention only when nothing can be marked: with detection on, the
-    list specialization walks it (measured faster on Hopper). Eager calls launch without the custom op."""
+    """A fresh state is walked in full (every tile by position) only when nothing can be marked: with detection
+    on, the list walk takes it (measured faster on Hopper). Eager calls launch without the custom op."""
     pytest.importorskip("triton")
     import liteattn.kernels.op as op
 
     launched = []
     real = op.lite_attention_fwd
 
-    def spy(*args):
-        launched.append(args[13:15])  # (dense, write_state)
-        return real(*args)
+    def spy(call):
+        launched.append((call.walk, call.write_state))
+        return real(call)
 
     def no_op(*args):
         raise AssertionError("an eager call went through the custom op")
@@ -366,7 +366,7 @@ def test_kernel_walk_and_eager_launch(local_qkv, kernel_device, gen, monkeypatch
     out_detect, nxt = lite_attention(q, k, v, fresh, threshold=-3.0, **kw)
     out_none, same = lite_attention(q, k, v, fresh, threshold=-math.inf, **kw)
     out_off, _ = lite_attention(q, k, v, fresh, enabled=False, **kw)
-    assert launched == [(False, True), (True, False), (True, False)]
+    assert launched == [("list", True), ("full", False), ("full", False)]
     assert same is fresh and nxt is not fresh
     for out in (out_detect, out_none):  # nothing is skipped on the first step: all three are dense attention
         torch.testing.assert_close(out, out_off, rtol=0, atol=2e-3)
@@ -375,7 +375,8 @@ def test_kernel_walk_and_eager_launch(local_qkv, kernel_device, gen, monkeypatch
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # interpreter noise
 def test_kernel_writes_end_a_states_freshness(local_qkv, kernel_device, gen):
     """The second call after a fresh state writes its next list into that state's buffers (double buffering):
-    the state must then stop counting as fresh, or a later call would walk it densely."""
+    the state must then stop counting as fresh, or a later call would walk every tile although its lists
+    changed."""
     pytest.importorskip("triton")
     q, k, v = (x.half().to(kernel_device) for x in local_qkv(1, 64, 2, 2, 32, generator=gen))
     s0 = SkipState.full(1, 2, 64, 64, 16, 16, kernel_device)
@@ -388,12 +389,13 @@ def test_kernel_writes_end_a_states_freshness(local_qkv, kernel_device, gen):
 
 
 def test_first_call_under_inference_mode(local_qkv, dense_attention, gen):
-    """A state created in inference mode has no version counters; it is walked as a list, same result."""
+    """A state created in inference mode is fresh like any other (freshness is the state's own flag, not the
+    tensors' version counters, which inference tensors lack): walked in full, dense attention's result."""
     q, k, v = local_qkv(1, 40, 2, 2, 16, generator=gen)
     with torch.inference_mode():
         out, state = lite_attention(q, k, v, layout="bhsd", threshold=-math.inf, block_size=(16, 16))
         again, _ = lite_attention(q, k, v, SkipState.full(1, 2, 40, 40, 16, 16), layout="bhsd", threshold=-3.0)
-    assert not state.is_fresh()
+    assert state.is_fresh()
     want, _, _ = dense_attention(q, k, v)
     torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
     torch.testing.assert_close(again.double(), want, rtol=0, atol=1e-5)

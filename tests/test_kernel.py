@@ -170,26 +170,26 @@ def test_non_contiguous_state(gen, local_qkv, random_tile_mask, kernel_device):
     torch.testing.assert_close(out.cpu().float(), want.float(), rtol=0, atol=6e-3)
 
 
-def test_edited_fresh_state_is_honoured(gen, local_qkv, kernel_device):
+def test_a_state_built_from_edited_lists_is_walked_as_a_list(gen, local_qkv, kernel_device):
+    """States are values: edited lists go into a new state, which is not fresh however its lists came about, so a
+    call that marks nothing reads its lists (list walk) instead of walking every tile (full walk)."""
     q, k, v = (x.half() for x in local_qkv(1, 64, 1, 1, 32, generator=gen))
-
-    def edited():
-        state = SkipState.full(1, 1, 64, 64, 16, 16)
-        state.kv_num_blocks[..., 0] = 1  # query tile 0 keeps only key tile 0
-        return state
-
-    want, _ = lite_attention(q, k, v, edited(), threshold=float("-inf"), layout="bhsd", backend="torch")
-    out, _ = lite_attention(*(x.to(kernel_device) for x in (q, k, v)), edited().to(kernel_device),
+    full = SkipState.full(1, 1, 64, 64, 16, 16)
+    counts = full.kv_num_blocks.clone()
+    counts[..., 0] = 1  # query tile 0 keeps only key tile 0
+    edited = SkipState(counts, full.kv_indices.clone(), 64, 64, 16, 16)
+    assert full.is_fresh() and not edited.is_fresh()
+    want, _ = lite_attention(q, k, v, edited.clone(), threshold=float("-inf"), layout="bhsd", backend="torch")
+    out, _ = lite_attention(*(x.to(kernel_device) for x in (q, k, v)), edited.to(kernel_device),
                             threshold=float("-inf"), layout="bhsd", backend="triton")
     torch.testing.assert_close(out.cpu().float(), want.float(), rtol=0, atol=6e-3)
+    dense, _ = lite_attention(q, k, v, full, threshold=float("-inf"), layout="bhsd", backend="torch")
+    assert (dense[:, :, :16] - want[:, :, :16]).abs().max() > 0.1, "the edit must change the output it checks"
 
 
-@pytest.mark.parametrize("flag_words", [True, False])
-def test_detection_flag_variants_match_reference(flag_words, monkeypatch, gen, local_qkv, shuffled_state, check):
-    """Both ways of recording detection flags (32-tile words with atomics, per-tile stores) agree with the
-    reference on a list longer than one 32-tile word, with full and partial rows."""
-    import liteattn.kernels.forward as forward
-    monkeypatch.setattr(forward, "FLAG_WORDS", flag_words)
+def test_detection_words_over_lists_longer_than_a_word(gen, local_qkv, shuffled_state, check):
+    """The detection bits (32 tiles per word, merged with atomics) agree with the reference on a list longer than
+    one 32-tile word, with full and partial rows."""
     q, k, v = (x.half() for x in local_qkv(1, 75, 2, 1, 32, seq_len_k=1100, generator=gen))
     mask = torch.ones(1, 2, 5, 69, dtype=torch.bool)
     mask[0, 1, 2, 40:] = False  # a partial list next to full ones
@@ -204,22 +204,25 @@ def test_every_tuned_config_matches_reference(head_dim, monkeypatch, gen, local_
     """Each (num_warps, num_stages) the autotuner may pick gives the reference's output and state.
 
     Default tile sizes, a ragged sequence and a shuffled partial list; on a GPU this runs every config of
-    the tuning space, in the interpreter its single config. On Hopper the Triton kernel is forced (the
-    warp-specialized kernel has its own tests).
+    the tuning space, in the interpreter its single config. On Hopper the calls pass the portable kernel's spec
+    (the warp-specialized kernel has its own tests).
     """
-    import liteattn.kernels.forward as forward
-    from liteattn.kernels import default_block_sizes
+    import liteattn.kernels.op as op
+    import liteattn.kernels.portable as portable
+    from liteattn.kernels import default_block_sizes, dispatch
 
-    monkeypatch.setattr(forward, "SM90_KERNEL", False)
+    launch = op.lite_attention_fwd
+    monkeypatch.setattr(op, "lite_attention_fwd",
+                        lambda call: launch(call, spec=dispatch.portable_spec(dispatch.spec_for(call))))
 
     bm, bn = default_block_sizes(head_dim)
     q, k, v = (x.half() for x in local_qkv(1, 300, 2, 1, head_dim, seq_len_k=700, generator=gen))
     mask = torch.ones(1, 2, -(-300 // bm), -(-700 // bn), dtype=torch.bool)
     mask[0, 1, 1, 2:] = False
     state = shuffled_state(SkipState.from_dense(mask, 300, 700, bm, bn), generator=gen)
-    kernel = forward._lite_attention_fwd
+    kernel = portable._lite_attention_fwd
     ran = 0
-    for config in forward._autotune_configs():
+    for config in portable.autotune_configs():
         monkeypatch.setattr(kernel, "configs", [config])
         kernel.cache.clear()
         try:
@@ -248,21 +251,3 @@ def test_empty_list_attends_to_nothing(gen, local_qkv, check, kernel_device):
     rows = slice(32, 48)
     assert torch.equal(out[0, rows, 1].float().cpu(), torch.zeros(16, 32))
     assert torch.isneginf(lse[0, 1, rows].cpu()).all()
-
-
-def test_device_capability_is_asked_once_per_gpu(monkeypatch):
-    """Every launch checks the compute capability; torch is asked once per GPU index, and a device without an
-    index means the current one (checked on the CPU: torch's lookup is replaced by a counter)."""
-    import liteattn.kernels.forward as fwd
-
-    asked = []
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: asked.append(index) or (9, index))
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    fwd._capability.cache_clear()
-    try:
-        for _ in range(3):
-            assert fwd.device_capability(torch.device("cuda", 0)) == (9, 0)
-            assert fwd.device_capability(torch.device("cuda")) == (9, 1)
-        assert asked == [0, 1]
-    finally:
-        fwd._capability.cache_clear()  # the real lookup for later tests

@@ -5,6 +5,7 @@ TMA descriptors a Hopper would use)."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 import warnings
 from pathlib import Path
@@ -15,9 +16,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-import liteattn.kernels.forward as fwd  # noqa: E402
 from liteattn import SkipState  # noqa: E402
-from liteattn.kernels import _gluon  # noqa: E402
+from liteattn.kernels import _gluon, dispatch  # noqa: E402
+from liteattn.kernels.common import KernelCall  # noqa: E402
 from liteattn.reference import lite_attention_reference  # noqa: E402
 from liteattn.state import tile_protection  # noqa: E402
 
@@ -28,12 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def fresh_module_lookup():
-    """The module lookups are cached per process (their warning is printed once): start and end uncached."""
-    fwd._hopper_module.cache_clear()
-    fwd._persistent_module.cache_clear()
+    """The module lookup and the specs are cached per process (the lookup's warning is printed once): start and end
+    uncached."""
+    cached = (dispatch.sm90_module, dispatch.resolve)  # a test may replace the lookup: clear the real ones
+    for fn in cached:
+        fn.cache_clear()
     yield
-    fwd._hopper_module.cache_clear()
-    fwd._persistent_module.cache_clear()
+    for fn in cached:
+        fn.cache_clear()
 
 
 @pytest.mark.parametrize("version,tested", [("3.5.1", False), ("3.6.0", True), ("3.7.1", True), ("3.8.0", True),
@@ -76,28 +79,41 @@ def test_untested_triton_runs_the_portable_kernel_after_one_warning(monkeypatch,
     monkeypatch.setattr(_gluon, "tested", lambda version=None: False)
     with pytest.warns(RuntimeWarning, match=r"Hopper \(sm90\) kernel is not used: Triton .* is outside the "
                                             r"releases it is tested with \(3\.6 to 3\.9\.x\)") as seen:
-        assert fwd._hopper_module() is None
-        assert fwd._persistent_module() is None
-        assert fwd._hopper_module() is None
+        assert dispatch.sm90_module() is None
+        assert dispatch.resolve(("cuda", (9, 0)), torch.bfloat16, 128, 128, 128, "list").backend == "triton"
+        assert dispatch.sm90_module() is None
     assert len([w for w in seen if w.category is RuntimeWarning]) == 1
+    # Off Hopper the module is not even asked for: other GPUs run the portable kernel by design, without a warning.
+    dispatch.sm90_module.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert dispatch.resolve(("cuda", (8, 0)), torch.bfloat16, 128, 128, 128, "list").backend == "triton"
 
 
 def _inputs(gen):
-    q = torch.randn(1, 2, 70, 32, generator=gen).half()
-    k, v = (torch.randn(1, 1, 70, 32, generator=gen).half() for _ in range(2))
-    state = SkipState.full(1, 2, 70, 70, 16, 16)
-    prot = tile_protection([], 70, 16, torch.device("cpu"))
+    q = torch.randn(1, 2, 300, 32, generator=gen).half()
+    k, v = (torch.randn(1, 1, 300, 32, generator=gen).half() for _ in range(2))
+    state = SkipState.full(1, 2, 300, 300, 128, 128)
+    prot = tile_protection([], 300, 128, torch.device("cpu"))
     return q, k, v, state, prot
+
+
+def _sm90_spec():
+    """The sm90 kernel's spec for a Hopper GPU, with index order: a CPU has no L2 size to apply the rule to."""
+    spec = dispatch.resolve(("cuda", (9, 0)), torch.float16, 128, 128, 128, "list")
+    assert spec.backend == "sm90", spec
+    return dataclasses.replace(spec, work_order="index")
 
 
 def _run(q, k, v, state, prot):
     counts, indices = state.next_buffers()
-    out, lse = fwd.lite_attention_fwd(q, k, v, state.kv_num_blocks, state.kv_indices, counts, indices, prot, prot,
-                                      32 ** -0.5, -2.0, 16, 16, False, True, True, use_tma=True)
+    call = KernelCall(q, k, v, state.kv_num_blocks, state.kv_indices, counts, indices, prot, prot, 32 ** -0.5, -2.0,
+                      128, 128, "list", True, True)
+    out, lse = dispatch.lite_attention_fwd(call, spec=_sm90_spec())
     return out, lse, (counts.clone(), indices.clone())
 
 
-def test_a_gluon_build_failure_runs_the_portable_kernel(monkeypatch, gen):
+def test_a_gluon_build_failure_runs_the_portable_kernel(monkeypatch, gen, fresh_module_lookup):
     """A Hopper call whose Gluon kernel fails to compile (here: the removed-API error of Triton 3.9, which a
     version gate would let through if the names moved again) gives the portable kernel's result, with one
     warning; later calls go straight to the portable kernel without trying to build again."""
@@ -110,11 +126,8 @@ def test_a_gluon_build_failure_runs_the_portable_kernel(monkeypatch, gen):
         raise CompilationError(None, ast.parse("x").body[0],
                                "async_copy_global_to_shared has been removed; call async_load instead")
 
-    fake = SimpleNamespace(supports=lambda q, k, bm, bn: True, launch=launch)
-    monkeypatch.setattr(fwd, "_on_hopper", lambda q: True)
-    monkeypatch.setattr(fwd, "_hopper_module", lambda: fake)
-    monkeypatch.setattr(fwd, "SM90_PERSISTENT", False)
-    monkeypatch.setattr(fwd, "_GLUON_BUILD_FAILED", {})
+    monkeypatch.setattr(dispatch, "sm90_module", lambda: SimpleNamespace(launch=launch))
+    monkeypatch.setattr(dispatch, "_GLUON_BUILD_FAILED", {})
     q, k, v, state, prot = _inputs(gen)
     with pytest.warns(RuntimeWarning, match=rf"Triton {re.escape(triton.__version__)} failed to build it "
                                             r"\(CompilationError: .*async_copy_global_to_shared") as seen:
@@ -130,15 +143,13 @@ def test_a_gluon_build_failure_runs_the_portable_kernel(monkeypatch, gen):
     assert attempts == [1] and torch.equal(again, out)
 
 
-def test_a_launch_error_is_not_taken_for_a_build_failure(monkeypatch, gen):
+def test_a_launch_error_is_not_taken_for_a_build_failure(monkeypatch, gen, fresh_module_lookup):
     """A CUDA error of the launch itself (an illegal address, a sticky error) is raised, not hidden behind a
     second kernel."""
     def launch(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(fwd, "_on_hopper", lambda q: True)
-    monkeypatch.setattr(fwd, "_hopper_module", lambda: SimpleNamespace(supports=lambda *a: True, launch=launch))
-    monkeypatch.setattr(fwd, "SM90_PERSISTENT", False)
-    monkeypatch.setattr(fwd, "_GLUON_BUILD_FAILED", {})
+    monkeypatch.setattr(dispatch, "sm90_module", lambda: SimpleNamespace(launch=launch))
+    monkeypatch.setattr(dispatch, "_GLUON_BUILD_FAILED", {})
     with pytest.raises(RuntimeError, match="illegal memory access"):
         _run(*_inputs(gen))

@@ -8,7 +8,7 @@ one source builds with every release in :data:`TESTED` and the kernels carry no 
 
 A Triton outside :data:`TESTED` is not trusted with the Gluon kernels (their barrier and memory-ordering
 arguments were checked in the code each tested release generates): calls then run the portable Triton kernel,
-which has the same tile semantics, after one warning (:func:`liteattn.kernels.forward.lite_attention_fwd`).
+which has the same tile semantics, after one warning (:func:`liteattn.kernels.dispatch.lite_attention_fwd`).
 """
 from __future__ import annotations
 

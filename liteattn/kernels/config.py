@@ -13,9 +13,9 @@ SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 16))
 def default_block_sizes(head_dim: int) -> tuple[int, int]:
     """(block_m, block_n) query/key tile sizes for a head_dim.
 
-    Chosen by measured throughput on Hopper (KERNEL_NOTES.md): 128x128 at
+    Chosen by measured throughput on Hopper (lab/kernel-notes.md): 128x128 at
     head_dim 64 and 128, which the warp-specialized persistent kernel
-    (:mod:`liteattn.kernels.hopper_persistent`) runs at or above cuDNN's speed
+    (:mod:`liteattn.kernels.sm90`) runs at or above cuDNN's speed
     dense and closest to linear when sparse (128x64 would suit the plain Triton
     loop on other GPUs better, v1, but the state's tiles must not depend on the
     GPU); 64x128 below 64 and 128x64 for the other head_dims up to 128, which

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .forward import lite_attention_fwd
+from .common import FULL_WALK, LIST_WALK, KernelCall
+from .dispatch import lite_attention_fwd
 
 
 @torch.library.custom_op("liteattn::forward", mutates_args=("next_num_blocks", "next_indices"))
@@ -19,14 +20,14 @@ def lite_attention_op(
     next_num_blocks: torch.Tensor, next_indices: torch.Tensor,
     q_protect: torch.Tensor, k_protect: torch.Tensor,
     scale: float, threshold: float, block_m: int, block_n: int,
-    dense: bool, write_state: bool, return_lse: bool,
+    full_walk: bool, write_state: bool, return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return lite_attention_fwd(q, k, v, kv_num_blocks, kv_indices, next_num_blocks, next_indices,
-                              q_protect, k_protect, scale, threshold, block_m, block_n,
-                              dense, write_state, return_lse)
+    return lite_attention_fwd(KernelCall(q, k, v, kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect,
+                                         k_protect, scale, threshold, block_m, block_n,
+                                         FULL_WALK if full_walk else LIST_WALK, write_state, return_lse))
 
 
-def run_forward(*args) -> tuple[torch.Tensor, torch.Tensor]:
+def run_forward(call: KernelCall) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel launch: through the custom op while ``torch.compile`` traces or autograd records, directly
     otherwise.
 
@@ -35,15 +36,18 @@ def run_forward(*args) -> tuple[torch.Tensor, torch.Tensor]:
     s = 0.9, comparable to the kernel (0.38 ms at head_dim 64): the GPU then waits on Python. What the
     op adds besides is kept: inputs that require grad still go through it (so ``backward`` says there is
     no gradient instead of the graph silently ending here), and the written state buffers get their
-    version counters bumped as a declared mutation would (``SkipState.is_fresh`` relies on them).
+    version counters bumped as the op's declared mutation would, so eager and traced calls look alike to code
+    that checks versions.
     """
-    q, k, v = args[:3]
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                                                      or v.requires_grad)):
-        return lite_attention_op(*args)
-    result = lite_attention_fwd(*args)
-    if args[14]:  # write_state: the spare (counts, indices) pair was written
-        for written in args[5:7]:
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (call.q.requires_grad or call.k.requires_grad
+                                                                      or call.v.requires_grad)):
+        return lite_attention_op(call.q, call.k, call.v, call.kv_num_blocks, call.kv_indices, call.next_num_blocks,
+                                 call.next_indices, call.q_protect, call.k_protect, call.scale, call.threshold,
+                                 call.block_m, call.block_n, call.walk == FULL_WALK, call.write_state,
+                                 call.return_lse)
+    result = lite_attention_fwd(call)
+    if call.write_state:  # the spare (counts, indices) pair was written
+        for written in (call.next_num_blocks, call.next_indices):
             if not written.is_inference():
                 torch.autograd.graph.increment_version(written)
     return result
@@ -51,7 +55,7 @@ def run_forward(*args) -> tuple[torch.Tensor, torch.Tensor]:
 
 @lite_attention_op.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect, k_protect,
-      scale, threshold, block_m, block_n, dense, write_state, return_lse):
+      scale, threshold, block_m, block_n, full_walk, write_state, return_lse):
     bsz, nheads, seq_q, _ = q.shape
     lse_shape = (bsz, nheads, seq_q) if return_lse else (0,)
     return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)

@@ -1,0 +1,607 @@
+"""The Hopper (sm90) kernel: warp-specialized, one persistent program per SM, written in Gluon (Triton's
+explicit-layout dialect).
+
+Same tile semantics as the portable kernel (:mod:`.portable`): a query tile walks its key tiles (the list, or every
+tile by position in the full walk), marks the negligible ones and compacts the survivors into the next list. It is
+scheduled the way FlashAttention-3 schedules Hopper, because the plain Triton loop runs one warpgroup at its
+register limit and cannot overlap the softmax with tensor-core work (lab/kernel-notes.md, v5-v7). Each program
+keeps three partitions alive over many work items (query tile x batch*head):
+
+- a one-warp *producer* claims the next item from a global counter (heads in sequence, a head's query tiles in
+  index order or, with ``USE_ORDER``, longest list first), loads the item's Q into one of two buffers and streams
+  its K and V tiles by TMA into a ring of shared-memory stages guarded by mbarriers ("ready" when the bytes landed,
+  "empty" when both consumers are done with them). It reads the next list entry one tile ahead, keeps the ring full
+  across the item boundary, and between two copies compacts the previous item's survivors into the next list, 32
+  entries at a time, while it would otherwise wait for a free stage;
+- two *consumer* partitions (one warpgroup, 64 query rows each) issue tile t's Q·Kᵀ wgmma before the softmax of
+  tile t, which then runs while P·V of tile t-1 is in flight; with ``PINGPONG`` the two take turns issuing their
+  products, so one's softmax overlaps the other's tensor-core work. Each row ORs its detection bit of 32 tiles into
+  a register word merged with atomics (as the portable kernel); each consumer normalises its rows and stores them
+  through the Q buffer it just finished, released once the next item's Q has arrived;
+- register budgets are split (``setmaxnreg``): the producer keeps few registers and the consumers get the rest,
+  so the detection bits cost no spills.
+
+Ordering within a consumer partition: its four warps issue the detection atomics and the two halves of the output
+store, but one thread arrives on ``flags_bars`` and ``q_empty``; Triton precedes every ``mbarrier.arrive`` of a
+multi-warp partition with a barrier over that partition's warps, which is what makes all warps' atomics and store
+reads complete before the arrive (checked in the PTX of every tested Triton, tests/test_hopper_kernel.py).
+
+Descriptors are built on the host over the whole ``(B, H, S, D)`` tensors (rank-4 TMA), so a program addresses any
+head without creating descriptors on the device. Which settings a call uses (ring depth, registers, turn-taking,
+row-max tree, lane sums, work order, program count) is :mod:`liteattn.kernels.dispatch`'s decision, carried by its
+:class:`~liteattn.kernels.dispatch.KernelSpec`; this module only launches it.
+"""
+from __future__ import annotations
+
+import functools
+from types import MappingProxyType
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from ._gluon import tma_load, tma_store
+from .common import FULL_WALK, LOG2E, KernelCall, LaunchBuffers, sm_count
+
+__all__ = ["compile_offline", "launch"]
+
+# The producer's compaction: 32 list positions per step, one per lane of its single warp.
+ONE_WARP = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))
+
+
+@gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def _tile_at(idx_ptr, full_row, t, KT):
+    """The key tile visited ``t``-th: ``t`` on a full row, else the list's entry. ``t`` is clamped to the list's
+    buffer, so reading one entry ahead of the last one stays in bounds.
+
+    A full row's list is not read at all (a uniform branch instead of a load): the consumers' ragged-tile check
+    needs the index before each tile's scores and would otherwise wait for that load every tile (on an H200
+    full-row calls ran 0-1 % faster, lab/kernel-notes.md v12)."""
+    j = gl.to_tensor(t)
+    if not full_row:
+        j = gl.load(idx_ptr + gl.minimum(t, KT - 1)).to(gl.int32)
+    return j
+
+
+@gluon.jit
+def _copy_when_free(desc, coord, ready, empty, dst, phase):
+    """TMA-copy one tile into a ring stage once both consumers released it (``phase``: the pass over the ring).
+
+    A fresh mbarrier is in phase 0, and waiting on parity 1 (the phase before it) returns at once: the first
+    pass over the ring does not wait."""
+    mbarrier.wait(empty, phase ^ 1)
+    mbarrier.expect(ready, desc.block_type.nbytes)
+    tma_load(desc, coord, ready, dst)
+
+
+@gluon.jit
+def _row_max(s, TREE: gl.constexpr, s_layout: gl.constexpr):
+    """Row maxima of a score tile; with ``TREE`` each thread's columns are folded as a tree, not as one chain.
+
+    Why: the softmax cannot start its exp2s before the max, and Triton folds a thread's columns of a row (32 at
+    128-wide tiles) as one chain of dependent FMNMX (31 deep); halving the columns twice first (16 + 8
+    independent FMNMX) leaves a chain of 7, for the same instruction count (at 64-wide tiles: 8 + 4, then 3)."""
+    if not TREE:
+        return gl.max(s, axis=1)
+    ROWS: gl.constexpr = s.shape[0]
+    N: gl.constexpr = s.shape[1]
+    x = gl.max(gl.reshape(s, [ROWS, 2, N // 2]), axis=1)
+    x = gl.max(gl.reshape(x, [ROWS, 2, N // 4]), axis=1)
+    return gl.convert_layout(gl.max(x, axis=1), gl.SliceLayout(1, s_layout), assert_trivial=True)
+
+
+@gluon.jit
+def _lane_sums(p, LANE_SUMS: gl.constexpr):
+    """Per-lane partial row sums of a P tile: shape (ROWS, 4), the four lanes that share a row in the wgmma
+    layout each keep the sum of their own columns; or with ``LANE_SUMS`` off, full row sums (ROWS,).
+
+    Why: a full row sum costs two shuffles and two adds per row and tile on top of the 31 in-thread adds; the
+    row sum is only needed at the end, and the partials are rescaled by the same factor as the full sum, so
+    the lanes are added once per query tile instead (FlashAttention-3 does the same)."""
+    if LANE_SUMS:
+        ROWS: gl.constexpr = p.shape[0]
+        N: gl.constexpr = p.shape[1]
+        # Column c = 8 k + 2 lane + e in the wgmma accumulator layout: k and e are register bits, lane the lane
+        # within the row's quad. Summing over k and e stays inside the thread.
+        sums = gl.sum(gl.sum(gl.reshape(p, [ROWS, N // 8, 4, 2]), axis=3), axis=1)
+    else:
+        sums = gl.sum(p, axis=1)
+    return sums
+
+
+@gluon.jit
+def _rescaled_sums(l_i, alpha, part, LANE_SUMS: gl.constexpr):
+    """``l_i * alpha + part`` for full row sums or lane partials (``alpha`` is per row)."""
+    if LANE_SUMS:
+        alpha = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, part.type.layout), assert_trivial=True), 1)
+    return l_i * alpha + part
+
+
+@gluon.jit
+def _row_sums(l_i, row_layout: gl.constexpr, LANE_SUMS: gl.constexpr):
+    """Full row sums from :func:`_lane_sums`' partials (the once-per-item quad reduction)."""
+    if LANE_SUMS:
+        l_i = gl.convert_layout(gl.sum(l_i, axis=1), row_layout, assert_trivial=True)
+    return l_i
+
+
+@gluon.jit
+def _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, threshold, SEQ_K, KT,
+            BLOCK_N: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, TREE_MAX: gl.constexpr,
+            s_layout: gl.constexpr):
+    """Online-softmax step on one raw score tile (the ``t``-th visited, key tile ``j``): mask, detection bits,
+    new max, P in fp32, row scale."""
+    if RAGGED_K:
+        if j == KT - 1:  # only the last key tile has columns past SEQ_K
+            cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where(gl.expand_dims(cols < SEQ_K, 0), s, float("-inf"))
+    tile_max = _row_max(s, TREE_MAX, s_layout) * qk_scale
+    if WRITE_STATE:
+        # Per row, bit (t % 32) says "this tile is not negligible for me"; merged across rows in memory
+        # once per 32 tiles (lab/kernel-notes.md, v5). Only a finite margin below the threshold finds the tile
+        # negligible: a -inf tile max or a non-finite running max decides nothing (see liteattn.reference).
+        margin = tile_max - m_i
+        negligible = (margin < threshold) & (margin > float("-inf"))
+        row_keep = (negligible == 0) & row_valid
+        bits = bits | (row_keep.to(gl.int32) << (t % 32))
+        if (t % 32 == 31) | (t == n_active - 1):
+            word_ptrs = flag_words + t // 32 + gl.zeros_like(bits)
+            gl.atomic_or(word_ptrs, bits, mask=bits != 0, sem="relaxed")
+            bits = gl.zeros_like(bits)
+    m_new = gl.maximum(m_i, tile_max)
+    # A row whose scores so far are all -inf subtracts 0, not -inf (-inf - -inf is NaN): its weights stay 0 and a
+    # later finite score counts as in dense attention.
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
+    alpha = gl.exp2(m_i - m_use)
+    return p, alpha, m_new, bits
+
+
+@gluon.jit
+def _compact_chunk(c, n_keep, state_off, pid_m, n_active, KV_IDX, NEXT_IDX, Q_PROT, K_PROT, FLAGS, NW, KT,
+                   BLOCK_C: gl.constexpr, c_layout: gl.constexpr):
+    """List positions ``c .. c+BLOCK_C-1`` of one query tile: append the survivors (flagged, first visited or
+    must-do; all of them where a consumer met a NaN or +inf score, :func:`_flag_nonfinite`) to the ``n_keep``
+    already written to the next list, in visiting order; returns the new count."""
+    offs_c = c + gl.arange(0, BLOCK_C, layout=c_layout)
+    in_range = offs_c < n_active
+    # Merged by the consumers' atomics at L2: read past L1.
+    words = gl.load(FLAGS + state_off * NW + offs_c // 32, mask=in_range, other=0, cache_modifier=".cg")
+    keep_all = gl.load(Q_PROT + pid_m).to(gl.int32) | gl.load(FLAGS + state_off * NW + NW - 1, cache_modifier=".cg")
+    flag = (words >> (offs_c % 32)) & 1
+    # A full row is visited in ascending order (the full walk, which reads no list, writes no state).
+    listed = gl.load(KV_IDX + state_off * KT + offs_c, mask=in_range, other=0).to(gl.int32)
+    ids = gl.where(n_active == KT, offs_c, listed)
+    protected = (gl.load(K_PROT + ids, mask=in_range, other=0).to(gl.int32) | keep_all) != 0
+    keep = in_range & ((flag != 0) | (offs_c == 0) | protected)
+    keep_i = keep.to(gl.int32)
+    pos = n_keep + gl.associative_scan(keep_i, 0, _add) - keep_i
+    gl.store(NEXT_IDX + state_off * KT + pos, ids.to(gl.int16), mask=keep)
+    return n_keep + gl.sum(keep_i, axis=0)
+
+
+@gluon.jit
+def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, g, idx_ptr, n_active,
+                  full_row, flag_words, row_valid, acc, m_i, qk_scale, threshold, SEQ_K, KT,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr,
+                  TURN: gl.constexpr, PINGPONG: gl.constexpr, TREE_MAX: gl.constexpr, LANE_SUMS: gl.constexpr,
+                  s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """One consumer's rows over a query tile's ``n_active`` (> 0) listed key tiles; returns acc, m, l.
+
+    Q·Kᵀ of tile t is issued before the softmax of tile t runs behind P·V of tile t-1 (FA3's
+    intra-warpgroup overlap). With ``PINGPONG``, two consumers take turns issuing their tensor-core work, so
+    one's softmax runs while the other's products do. Ring stages and barrier phases count from ``g``, the
+    tiles this program consumed before; every stage is released."""
+    ROWS: gl.constexpr = q_rows.shape[0]
+    dtype: gl.constexpr = q_rows.dtype
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    bits = gl.zeros([ROWS], gl.int32, layout=gl.SliceLayout(1, s_layout))
+    # Tile 0: no P·V to overlap yet.
+    stage = g % STAGES
+    if PINGPONG:
+        mbarrier.wait(turn_bars.index(TURN), (g & 1) ^ TURN ^ 1)
+    mbarrier.wait(k_ready.index(stage), (g // STAGES) & 1)
+    s_tok = warpgroup_mma(q_rows, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    if PINGPONG:
+        mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
+    j = 0
+    if RAGGED_K:  # only the ragged-tile check needs the tile's index
+        j = _tile_at(idx_ptr, full_row, 0, KT)
+    s = warpgroup_mma_wait(0, deps=(s_tok, ))
+    mbarrier.arrive(k_empty.index(stage), count=1)
+    p, alpha, m_i, bits = _scores(s, 0, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, threshold, SEQ_K,
+                                  KT, BLOCK_N, RAGGED_K, WRITE_STATE, TREE_MAX, s_layout)
+    l_part = _lane_sums(p, LANE_SUMS)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    for t in range(1, n_active):
+        gt = g + t
+        stage = gt % STAGES
+        prev = (gt - 1) % STAGES
+        j = t
+        if RAGGED_K:  # read tile t's list entry before the waits, not after the scores arrive
+            j = _tile_at(idx_ptr, full_row, t, KT)
+        if PINGPONG:  # consumer TURN issues its t-th products after the other one issued theirs
+            mbarrier.wait(turn_bars.index(TURN), (gt & 1) ^ TURN ^ 1)
+        mbarrier.wait(k_ready.index(stage), (gt // STAGES) & 1)
+        s_tok = warpgroup_mma(q_rows, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(prev), ((gt - 1) // STAGES) & 1)
+        o_tok = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
+        s = warpgroup_mma_wait(1, deps=(s_tok, ))
+        mbarrier.arrive(k_empty.index(stage), count=1)
+        p, alpha, m_i, bits = _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, threshold,
+                                      SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, TREE_MAX, s_layout)
+        l_part = _rescaled_sums(l_part, alpha, _lane_sums(p, LANE_SUMS), LANE_SUMS)
+        acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+        mbarrier.arrive(v_empty.index(prev), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+    last_g = g + n_active - 1
+    last = last_g % STAGES
+    mbarrier.wait(v_ready.index(last), (last_g // STAGES) & 1)
+    o_tok = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(o_tok, ))
+    mbarrier.arrive(v_empty.index(last), count=1)
+    return acc, m_i, _row_sums(l_part, gl.SliceLayout(1, s_layout), LANE_SUMS)
+
+
+@gluon.jit
+def _normalize(acc, m_i, l_i, o_layout: gl.constexpr):
+    """Output rows (acc / l) and their natural-log LSE: zero and -inf where nothing was attended (an empty list,
+    or every score -inf, as SDPA), NaN where the sum is NaN (a NaN or +inf score, as SDPA)."""
+    has_mass = l_i != 0  # True for NaN
+    safe_l = gl.where(has_mass, l_i, 1.0)
+    inv_l = gl.convert_layout(gl.where(has_mass, 1.0 / safe_l, 0.0), gl.SliceLayout(1, o_layout))
+    lse = gl.where(has_mass, (m_i + gl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
+    return acc * gl.expand_dims(inv_l, 1), lse
+
+
+@gluon.jit
+def _flag_nonfinite(flag_words, NW, l_i, row_valid):
+    """Rows whose sum is NaN met a NaN or +inf score: set the query tile's last flag word (one past its tile
+    bits), so the compaction keeps the whole list and no skip decision made from such scores is carried."""
+    bad = ((l_i != l_i) & row_valid).to(gl.int32)
+    gl.atomic_or(flag_words + (NW - 1) + gl.zeros_like(bad), bad, mask=bad != 0, sem="relaxed")
+
+
+@gluon.jit
+def _item(w, ORDER, KV_COUNT, H, GROUP, QT, KT, FULL_WALK: gl.constexpr, USE_ORDER: gl.constexpr):
+    """Work item ``w`` (heads in sequence, query tiles of a head in launch order) -> its coordinates."""
+    pid_bh = w // QT
+    if USE_ORDER:
+        pid_m = gl.load(ORDER + w)
+    else:
+        pid_m = w % QT
+    state_off = pid_bh.to(gl.int64) * QT + pid_m
+    if FULL_WALK:  # every tile by position: the lists are not read
+        n_active = KT
+    else:
+        n_active = gl.load(KV_COUNT + state_off)
+    b = pid_bh // H
+    h = pid_bh % H
+    return b, h, h // GROUP, pid_bh, pid_m, state_off, n_active
+
+
+@gluon.jit
+def _compact_rest(c0, n_keep, state_off, pid_m, n_active, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, FLAGS, NW,
+                  KT):
+    """The item's list from position ``c0`` on (one warp, in visiting order), then its count."""
+    for c in range(c0, n_active, 32):
+        n_keep = _compact_chunk(c, n_keep, state_off, pid_m, n_active, KV_IDX, NEXT_IDX, Q_PROT, K_PROT, FLAGS, NW,
+                                KT, 32, ONE_WARP)
+    gl.store(NEXT_COUNT + state_off, n_keep)
+
+
+@gluon.jit
+def _compact_item(w, i, flags_bars, ORDER, KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, FLAGS, NW, H,
+                  GROUP, QT, KT, FULL_WALK: gl.constexpr, USE_ORDER: gl.constexpr):
+    """Compact this program's ``i``-th item (work index ``w``) once both consumers' atomics are issued."""
+    _, _, _, _, pid_m, state_off, n_active = _item(w, ORDER, KV_COUNT, H, GROUP, QT, KT, FULL_WALK, USE_ORDER)
+    mbarrier.wait(flags_bars.index(i % 2), (i // 2) & 1)
+    _compact_rest(0, gl.to_tensor(0), state_off, pid_m, n_active, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, FLAGS,
+                  NW, KT)
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, item_ids, k_ready, v_ready,
+              k_empty, v_empty, flags_bars, COUNTER, ORDER, KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT,
+              FLAGS, NW, H, GROUP, QT, KT, n_items,
+              ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
+              FULL_WALK: gl.constexpr, WRITE_STATE: gl.constexpr, USE_ORDER: gl.constexpr):
+    """Q of each item (two buffers), then its K/V tiles into the ring; then the previous item's compaction."""
+    id_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    g = 0  # tiles issued so far by this program: ring position and phase
+    i = 0  # items so far
+    prev_w = 0
+    w = gl.atomic_add(COUNTER, 1, sem="relaxed")  # dynamic schedule: whichever program is free takes the next item
+    while w < n_items:
+        b, h, hk, pid_bh, pid_m, state_off, n_active = _item(w, ORDER, KV_COUNT, H, GROUP, QT, KT, FULL_WALK,
+                                                             USE_ORDER)
+        qb = i % 2
+        mbarrier.wait(q_empty.index(qb), ((i // 2) & 1) ^ 1)
+        # The consumers learn the item from the slot beside its Q buffer, published by the barrier's arrive.
+        item_ids.index(qb).store(gl.full([1], w, gl.int32, layout=id_layout))
+        mbarrier.expect(q_ready.index(qb), 2 * q_desc.block_type.nbytes)
+        for half in gl.static_range(2):
+            tma_load(q_desc, [b, h, pid_m * (2 * ROWS) + half * ROWS, 0],
+                                            q_ready.index(qb),
+                                            q_bufs.index(2 * qb + half).reshape([1, 1, ROWS, BLOCK_D]))
+        full_row = n_active == KT
+        idx_ptr = KV_IDX + state_off * KT
+        # The previous item's list is compacted 32 entries at a time between this item's copies, from the
+        # STAGES-th on (by then both consumers have finished the previous item), so the ring never drains.
+        _, _, _, _, prev_m, prev_off, prev_n = _item(prev_w, ORDER, KV_COUNT, H, GROUP, QT, KT, FULL_WALK, USE_ORDER)
+        n_keep = gl.to_tensor(0)
+        c = gl.to_tensor(0)
+        j_next = _tile_at(idx_ptr, full_row, 0, KT)
+        for t in range(n_active):
+            # Tile t+1's list entry is read before waiting for tile t's stage, so its latency hides behind the wait
+            # instead of delaying the copy (the ring is only 2 deep at 128x128 tiles, head_dim 128).
+            j = j_next
+            j_next = _tile_at(idx_ptr, full_row, t + 1, KT)
+            stage = g % STAGES
+            phase = (g // STAGES) & 1
+            _copy_when_free(k_desc, [b, hk, j * BLOCK_N, 0], k_ready.index(stage), k_empty.index(stage),
+                            k_bufs.index(stage).reshape([1, 1, BLOCK_N, BLOCK_D]), phase)
+            _copy_when_free(v_desc, [b, hk, j * BLOCK_N, 0], v_ready.index(stage), v_empty.index(stage),
+                            v_bufs.index(stage).reshape([1, 1, BLOCK_N, BLOCK_D]), phase)
+            g += 1
+            if WRITE_STATE:
+                if (t >= STAGES - 1) & (i > 0) & (c < prev_n):
+                    if c == 0:
+                        mbarrier.wait(flags_bars.index((i - 1) % 2), ((i - 1) // 2) & 1)
+                    n_keep = _compact_chunk(c, n_keep, prev_off, prev_m, prev_n, KV_IDX, NEXT_IDX, Q_PROT, K_PROT,
+                                            FLAGS, NW, KT, 32, ONE_WARP)
+                    c += 32
+        # The ring is as full as it gets: claim the next item and finish the previous one's list.
+        w_next = gl.atomic_add(COUNTER, 1, sem="relaxed")
+        if WRITE_STATE:
+            if i > 0:
+                if c == 0:  # no chunk done yet (short item or empty list): its flags are not waited for yet
+                    mbarrier.wait(flags_bars.index((i - 1) % 2), ((i - 1) // 2) & 1)
+                _compact_rest(c, n_keep, prev_off, prev_m, prev_n, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT,
+                              FLAGS, NW, KT)
+            prev_w = w
+        i += 1
+        w = w_next
+    # No items left: an id past the end, with a plain arrive instead of a Q copy, tells the consumers to stop.
+    qb = i % 2
+    mbarrier.wait(q_empty.index(qb), ((i // 2) & 1) ^ 1)
+    item_ids.index(qb).store(gl.full([1], n_items, gl.int32, layout=id_layout))
+    mbarrier.arrive(q_ready.index(qb), count=1)
+    if WRITE_STATE:
+        if i > 0:
+            _compact_item(prev_w, i - 1, flags_bars, ORDER, KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT,
+                          FLAGS, NW, H, GROUP, QT, KT, FULL_WALK, USE_ORDER)
+
+
+@gluon.jit
+def _consumer(o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars,
+              flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, H, GROUP, SEQ_Q, SEQ_K, QT, KT, n_items,
+              qk_scale, threshold,
+              ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
+              FULL_WALK: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
+              USE_ORDER: gl.constexpr, TURN: gl.constexpr, PINGPONG: gl.constexpr, TREE_MAX: gl.constexpr,
+              LANE_SUMS: gl.constexpr):
+    """Rows ``TURN * ROWS`` to ``(TURN + 1) * ROWS`` of every item's query tile
+    (:func:`_attend_tiles`, ring and turn phases counted over the whole program), then
+    their output and LSE."""
+    NUM_WARPS: gl.constexpr = ROWS // 16
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_D, 16])
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    dtype: gl.constexpr = q_bufs.dtype
+    id_layout: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
+    g = 0
+    i = 0
+    mbarrier.wait(q_ready.index(0), 0)
+    w = gl.max(item_ids.index(0).load(id_layout), axis=0)
+    while w < n_items:
+        b, h, hk, pid_bh, pid_m, state_off, n_active = _item(w, ORDER, KV_COUNT, H, GROUP, QT, KT, FULL_WALK,
+                                                             USE_ORDER)
+        full_row = n_active == KT
+        idx_ptr = KV_IDX + state_off * KT
+        flag_words = FLAGS + state_off * NW
+        row0 = pid_m * (2 * ROWS) + TURN * ROWS
+        offs_m = row0 + gl.arange(0, ROWS, layout=row_layout)
+        row_valid = offs_m < SEQ_Q
+        qb = i % 2
+        q_rows = q_bufs.index(2 * qb + TURN)
+        acc = gl.zeros([ROWS, BLOCK_D], gl.float32, layout=o_layout)
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
+        l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
+        if n_active > 0:
+            acc, m_i, l_i = _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, g,
+                                          idx_ptr, n_active, full_row, flag_words, row_valid, acc, m_i,
+                                          qk_scale, threshold, SEQ_K, KT, BLOCK_N, STAGES, RAGGED_K, WRITE_STATE,
+                                          TURN, PINGPONG, TREE_MAX, LANE_SUMS, s_layout, o_layout)
+        if WRITE_STATE:  # this consumer's detection atomics for the item are issued
+            _flag_nonfinite(flag_words, NW, l_i, row_valid)
+            mbarrier.arrive(flags_bars.index(i % 2), count=1)
+
+        out, lse = _normalize(acc, m_i, l_i, o_layout)
+        q_rows.store(out.to(dtype))
+        fence_async_shared()
+        tma_store(o_desc, [b, h, row0, 0], q_rows.reshape([1, 1, ROWS, BLOCK_D]))
+        if RETURN_LSE:
+            gl.store(LSE + pid_bh.to(gl.int64) * SEQ_Q + offs_m, lse, mask=row_valid)
+        g += n_active
+        i += 1
+        # The next item (or the stop signal); then this item's Q buffer goes back once its output has left it.
+        mbarrier.wait(q_ready.index(i % 2), (i // 2) & 1)
+        tma.store_wait(0)
+        mbarrier.arrive(q_empty.index(qb), count=1)
+        w = gl.max(item_ids.index(i % 2).load(id_layout), axis=0)
+
+
+@gluon.jit
+def _lite_attention_fwd_sm90_persistent(
+    q_desc, k_desc, v_desc, o_desc, LSE,
+    KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, ORDER, FLAGS, NW, COUNTER,
+    H, GROUP, SEQ_Q, SEQ_K, QT, KT, n_items,
+    qk_scale, threshold,
+    BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    FULL_WALK: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
+    RAGGED_K: gl.constexpr, USE_ORDER: gl.constexpr, PINGPONG: gl.constexpr, TREE_MAX: gl.constexpr,
+    LANE_SUMS: gl.constexpr,
+    PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+):
+    dtype: gl.constexpr = q_desc.dtype
+    ROWS: gl.constexpr = BLOCK_M // 2
+    NUM_WARPS: gl.constexpr = ROWS // 16
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_D], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_D], dtype)
+    # Two Q buffers of two halves (one per consumer); a half also stages that consumer's output.
+    q_bufs = gl.allocate_shared_memory(dtype, [4, ROWS, BLOCK_D], q_layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_D], kv_layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_D], kv_layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    flags_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    item_ids = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for x in gl.static_range(2):
+        mbarrier.init(q_ready.index(x), count=1)
+        mbarrier.init(q_empty.index(x), count=2)
+        mbarrier.init(flags_bars.index(x), count=2)
+        mbarrier.init(turn_bars.index(x), count=1)
+    for x in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(x), count=1)
+        mbarrier.init(v_ready.index(x), count=1)
+        mbarrier.init(k_empty.index(x), count=2)
+        mbarrier.init(v_empty.index(x), count=2)
+    fence_async_shared()
+
+    gl.warp_specialize([
+        (_consumer, (o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
+                     turn_bars, flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, H, GROUP, SEQ_Q, SEQ_K, QT,
+                     KT, n_items, qk_scale, threshold, ROWS, BLOCK_N, BLOCK_D, STAGES, FULL_WALK, RAGGED_K,
+                     WRITE_STATE, RETURN_LSE, USE_ORDER, 0, PINGPONG, TREE_MAX, LANE_SUMS)),
+        (_consumer, (o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
+                     turn_bars, flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, H, GROUP, SEQ_Q, SEQ_K, QT,
+                     KT, n_items, qk_scale, threshold, ROWS, BLOCK_N, BLOCK_D, STAGES, FULL_WALK, RAGGED_K,
+                     WRITE_STATE, RETURN_LSE, USE_ORDER, 1, PINGPONG, TREE_MAX, LANE_SUMS)),
+        (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, item_ids, k_ready, v_ready,
+                     k_empty, v_empty, flags_bars, COUNTER, ORDER, KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT,
+                     K_PROT, FLAGS, NW, H, GROUP, QT, KT, n_items, ROWS, BLOCK_N, BLOCK_D, STAGES, FULL_WALK,
+                     WRITE_STATE, USE_ORDER)),
+    ], [NUM_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+@functools.lru_cache(maxsize=None)
+def _tile_layout(rows: int, dim: int, fp16: bool) -> gl.NVMMASharedLayout:
+    """The shared-memory layout of one ``rows`` x ``dim`` tile, built once per shape: Gluon derives it anew on
+    every request, which took a quarter of the persistent launch's host time (four descriptors per call)."""
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, dim], gl.float16 if fp16 else gl.bfloat16)
+
+
+def _descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
+    """Rank-4 ``(B, H, S, D)`` descriptor over any TMA-ready strides; one tile is ``rows`` x D of one head."""
+    block = [1, 1, rows, x.shape[-1]]
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), block,
+                            _tile_layout(rows, x.shape[-1], x.dtype == torch.float16))
+
+
+
+def launch(spec, call: KernelCall, buffers: LaunchBuffers, order: torch.Tensor | None) -> None:
+    """Run the kernel on one call as ``spec`` (an ``"sm90"`` :class:`~liteattn.kernels.dispatch.KernelSpec`) says:
+    ``spec.max_programs`` programs, or one per SM (fewer when there are fewer work items), claiming each head's
+    query tiles in ``order`` (:func:`.common.launch_order`; None: index order). The last word of the zeroed flags
+    buffer is the work counter of the dynamic schedule."""
+    q, k, v, out, flags = buffers.q, buffers.k, buffers.v, buffers.out, buffers.flags
+    bsz, nheads, seq_q, dim = q.shape
+    seq_k = k.shape[2]
+    n_items = bsz * nheads * buffers.qt
+    programs = sm_count(q.device) if spec.max_programs is None else spec.max_programs
+    rows = spec.block_m // 2  # two consumer partitions share a query tile
+    _lite_attention_fwd_sm90_persistent[(min(n_items, programs),)](
+        q_desc=_descriptor(q, rows), k_desc=_descriptor(k, spec.block_n), v_desc=_descriptor(v, spec.block_n),
+        o_desc=_descriptor(out, rows), LSE=buffers.lse,
+        KV_COUNT=call.kv_num_blocks, KV_IDX=call.kv_indices, NEXT_COUNT=call.next_num_blocks,
+        NEXT_IDX=call.next_indices, Q_PROT=call.q_protect, K_PROT=call.k_protect,
+        ORDER=call.kv_num_blocks if order is None else order,  # a placeholder the kernel does not read
+        FLAGS=flags, NW=buffers.n_words, COUNTER=flags[flags.numel() - 1:],
+        H=nheads, GROUP=nheads // k.shape[1], SEQ_Q=seq_q, SEQ_K=seq_k, QT=buffers.qt, KT=buffers.kt, n_items=n_items,
+        qk_scale=call.scale * LOG2E, threshold=call.threshold,
+        BLOCK_D=dim, BLOCK_M=spec.block_m, BLOCK_N=spec.block_n, STAGES=spec.stages,
+        FULL_WALK=spec.walk == FULL_WALK, WRITE_STATE=call.write_state, RETURN_LSE=call.return_lse,
+        RAGGED_K=seq_k % spec.block_n != 0, USE_ORDER=order is not None, PINGPONG=spec.pingpong,
+        TREE_MAX=spec.tree_max, LANE_SUMS=spec.lane_sums,
+        PRODUCER_REGS=spec.regs[0], CONSUMER_REGS=spec.regs[1],
+        num_warps=spec.block_m // 32, maxnreg=spec.max_regs, enable_fp_fusion=spec.fp_fusion,
+    )
+
+
+def compile_offline(spec, *, head_dim: int, write_state: bool = True, return_lse: bool = True, ragged: bool = True,
+                    use_order: bool = False, dtype: str = "bf16"):
+    """Compile one specialization of the kernel for sm90a without a GPU (Triton's bundled assembler), for compiler
+    reports, code comparisons and the tests that check the generated code on machines without a Hopper GPU.
+
+    ``ragged``: a key length that is not a multiple of the key tile (the last tile's column mask is compiled in);
+    False gives the specialization of, e.g., the head_dim-64 bench shape (16384 keys). ``use_order``: claim a
+    head's query tiles in a given order (offline there is no L2 to apply the spec's rule to). Returns Triton's
+    compiled kernel (``.asm`` has ``ttgir``, ``ptx``, ``cubin``)."""
+    from triton.runtime.jit import mangle_type
+
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
+    x = torch.empty(1, 1, 256, head_dim, dtype=torch_dtype)
+    rows = spec.block_m // 2
+    descs = {"q_desc": _descriptor(x, rows), "k_desc": _descriptor(x, spec.block_n),
+             "v_desc": _descriptor(x, spec.block_n), "o_desc": _descriptor(x, rows)}
+    constexprs = dict(BLOCK_D=head_dim, BLOCK_M=spec.block_m, BLOCK_N=spec.block_n, STAGES=spec.stages,
+                      FULL_WALK=spec.walk == FULL_WALK, WRITE_STATE=write_state, RETURN_LSE=return_lse,
+                      RAGGED_K=ragged, USE_ORDER=use_order, PINGPONG=spec.pingpong, TREE_MAX=spec.tree_max,
+                      LANE_SUMS=spec.lane_sums, PRODUCER_REGS=spec.regs[0], CONSUMER_REGS=spec.regs[1])
+    types = {name: mangle_type(desc) for name, desc in descs.items()}
+    return compile_sm90a(_lite_attention_fwd_sm90_persistent, constexprs, types, num_warps=spec.block_m // 32,
+                         max_regs=spec.max_regs, fp_fusion=spec.fp_fusion)
+
+
+# Pointer and scalar arguments of the kernel, and their types.
+POINTER_TYPES = MappingProxyType({"LSE": "*fp32", "KV_COUNT": "*i32", "KV_IDX": "*i16", "NEXT_COUNT": "*i32",
+                                  "NEXT_IDX": "*i16", "Q_PROT": "*i8", "K_PROT": "*i8", "ORDER": "*i32",
+                                  "FLAGS": "*i32", "COUNTER": "*i32", "qk_scale": "fp32", "threshold": "fp32"})
+
+
+def compile_sm90a(fn, constexprs: dict, types: dict, *, num_warps: int, max_regs: int, fp_fusion: bool):
+    """Compile a Gluon kernel for sm90a with Triton's bundled assembler (no GPU needed).
+
+    Arguments not in ``constexprs`` take their type from ``types`` or :data:`POINTER_TYPES`, else i32; pointers
+    are declared 16-byte divisible, as the launcher specializes them for the tensors it passes.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = types.get(name) or POINTER_TYPES.get(name, "i32")
+        if signature[name].startswith("*"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = GluonASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "maxnreg": max_regs, "enable_fp_fusion": fp_fusion})

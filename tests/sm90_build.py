@@ -1,0 +1,99 @@
+"""Offline sm90a builds of the Gluon kernel and readers of their code, shared by the kernel's behaviour tests
+(tests/test_hopper_kernel.py) and its performance contracts (tests/test_perf_contract.py).
+
+A build runs in a fresh process: the test process runs Triton in interpreter mode, and a compile served from
+Triton's cache prints no ptxas report (hence the empty cache directory). Using Triton's own ptxas and flags
+matters: Triton 3.9 assembles sm90 with the ptxas of CUDA 13 and ``--regAllocOptLevel=2``, 3.6 with CUDA 12.8's,
+and register allocation differs between them.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+
+
+def compile_sm90(head_dim: int, block_n: int, walk: str, write_state: bool, **overrides) -> dict:
+    """One specialization of the sm90 kernel, compiled for sm90a: the spec :mod:`liteattn.kernels.dispatch` resolves
+    for an sm90 GPU (bf16, 128-row query tiles), with ``overrides`` of its fields (e.g. ``pingpong=True``), ragged
+    keys and LSE on. Returns ``ptx``, the ``cubin`` Triton's ptxas made and that run's ``-v`` report (``log``,
+    printed with TRITON_DUMP_PTXAS_LOG). Built once per test session and specialization (a build takes seconds)."""
+    return _compile(head_dim, block_n, walk, write_state, tuple(sorted(overrides.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _compile(head_dim: int, block_n: int, walk: str, write_state: bool, overrides: tuple) -> dict:
+    overrides = dict(overrides)
+    with tempfile.TemporaryDirectory() as d:
+        ptx_path, cubin_path = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
+        code = ("import dataclasses, sys, torch; from liteattn.kernels import dispatch, sm90; "
+                f"spec = dispatch.resolve(('cuda', (9, 0)), torch.bfloat16, {head_dim}, 128, {block_n}, {walk!r}); "
+                "assert spec.backend == 'sm90', spec; "
+                f"spec = dataclasses.replace(spec, **{overrides!r}); "
+                f"k = sm90.compile_offline(spec, head_dim={head_dim}, write_state={write_state}); "
+                "open(sys.argv[1], 'w').write(k.asm['ptx']); open(sys.argv[2], 'wb').write(k.asm['cubin'])")
+        env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DUMP_PTXAS_LOG="1",
+                   TRITON_CACHE_DIR=os.path.join(d, "cache"))
+        res = subprocess.run([sys.executable, "-c", code, ptx_path, cubin_path], capture_output=True, text=True,
+                             env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "TRITON_DEFAULT_FP_FUSION" not in res.stderr  # fusion is passed, not left to a changing default
+        with open(ptx_path) as f:
+            ptx = f.read()
+        with open(cubin_path, "rb") as f:
+            cubin = f.read()
+    return dict(ptx=ptx, cubin=cubin, log=res.stdout)
+
+
+def sass(cubin: bytes) -> str:
+    """SASS of a cubin (Triton's bundled cuobjdump)."""
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        res = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", path], capture_output=True, text=True,
+                             check=True)
+    return res.stdout
+
+
+def tile_loops(sass_text: str) -> list[list[str]]:
+    """The innermost loops (a backward branch with none inside) that issue wgmma: the consumers' tile loops."""
+    code = [(int(a, 16), ins.strip()) for a, ins in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass_text)]
+    back = [(int(t, 16), a) for a, ins in code for t in re.findall(r"\bBRA\b.*?0x([0-9a-f]+)", ins)
+            if int(t, 16) <= a]
+    loops = []
+    for lo, hi in back:
+        if any((lo, hi) != other and lo <= other[0] and other[1] <= hi for other in back):
+            continue
+        body = [ins for a, ins in code if lo <= a <= hi]
+        if any("HGMMA" in ins for ins in body):
+            loops.append(body)
+    return loops
+
+
+def unconditional_loads(body: list[str]) -> list[str]:
+    """The global loads of a loop body that no predicate guards (``@PT`` counts as unconditional)."""
+    return [ins for ins in body if "LDG" in ins and not re.match(r"@!?P[0-6]\b", ins)]
+
+
+def longest_fmnmx_chain(body: list[str]) -> int:
+    """Longest run of FMNMX in a tile loop's SASS where each reads the one before (register dataflow in program
+    order; any other instruction writing a register ends the chain through it)."""
+    depth, longest = {}, 0
+    for ins in body:
+        op, _, operands = re.sub(r"^@!?U?P\w+\s+", "", ins).partition(" ")
+        regs = re.findall(r"\bR\d+\b", operands)
+        if not regs:
+            continue
+        if op.startswith("FMNMX"):
+            depth[regs[0]] = 1 + max((depth.get(r, 0) for r in regs[1:]), default=0)
+            longest = max(longest, depth[regs[0]])
+        else:
+            depth[regs[0]] = 0
+    return longest
