@@ -6,8 +6,10 @@ computes them again in that generation (no QK, no softmax, no PV).
 """
 from .attention import LiteAttention, lite_attention
 from .integrations import LiteAttentionConfig, apply, remove
+from .calibration import calibrate
 from .state import SkipState
 
 __version__ = "0.1.0"
 
-__all__ = ["LiteAttention", "LiteAttentionConfig", "SkipState", "apply", "lite_attention", "remove", "__version__"]
+__all__ = ["LiteAttention", "LiteAttentionConfig", "SkipState", "apply", "calibrate", "lite_attention", "remove",
+           "__version__"]

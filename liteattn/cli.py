@@ -31,6 +31,7 @@ _SUBCOMMANDS = {
     "demo": ("liteattn.demo", "generate a video dense and with liteattn; report speed and quality"),
     "eval": ("liteattn.evaluate", "score liteattn against dense on the testbed over many prompts and seeds"),
     "bench": ("liteattn.bench.run", "time liteattn against dense attention and FlexAttention"),
+    "calibrate": ("liteattn.calibration.cli", "choose per-layer thresholds on the testbed that meet a quality budget"),
 }
 
 USAGE_ERROR = 2  # argparse's exit code for a bad command line; bad values caught later use it too

@@ -1,13 +1,25 @@
-"""Calibration: thresholds chosen per layer and step range for one model.
+"""Calibration: thresholds chosen per layer and step range so that a model's outputs meet the quality asked for.
 
-A :class:`Profile` (per-layer, per-step-range thresholds and the dense first
-steps, bound to the model it was calibrated on) is what
-``liteattn.apply(pipe, profile=...)`` runs.
+``liteattn.calibrate(pipe, inputs, budget="psnr>=32")`` runs the inputs dense
+and with candidate settings and returns a :class:`Profile` (per-layer,
+per-step-range thresholds and the dense first steps, bound to the model, with
+the sparsity and quality it measured); ``liteattn.apply(pipe, profile=...)``
+runs it. ``liteattn calibrate`` does the same for the shipped testbed from
+the command line. See docs/calibration.md.
 
-Imports run one way: this package uses :mod:`liteattn.integrations`; the
-integrations import only :mod:`.profile`, to load a profile given to ``apply``
-by path.
+Imports run one way: this package uses :mod:`liteattn.integrations` and
+:mod:`liteattn.testbed`; the integrations import only :mod:`.profile`, to
+load a profile given to ``apply`` by path.
 """
+from .api import calibrate, testbed_inputs
+from .budget import Budget
 from .profile import Profile, load_profile
+from .runners import CallableRunner, PipelineRunner, Runner, TestbedRunner
 
-__all__ = ["Profile", "load_profile"]
+__all__ = ["Budget", "CallableRunner", "PipelineRunner", "Profile", "Runner", "TESTBED_PROFILE", "TestbedRunner",
+           "calibrate", "load_profile", "testbed_inputs"]
+
+from pathlib import Path as _Path
+
+# The shipped testbed's profile, calibrated at its CPU size (docs/calibration.md says how and what it holds).
+TESTBED_PROFILE = _Path(__file__).resolve().parent / "profiles" / "testbed.json"
