@@ -1,4 +1,4 @@
-"""benchmarks/wan14b_shape.py: its CPU smoke mode and its message on a machine without CUDA."""
+"""lab/benchmarks/wan14b_shape.py: its CPU smoke mode and its message on a machine without CUDA."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "wan14b_shape.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "lab" / "benchmarks" / "wan14b_shape.py"
 
 
 @pytest.fixture(scope="module")

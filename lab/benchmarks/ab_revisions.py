@@ -1,15 +1,15 @@
 """Time this checkout's kernel against copies of the package taken from other revisions, in one process.
 
-Why: a kernel change that is not a module switch (``kernel_variants.py`` times those) would otherwise be
+Why: a kernel change that is not a spec setting (``kernel_variants.py`` times those) would otherwise be
 compared with the code before it in separate processes, minutes apart, where the clock under the power cap
-differs by more than the change (KERNEL_NOTES.md v11). Here each copy is imported under its own module name
+differs by more than the change (lab/kernel-notes.md v11). Here each copy is imported under its own module name
 (its relative imports stay inside the copy, and Triton compiles its kernels apart, keyed by their source), and
 all are checked (dense calls against cuDNN, sparse ones against this checkout's) and then timed in the same
 interleaved rounds, each in a new seeded order.
 Every package gets the same inputs and its states from the same masks, so the calls differ only in code.
 
 Make a copy of a revision's package: ``git archive REV liteattn | tar -x -C DIR`` (gives DIR/liteattn).
-Run: ``python benchmarks/ab_revisions.py --other NAME=DIR/liteattn[@LABEL] [--other ...] [--shapes
+Run: ``python lab/benchmarks/ab_revisions.py --other NAME=DIR/liteattn[@LABEL] [--other ...] [--shapes
 hdim64,wan1.3b] [--rounds 11] [--reps 5] [--out FILE]``. ``this`` is the checkout's own package; ratios are NAME
 over ``this``, and ``wins`` counts the rounds in which NAME was faster than ``this``. LABEL (e.g. the revision's
 commit) is what the JSON records for the copy, in place of its folder.
@@ -34,10 +34,11 @@ import torch
 
 import liteattn
 from kernel_dev import sdpa  # same folder: the script's directory is on sys.path
-from kernel_variants import SHAPES, random_state
+from kernel_variants import SHAPES
 from liteattn.bench.run import _positive
 from liteattn.bench.timing import time_cuda
 from liteattn.kernels import default_block_sizes
+from specs import random_state
 
 CASES = ("dense", "detect_list", "sparse0.5_detect", "sparse0.9")
 RESERVED = ("this", "cudnn")  # the checkout's package and the baseline's row

@@ -1,4 +1,4 @@
-"""Where the run-to-run spread of short sparse calls comes from (KERNEL_NOTES.md, v9/v10).
+"""Where the run-to-run spread of short sparse calls comes from (lab/kernel-notes.md, v9/v10).
 
 ``liteattn bench`` found some s = 0.9 points bimodal (p20 far below the median) while the banded runs at the
 same shape were tight. This script times the bench's exact calls (same inputs, same mask builders, same
@@ -10,12 +10,12 @@ same shape were tight. This script times the bench's exact calls (same inputs, s
 - ``warm``: events without the flush;
 - ``host``: wall time per call while the GPU keeps up.
 
-each with the persistent kernel claiming a head's query tiles longest list first
-(``hopper_persistent.ORDER_BY_WORK``) and in index order, without and with detection
+each with the persistent kernel claiming a head's query tiles longest list first (``specs.py``'s
+``persist-sorted``) and in index order (``persist-index``), without and with detection
 (threshold -1e4: the kernel checks every tile and rewrites the state, marking nothing). It also reports
 whether the call synchronizes with the GPU (``torch.cuda.set_sync_debug_mode``), which would put host time
 into event timings.
-Run: ``python benchmarks/timing_spread.py --out DIR [--reps 60]``.
+Run: ``python lab/benchmarks/timing_spread.py --out DIR [--reps 60]``.
 """
 from __future__ import annotations
 
@@ -26,13 +26,13 @@ import time
 
 import torch
 
-import liteattn.kernels.hopper_persistent as persistent
 from host_overhead import capture, event_times  # same folder: the script's directory is on sys.path
-from liteattn import lite_attention
+from liteattn import SkipState
 from liteattn.bench import methods as M
 from liteattn.bench.masks import achieved_fraction, build_mask
 from liteattn.bench.registry import SHAPES
 from liteattn.bench.timing import L2_FLUSH_BYTES, summarize
+from specs import attend
 
 SHAPE_NAMES = ("hdim64-16k", "wan1.3b-480p")
 PATTERNS = ("banded", "per-head", "random")
@@ -91,14 +91,16 @@ def main():
         for pattern in PATTERNS:
             gen = torch.Generator(device="cuda").manual_seed(1)
             mask = build_mask(pattern, inp.tiles, 0.9, generator=gen, device="cuda")
-            sparse_fn, state = M.liteattn_sparse(inp, mask)
-            fns = {"sparse": sparse_fn,
-                   "detect": lambda: lite_attention(inp.q, inp.k, inp.v, state, threshold=M.DETECT_THRESHOLD)[0]}
+            s = inp.shape.seq_len
+            state = SkipState.from_dense(mask, s, s, *inp.block)  # as the bench's liteattn-sparse builds it
+            threshold = {"sparse": float("-inf"), "detect": M.DETECT_THRESHOLD}
             for mode, by_work in MODES:
-                persistent.ORDER_BY_WORK = by_work  # forced either way
-                rows.append(_measure(fns[mode], args.reps, scratch, shape=shape_name, pattern=pattern, mode=mode,
+                variant = "persist-sorted" if by_work else "persist-index"  # forced either way
+
+                def fn(mode=mode, variant=variant):
+                    return attend(inp.q, inp.k, inp.v, state, threshold=threshold[mode], variant=variant)[0]
+                rows.append(_measure(fn, args.reps, scratch, shape=shape_name, pattern=pattern, mode=mode,
                                      by_work=by_work, skipped=achieved_fraction(mask)))
-    persistent.ORDER_BY_WORK = None  # the shipped rule again
     with open(os.path.join(args.out, "timing_spread.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
 

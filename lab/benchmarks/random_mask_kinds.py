@@ -3,20 +3,20 @@
 ``exact``: every query tile keeps the same number of random key tiles (``liteattn bench``'s ``random`` pattern,
 :func:`liteattn.bench.masks.random_mask`). ``iid``: every tile is kept independently with probability 1 - s (and
 key tile 0 always), so per-row counts vary (at s = 0.5 and the HunyuanVideo shape: 465 +- 15 of 929): the
-states of ``kernel_variants.py`` (its ``random_state``). ``shared``: every query tile of a head keeps the same
+states of ``kernel_variants.py`` (``specs.random_state``). ``shared``: every query tile of a head keeps the same
 random key tiles, so all programs of a head read the same K/V tiles in the same order (the reuse of the dense
 walk with the per-tile work of ``exact``): if ``shared`` runs at the dense walk's cost per tile and ``exact`` does
-not, what ``exact`` pays for is where its tiles come from, not the partial-row code path (KERNEL_NOTES.md, v15).
+not, what ``exact`` pays for is where its tiles come from, not the partial-row code path (lab/kernel-notes.md, v15).
 The total work is the same; only the lengths of the work items and the tiles they read differ. Cases are timed
 in interleaved rounds, each in a new seeded order, with both timers (``time_cuda``: L2 flush, CUDA events, host
-ahead; ``triton.testing.do_bench``), against liteattn's dense time (KERNEL_NOTES.md, v12). The states use 128x128
+ahead; ``triton.testing.do_bench``), against liteattn's dense time (lab/kernel-notes.md, v12). The states use 128x128
 tiles (the default at head_dim 64 and 128) and run with ``threshold=-inf`` (nothing marked), as the bench's
 ``liteattn-sparse`` does.
-``--variants`` times each state under several kernel variants of ``kernel_variants.py`` (e.g. the claim order:
-``persist-index,persist-sorted``, KERNEL_NOTES.md v14), ``--detect`` also with detection on.
+``--variants`` times each state under several kernel variants (``specs.py``; e.g. the claim order:
+``persist-index,persist-sorted``, lab/kernel-notes.md v14), ``--detect`` also with detection on.
 ``--clocks`` samples the SM clock and board power (:mod:`liteattn.bench.clocks`) and reports their medians
 while each case's ``time_cuda`` batches ran: under the power cap a call's speed is also its clock's.
-Run: ``python benchmarks/random_mask_kinds.py [--shape 1,118800,24,128] [--rounds 5] [--variants persist]
+Run: ``python lab/benchmarks/random_mask_kinds.py [--shape 1,118800,24,128] [--rounds 5] [--variants persist]
 [--kinds exact,iid,shared] [--clocks]``.
 """
 from __future__ import annotations
@@ -29,11 +29,11 @@ import statistics
 import torch
 import triton.testing
 
-from kernel_variants import VARIANTS, parse_variants, random_state, set_variant  # same folder: on sys.path
-from liteattn import SkipState, lite_attention
+from liteattn import SkipState
 from liteattn.bench import clocks
 from liteattn.bench.masks import random_mask
 from liteattn.bench.timing import time_cuda
+from specs import VARIANTS, attend, parse_variants, random_state  # same folder: on sys.path
 
 
 def shared_mask(shape, fraction, generator):
@@ -52,7 +52,7 @@ KINDS = ("exact", "iid", "shared")
 def sparse_cases(q, k, v, fractions, variants=("persist",), detect=False, kinds=("exact", "iid")):
     """(call, achieved skipped fraction) per variant, kind and fraction; prints each state's per-row counts.
 
-    ``variants``: tags of ``kernel_variants.py``, each set before its call; ``detect``: also time each state with
+    ``variants``: tags of ``specs.py``, each call run with its spec; ``detect``: also time each state with
     detection on (a threshold at which nothing is marked), as a generation's later steps run."""
     b, s, h, _ = q.shape
     qt = kt = -(-s // 128)
@@ -73,8 +73,7 @@ def sparse_cases(q, k, v, fractions, variants=("persist",), detect=False, kinds=
             for tag in variants:
                 for label, thr in (("", float("-inf")),) + ((("+detect", -1e4),) if detect else ()):
                     def call(st=state, tag=tag, thr=thr):
-                        set_variant(tag)
-                        return lite_attention(q, k, v, st, threshold=thr)
+                        return attend(q, k, v, st, threshold=thr, variant=tag)
                     cases[f"{tag}:{name}{f}{label}"] = (call, state.sparsity())
     return cases
 
@@ -96,7 +95,7 @@ def main():
     b, s, h, d = (int(x) for x in args.shape.split(","))
     torch.manual_seed(0)
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    cases = {"dense": (lambda: set_variant(variants[0]) or lite_attention(q, k, v, enabled=False), 0.0)}
+    cases = {"dense": (lambda: attend(q, k, v, enabled=False, variant=variants[0]), 0.0)}
     cases.update(sparse_cases(q, k, v, [float(f) for f in args.fractions.split(",")], variants, args.detect,
                               kinds))
     for fn, _ in cases.values():

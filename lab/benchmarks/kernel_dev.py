@@ -1,7 +1,7 @@
 """Kernel development check on a GPU: correctness at real sizes, then variant timings.
 
-Used while tuning the kernel (see KERNEL_NOTES.md); the user-facing benchmark is ``liteattn bench``.
-Run: ``python benchmarks/kernel_dev.py --out DIR``.
+Used while tuning the kernel (see lab/kernel-notes.md); the user-facing benchmark is ``liteattn bench``.
+Run: ``python lab/benchmarks/kernel_dev.py --out DIR``.
 """
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import liteattn
-import liteattn.kernels.forward as fwd
+import liteattn.kernels.portable as portable
 from liteattn import SkipState, lite_attention
 from liteattn.kernels import default_block_sizes
 from liteattn.reference import lite_attention_reference
+from specs import attend  # same folder: the script's directory is on sys.path
 
 
 def sdpa(q, k, v, backend=SDPBackend.CUDNN_ATTENTION):
@@ -108,10 +109,6 @@ def timings(rows, shapes, block_sizes):
         full_list = SkipState.from_dense(torch.ones(b, h, qt, kt, dtype=torch.bool, device="cuda"), s, s, bm, bn)
         res["list_ms"] = bench(lambda: lite_attention(q, k, v, full_list, threshold=float("-inf")))
         res["detect_list_ms"] = bench(lambda: lite_attention(q, k, v, full_list, threshold=-1e4))
-        fwd.FLAG_WORDS = False
-        res["detect_flagstores_ms"] = bench(lambda: lite_attention(q, k, v, full, threshold=-1e4))
-        res["detect_list_flagstores_ms"] = bench(lambda: lite_attention(q, k, v, full_list, threshold=-1e4))
-        fwd.FLAG_WORDS = True
         for frac in (0.5, 0.9):  # banded: every query tile keeps the same number of tiles around its diagonal
             width = max(1, round((1 - frac) * kt))
             centre = (torch.arange(qt, device="cuda") * kt) // qt
@@ -134,10 +131,8 @@ def timings(rows, shapes, block_sizes):
         for frac in (0.5, 0.9):
             res[f"sparse{frac}_over_linear"] = res[f"sparse{frac}_ms"] / ((1 - res[f"sparse{frac}_actual"]) * res["cudnn_ms"])
             res[f"sparse{frac}_over_own_linear"] = res[f"sparse{frac}_ms"] / ((1 - res[f"sparse{frac}_actual"]) * res["dense_ms"])
-        fwd.SCHEDULE_BY_WORK = False
-        res["sparse0.9_unordered_ms"] = bench(lambda: lite_attention(q, k, v, st, threshold=float("-inf")))
-        fwd.SCHEDULE_BY_WORK = True
-        res["best_config"] = str(getattr(fwd._lite_attention_fwd, "best_config", None))
+        res["sparse0.9_unordered_ms"] = bench(lambda: attend(q, k, v, st, threshold=float("-inf"), variant="index"))
+        res["best_config"] = str(getattr(portable._lite_attention_fwd, "best_config", None))
         rows.append(res)
         print("time", res, flush=True)
 

@@ -3,8 +3,8 @@
 Every query tile of the Wan2.1-1.3B 480p shape (1, 32760, 12, 128; 128x128 tiles) keeps exactly n random key
 tiles. With W work items per SM, a call takes about W * (c + n * t): ``t`` is the per-tile cost (taken from the
 dense time) and ``c`` the per-item overhead this prints ("over"), which is what decides how close a sparse call
-gets to the linear ideal when few tiles remain (KERNEL_NOTES.md, v9).
-Run: ``python benchmarks/item_cost.py --variants sm90,persist --out DIR`` (variant tags: kernel_variants.py).
+gets to the linear ideal when few tiles remain (lab/kernel-notes.md, v9).
+Run: ``python lab/benchmarks/item_cost.py --variants persist,triton --out DIR`` (variant tags: specs.py).
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import statistics
 import torch
 import triton.testing
 
-from kernel_variants import set_variant  # same folder: the script's directory is on sys.path
-from liteattn import SkipState, lite_attention
+from liteattn import SkipState
+from specs import attend, parse_variants  # same folder: the script's directory is on sys.path
 
 SHAPE = (1, 32760, 12, 128)
 COUNTS = (1, 2, 4, 8, 16, 26, 32, 64, 128)
@@ -32,7 +32,7 @@ def exactly_n(n, b, h, qt, kt, s):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--variants", default="sm90,persist")
+    p.add_argument("--variants", default="persist,triton")
     p.add_argument("--out", default=".")
     args = p.parse_args()
     b, s, h, d = SHAPE
@@ -40,19 +40,18 @@ def main():
     torch.manual_seed(0)
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     states = {n: exactly_n(n, b, h, qt, kt, s) for n in COUNTS}
-    variants = args.variants.split(",")
+    variants = parse_variants(p, args.variants)
     res = {}
     for var in variants:
-        set_variant(var)
         for n in COUNTS:
             for mode, thr in (("nodetect", float("-inf")), ("detect", -1e4)):
-                def fn(st=states[n], thr=thr):
-                    return lite_attention(q, k, v, st, threshold=thr)
+                def fn(st=states[n], thr=thr, var=var):
+                    return attend(q, k, v, st, threshold=thr, variant=var)
                 fn()
                 res[f"{var}|{mode}|{n}"] = statistics.median(
                     [triton.testing.do_bench(fn, warmup=5, rep=40) for _ in range(3)])
-        def dense():
-            return lite_attention(q, k, v, enabled=False)
+        def dense(var=var):
+            return attend(q, k, v, enabled=False, variant=var)
         dense()
         res[f"{var}|dense"] = statistics.median([triton.testing.do_bench(dense, warmup=5, rep=60) for _ in range(3)])
     items_per_sm = b * h * qt / torch.cuda.get_device_properties(0).multi_processor_count

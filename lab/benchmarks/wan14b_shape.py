@@ -17,8 +17,8 @@ Each step is one conditional forward inside ``cache_context("cond",
 step_index=i)``, as WanPipeline calls it. Times: CUDA events; attention time
 is the sum over the patched layers.
 
-    python benchmarks/wan14b_shape.py --layers 2 --steps 6 --force-sparsity 0.5 --out wan14b.json
-    python benchmarks/wan14b_shape.py --tiny --out tiny.json   # CPU smoke run
+    python lab/benchmarks/wan14b_shape.py --layers 2 --steps 6 --force-sparsity 0.5 --out wan14b.json
+    python lab/benchmarks/wan14b_shape.py --tiny --out tiny.json   # CPU smoke run
 """
 from __future__ import annotations
 

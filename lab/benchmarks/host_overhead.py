@@ -4,15 +4,14 @@ For a few short cases (high skipped fractions), compares three timings of the sa
 ``events`` (L2 flush, CUDA events around each call, as ``do_bench`` does and ``liteattn bench`` did before it
 let the host get ahead of the GPU),
 ``graph`` (the call captured in a CUDA graph and replayed between the same flushes: GPU time only) and
-``host`` (wall time per call while the GPU keeps up), plus a cProfile of the host path.
-``--compare-lookups`` instead times the host path with and without the per-GPU / per-shape caches of the launch
-(compute capability, the descriptors' shared-memory layouts) in alternating rounds, the GPU kept busy.
-Run: ``python benchmarks/host_overhead.py --out DIR [--compare-lookups]``.
+``host`` (wall time per call while the GPU keeps up), plus a cProfile of the host path. (Until the kernels took
+specs, ``--compare-lookups`` also timed the launch without its per-GPU / per-shape caches: raw
+``host-lookups-h200.json``; git history has it.)
+Run: ``python lab/benchmarks/host_overhead.py --out DIR``.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import io
 import json
@@ -23,10 +22,10 @@ import time
 
 import torch
 
-from kernel_variants import random_state  # same folder: the script's directory is on sys.path
 from liteattn import lite_attention
 from liteattn.bench.timing import time_cuda
 from liteattn.kernels import default_block_sizes
+from specs import random_state  # same folder: the script's directory is on sys.path
 
 CASES = {"hdim64-s0.9": ((1, 16384, 24, 64), 0.9), "wan1.3b-s0.9": ((1, 32760, 12, 128), 0.9),
          "wan1.3b-s0.5": ((1, 32760, 12, 128), 0.5)}
@@ -76,56 +75,11 @@ def case_inputs(name):
     return q, k, v, random_state(b, h, s, *default_block_sizes(d), frac)
 
 
-@contextlib.contextmanager
-def uncached_lookups():
-    """The launch's lookups as they were before they were cached: the compute capability asked from torch and
-    the tile layouts derived by Gluon on every call."""
-    import liteattn.kernels.forward as fwd
-    import liteattn.kernels.hopper_persistent as persistent
-
-    cached = fwd._capability, persistent._tile_layout
-    fwd._capability = torch.cuda.get_device_capability
-    persistent._tile_layout = cached[1].__wrapped__
-    try:
-        yield
-    finally:
-        fwd._capability, persistent._tile_layout = cached
-
-
-def compare_lookups(out, rounds=9, calls=150):
-    """Host ms per call of the head_dim-64 s = 0.9 call, cached against uncached lookups, alternating rounds."""
-    q, k, v, state = case_inputs("hdim64-s0.9")
-    rows = []
-    for mode, thr in (("no-detect", float("-inf")), ("detect", -1e4)):
-        times = {"cached": [], "uncached": []}
-        for r in range(rounds):
-            for variant in (("cached", "uncached") if r % 2 == 0 else ("uncached", "cached")):
-                with uncached_lookups() if variant == "uncached" else contextlib.nullcontext():
-                    lite_attention(q, k, v, state, threshold=thr)
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    for _ in range(calls):
-                        lite_attention(q, k, v, state, threshold=thr)
-                    times[variant].append((time.perf_counter() - t0) / calls * 1e3)
-                    torch.cuda.synchronize()
-        row = {"case": "hdim64-s0.9", "mode": mode, "calls_per_round": calls,
-               **{f"host_ms_{name}": statistics.median(t) for name, t in times.items()},
-               **{f"rounds_{name}": t for name, t in times.items()}}
-        rows.append(row)
-        print(row, flush=True)
-    with open(os.path.join(out, "host_lookups.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="host-overhead")
-    p.add_argument("--compare-lookups", action="store_true")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    if args.compare_lookups:
-        compare_lookups(args.out)
-        return
     rows = []
     for name in CASES:
         q, k, v, state = case_inputs(name)
