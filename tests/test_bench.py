@@ -58,7 +58,8 @@ def test_quick_uses_small_shapes_and_few_reps():
 
 
 def test_cases_without_a_mask_get_more_runs_in_ten_rounds_by_default():
-    """Targets 1-2 compare unmasked calls within 2-3 %: at least 30 runs in 10 orders (BENCHMARKS.md §2.1)."""
+    """Targets 1-2 compare unmasked calls within 2-3 %: at least 30 runs in 10 orders
+    (lab/benchmarks-history.md §2.1)."""
     full, quick = _parse([]), _parse(["--quick"])
     assert (full.rounds, full.min_reps, full.dense_min_reps) == (10, 10, 30)
     assert quick.dense_min_reps == quick.min_reps == 3  # a smoke run stays short

@@ -65,7 +65,7 @@ def load_copy(name: str, package_dir: str) -> types.ModuleType:
 
 
 def cases_for(pkg, q, k, v, masks):
-    """The timed calls of one package: the dense walk, detection on a full list, and two random states, built
+    """The timed calls of one package: the full walk (enabled=False), detection on a full list, and two random states, built
     from ``masks`` (skipped fraction -> (B, H, QT, KT) bool, True = computed; shared by every package)."""
     b, s, h, d = q.shape
     bm, bn = pkg.kernels.default_block_sizes(d)

@@ -4,8 +4,8 @@
 :func:`liteattn.bench.masks.random_mask`). ``iid``: every tile is kept independently with probability 1 - s (and
 key tile 0 always), so per-row counts vary (at s = 0.5 and the HunyuanVideo shape: 465 +- 15 of 929): the
 states of ``kernel_variants.py`` (``specs.random_state``). ``shared``: every query tile of a head keeps the same
-random key tiles, so all programs of a head read the same K/V tiles in the same order (the reuse of the dense
-walk with the per-tile work of ``exact``): if ``shared`` runs at the dense walk's cost per tile and ``exact`` does
+random key tiles, so all programs of a head read the same K/V tiles in the same order (the reuse of the full
+walk with the per-tile work of ``exact``): if ``shared`` runs at the full walk's cost per tile and ``exact`` does
 not, what ``exact`` pays for is where its tiles come from, not the partial-row code path (lab/kernel-notes.md, v15).
 The total work is the same; only the lengths of the work items and the tiles they read differ. Cases are timed
 in interleaved rounds, each in a new seeded order, with both timers (``time_cuda``: L2 flush, CUDA events, host

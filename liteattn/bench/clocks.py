@@ -2,8 +2,8 @@
 
 Why: under a power cap the clock is part of the result. On an H200 at its 700 W cap, a sparse call whose
 key tiles came from memory more often (random tiles at the HunyuanVideo shape) ran at a median 1485 MHz
-while the dense walk ran at 1605 MHz, for about the same cycles per tile (KERNEL_NOTES.md, v15). A ratio
-to the linear ideal then measures the clock as much as the kernel, and the report should say which.
+while the full walk (no skipping) ran at 1605 MHz, for about the same cycles per tile (lab/kernel-notes.md,
+v15). A ratio to the linear ideal then measures the clock as much as the kernel, and the report should say which.
 
 Samples come from ``nvidia-smi`` in a child process (every 20 ms), so sampling costs the timed GPU and the
 timing loop nothing; where it is missing or fails, the columns stay empty and the run says why once.

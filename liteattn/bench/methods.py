@@ -10,6 +10,7 @@ so its per-call Python overhead is part of the time, as it is for users.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -156,17 +157,12 @@ def flex_block_mask(mask: torch.Tensor, seq_len: int, block: tuple[int, int]):
                                     BLOCK_SIZE=tuple(block), seq_lengths=(seq_len, seq_len))
 
 
-_COMPILED_FLEX = None
-
-
+@functools.lru_cache(maxsize=None)
 def _compiled_flex():
     """``torch.compile(flex_attention)`` once per process: without compiling, flex is a slow reference."""
-    global _COMPILED_FLEX
-    if _COMPILED_FLEX is None:
-        from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED_FLEX
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def flex(inputs: Inputs, mask: torch.Tensor, *, compiled: bool = True) -> Callable[[], torch.Tensor]:

@@ -69,7 +69,8 @@ DEFAULT_FRACTIONS = (0.25, 0.5, 0.75, 0.9)
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("sdpa-cudnn", False, "torch SDPA forced to SDPBackend.CUDNN_ATTENTION"),
     Method("sdpa-flash", False, "torch SDPA forced to SDPBackend.FLASH_ATTENTION"),
-    Method("liteattn-dense", False, "lite_attention(..., enabled=False): every tile, no detection"),
+    Method("liteattn-dense", False, "lite_attention(..., enabled=False): every tile (the kernel's full walk), no "
+           "detection"),
     Method("liteattn-detect", False, "skipping on, nothing skipped, threshold -1e4 (marks nothing): detection overhead "
            "at a generation's first step (fresh state)"),
     Method("liteattn-detect-list", False, "the same on a full list carried from an earlier step (index-list path)"),

@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .registry import (DEFAULT_FRACTIONS, DEFAULT_SHAPES, METHODS, PATTERNS, QUICK_SHAPES, Method, Pattern, Shape,
-                       parse_fractions, parse_methods, parse_patterns, parse_shapes)
+from .config import BenchConfig
+from .registry import (DEFAULT_FRACTIONS, DEFAULT_SHAPES, METHODS, PATTERNS, QUICK_SHAPES, parse_fractions,
+                       parse_methods, parse_patterns, parse_shapes)
 
 __all__ = ["NO_CUDA_MESSAGE", "BenchConfig", "add_arguments", "check_args", "resolve_config", "run"]
 
@@ -38,38 +38,6 @@ NO_CUDA_MESSAGE = (
     "a performance path, so there is nothing meaningful to time. Run this command on a GPU machine; "
     "'liteattn bench --quick' is a smoke run of a minute or two."
 )
-
-SPARSE_CHECK_FRACTION = 0.5  # the gate's mask: random pattern, half the tiles skipped
-
-
-@dataclass
-class BenchConfig:
-    """Everything a run depends on, resolved from the command line."""
-
-    shapes: list[Shape]
-    methods: list[Method]
-    patterns: list[Pattern]
-    fractions: list[float]
-    layout: str
-    out: Path
-    seed: int
-    max_minutes: float
-    budget_ms: float  # timing budget per case; the rep count is clamped to [min_reps, max_reps]
-    min_reps: int
-    max_reps: int
-    quick: bool
-    rounds: int = 10  # each shape's cases are timed in this many interleaved rounds
-    # At least this many runs for the cases without a mask (dense methods, detection): targets 1-2 compare such
-    # calls within 2-3 %, which 10 runs of a 200 ms call in a few orders did not resolve (BENCHMARKS.md §2.1).
-    dense_min_reps: int = 0
-    clocks: bool = True  # sample the SM clock and power while each case is timed (nvidia-smi)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(shapes=[asdict(s) for s in self.shapes], methods=[m.name for m in self.methods],
-                 patterns=[p.name for p in self.patterns], out=str(self.out))
-        return d
-
 
 def _argtype(parse):
     """Turn a parser's ValueError into argparse's usage error, keeping its message."""

@@ -19,12 +19,12 @@ import torch
 
 from . import clocks as C
 from . import methods as M
+from .config import SPARSE_CHECK_FRACTION, BenchConfig
 from .masks import achieved_fraction, build_mask
 from .plot import plot_rows
 from .registry import Shape
 from .report import environment, format_checks, format_ratios, format_rows, write_json, write_text
 from .results import RATIO_TARGETS, Check, Row, compute_ratios, failed_row, judge_errors, run_status, timed_row
-from .run import SPARSE_CHECK_FRACTION, BenchConfig
 from .timing import CaseTimer, release_flush_buffers, split_reps
 
 __all__ = ["BenchRun"]

@@ -130,7 +130,7 @@ class CaseTimer:
     Why the GPU first sleeps (``host_lead``): a short call (0.4 ms at s = 0.9)
     can take the host nearly as long to issue as the GPU to run, and whenever
     the GPU catches up with the host, an event pair measures Python, not the
-    kernel (seen as bimodal timings, KERNEL_NOTES.md v10). So the GPU is held
+    kernel (seen as bimodal timings, lab/kernel-notes.md v10). So the GPU is held
     in a spin for 1.5x the host's time to issue the batch, and the host
     enqueues every run before the GPU starts the first; if the spin still
     ended before the host was done, the batch is repeated with a longer one.
