@@ -16,6 +16,10 @@ How the pieces meet (diffusers >= 0.42):
    detects new generations. A hook on each patched module publishes that
    module's :class:`~liteattn.integrations.layer.LayerRuntime` to the backend
    for the duration of its forward: the dispatcher passes no layer identity.
+4. Under context parallelism (``transformer.enable_parallelism(...)``, before
+   or after ``apply``) a call comes with its parallel configuration and runs
+   through diffusers' own Ulysses / ring functions with liteattn's forward op
+   (:mod:`liteattn.integrations.parallel`).
 """
 from __future__ import annotations
 
@@ -90,7 +94,8 @@ def _backend():
                               "backend registry it can extend")
         name = str.__new__(enum_cls, "liteattn")  # an instance, deliberately not an enum member
         name._name_, name._value_ = "LITEATTN", "liteattn"
-        registry.register(name, supports_context_parallel=False)(_liteattn_backend)
+        # Context parallelism is supported (liteattn.integrations.parallel): enable_parallelism() checks this.
+        registry.register(name, supports_context_parallel=True)(_liteattn_backend)
         _backend_name = name
     return _backend_name
 

@@ -296,7 +296,12 @@ class LayerRuntime:
         history_index = per_call_sparsity = threshold = None
         fresh = mode == "sparse" and state.attention.state is None
         before = (state.attention._spent if fresh else state.attention.state) if mode == "sparse" else None
-        if mode == "sparse":
+        if mode == "sparse" and parallel_config is not None:  # diffusers' context parallelism: one call, many parts
+            from .parallel import attend as attend_parallel
+
+            out, threshold, per_call_sparsity = attend_parallel(self, forward, query, key, value, scale, enable_gqa,
+                                                                parallel_config)
+        elif mode == "sparse":
             attention = state.attention
             key, value = key[:, :key_len], value[:, :key_len]
             must_do = self._must_do(query.shape[1], key_len)
@@ -343,7 +348,11 @@ class LayerRuntime:
         if self._calls > 1:
             return None, "repeated_call"
         if parallel_config is not None:
-            return None, "context_parallel"
+            from .parallel import fallback_reason  # only diffusers passes a parallel_config: it is installed
+
+            reason = fallback_reason(self, parallel_config, attn_mask)
+            if reason:
+                return None, reason
         if dropout_p:
             return None, "dropout"
         if is_causal:
