@@ -130,8 +130,8 @@ class KernelSpec:
 def sm90_stages(block_m: int, block_n: int, head_dim: int, smem_budget: int = 220 * 1024, max_stages: int = 4) -> int:
     """K/V ring depth of the sm90 kernel: as many stages as fit in ``smem_budget`` bytes beside its two Q buffers,
     at least 2 and at most ``max_stages``. A program takes a whole SM (one per SM), so it may use the whole shared
-    memory: 2 stages at 128 x 128 tiles and head_dim 128 (the measured configuration; 226 KiB would allow 3, not
-    measured), 4 at head_dim 64."""
+    memory: 2 stages at 128 x 128 tiles and head_dim 128 (a third would need 256 KiB with the two Q buffers, more
+    than an SM has), 4 at head_dim 64 (5 would fit; not measured)."""
     tile_bytes = block_n * head_dim * 2
     return max(2, min(max_stages, (smem_budget - 2 * block_m * head_dim * 2) // (2 * tile_bytes)))
 
