@@ -79,7 +79,8 @@ class SkipState:
     :meth:`to` copies; :meth:`is_fresh`) has every list full and ascending, so a
     call on it with nothing to mark runs the kernel's *full walk*: every key
     tile by position, no list read, like dense attention. Every other state
-    runs the *list walk*, which gives the same result on full lists.
+    runs the *list walk*, which visits the same tiles in the same order on
+    full lists (the two specializations may round differently).
 
     The skip set only grows: a call's next state is its current list minus
     the tiles it marked.
