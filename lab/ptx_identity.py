@@ -11,8 +11,8 @@ head_dim 64 and 128, 64- and 128-wide key tiles, index and longest-first order, 
 that development scripts and tests pass (turn-taking, row-max tree, lane sums, register split).
 
 It drives either the current package (kernel settings from :mod:`liteattn.kernels.dispatch`'s specs) or one from
-before the specs (kernel settings from the modules' switches: the last such revision is 6139cd3), selected by what
-the imported package has. Usage, from the repository root::
+before the specs (kernel settings from the modules' switches: up to 420cb5b, whose kernels are 6139cd3's), selected
+by what the imported package has. Usage, from the repository root::
 
     git archive 6139cd3 liteattn | tar -x -C /tmp/before      # the package before, beside this checkout's
     python lab/ptx_identity.py --out /tmp/ptx-before --package-root /tmp/before
