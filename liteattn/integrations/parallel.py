@@ -193,7 +193,7 @@ def attend(runtime, info, query: torch.Tensor, key: torch.Tensor, value: torch.T
         # Raised inside the capture: ForwardGraphs then runs this forward eagerly from now on, with one warning.
         raise NotImplementedError("context-parallel attention calls are not captured in CUDA graphs (diffusers' "
                                   "collectives run inside them)")
-    from diffusers.models.attention_dispatch import _templated_context_parallel_attention
+    from diffusers.models.attention_dispatch import _templated_context_parallel_attention, _wait_tensor
 
     cp = parallel_config.context_parallel_config
     tokens = query.shape[1] * cp.ring_degree * cp.ulysses_degree  # the whole sequence: the plan splits it evenly
@@ -207,6 +207,9 @@ def attend(runtime, info, query: torch.Tensor, key: torch.Tensor, value: torch.T
                    return_lse=False, _save_ctx=True, _parallel_config=None):
         """diffusers' forward op: BSHD in, BSHD out (and the log-sum-exp ``(B, S_q, H)``)."""
         part = parts[len(used) % len(parts)]
+        # Ring hands over chunks of an all-gather still in flight (functional collectives' AsyncCollectiveTensor):
+        # torch ops wait on them by themselves, but a Triton kernel reads their data pointers, so wait here.
+        q, k, v = (_wait_tensor(x) for x in (q, k, v))
         attention = runtime.state((info.context, part), info.generation).attention
         attention.set_threshold(threshold)
         result = attention(q, k, v, scale=scale, return_lse=return_lse,
