@@ -53,6 +53,7 @@ TILES = (16, 16)  # WAN_LATENT: 160 tokens, 10 tiles; 5 per rank with two ranks
 # The op-level ring: one attention call per step on inputs with spatial locality (tokens attend near themselves).
 OP_SHAPE = (1, 128, 2, 16)  # (B, S, H, D): 8 key tiles, 4 per chunk
 OP_STEPS, OP_THRESHOLD, OP_SEED = 3, -4.0, 7
+KERNEL_STEPS = 2  # the Triton interpreter is slow
 
 
 # ---------------------------------------------------------------------------- shared with the test
@@ -176,7 +177,7 @@ def scenario_unified(rank: int, world: int) -> dict:
     return result
 
 
-def _op_runtime(threshold: float):
+def _op_runtime(threshold: float, backend: str = "torch"):
     from collections import Counter
 
     from liteattn.integrations import LiteAttentionConfig
@@ -185,18 +186,27 @@ def _op_runtime(threshold: float):
     def no_dense(*args, **kwargs):
         raise AssertionError("a context-parallel call ran dense")
 
-    config = LiteAttentionConfig(threshold=threshold, block_size=TILES, backend="torch")
+    config = LiteAttentionConfig(threshold=threshold, block_size=TILES, backend=backend)
     return LayerRuntime("layer", config, None, no_dense, KeyPaddingMasks(), Counter())
 
 
-def _ring_config(rank: int, world: int):
+def _parallel_config(rank: int, world: int, ring: int, ulysses: int):
+    """A ParallelConfig set up as ``enable_parallelism`` sets one up, for calls made without a model."""
     from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
     from torch.distributed.device_mesh import init_device_mesh
 
-    config = ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=world))
-    mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("ring", "ulysses"))
+    config = ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses))
+    mesh = init_device_mesh("cpu", (ring, ulysses), mesh_dim_names=("ring", "ulysses"))
     config.setup(rank, world, torch.device("cpu"), mesh=mesh)
     return config
+
+
+def _ring_config(rank: int, world: int):
+    return _parallel_config(rank, world, world, 1)
+
+
+def _ulysses_config(rank: int, world: int):
+    return _parallel_config(rank, world, 1, world)
 
 
 def _shard(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -217,6 +227,26 @@ def scenario_ring_op(rank: int, world: int) -> dict:
         result["states"].append({key[1]: (s.attention.state.kv_num_blocks.clone(), s.attention.state.kv_indices.clone())
                                  for key, s in runtime.contexts.items() if not isinstance(key, str)})
         result["sparsity"].append(float(runtime.contexts["cond"].records[-1].sparsity))
+    return result
+
+
+def scenario_kernel(rank: int, world: int) -> dict:
+    """Ring and Ulysses calls through the Triton kernel (float16; Triton's interpreter on a CPU) and through the
+    PyTorch reference, over KERNEL_STEPS steps of the op-level inputs: outputs and skipped fractions of both."""
+    from liteattn.integrations.layer import ForwardInfo
+
+    result = {}
+    for layout in ("ring", "ulysses"):
+        config = _ring_config(rank, world) if layout == "ring" else _ulysses_config(rank, world)
+        for backend in ("torch", "triton"):
+            runtime = _op_runtime(OP_THRESHOLD, backend)
+            outputs = []
+            for step, (q, k, v) in enumerate(op_inputs()[:KERNEL_STEPS]):
+                runtime.enter(ForwardInfo("cond", step, 0), None)
+                outputs.append(runtime.attend(*(_shard(x.half(), rank, world) for x in (q, k, v)),
+                                              parallel_config=config))
+                runtime.exit()
+            result[layout, backend] = (outputs, [float(r.sparsity) for r in runtime.contexts["cond"].records])
     return result
 
 
