@@ -8,8 +8,7 @@ from .attention import LiteAttention, lite_attention
 from .integrations import LiteAttentionConfig, apply, remove
 from .calibration import calibrate
 from .state import SkipState
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["LiteAttention", "LiteAttentionConfig", "SkipState", "apply", "calibrate", "lite_attention", "remove",
            "__version__"]

@@ -8,12 +8,13 @@ runs it. ``liteattn calibrate`` does the same for the shipped testbed from
 the command line. See docs/calibration.md.
 
 Imports run one way: this package uses :mod:`liteattn.integrations` and
-:mod:`liteattn.testbed`; the integrations import only :mod:`.profile`, to
-load a profile given to ``apply`` by path.
+:mod:`liteattn.testbed`; the profile format is :mod:`liteattn.profile`,
+outside this package, so that the integrations can load a profile given to
+``apply`` without importing calibration.
 """
 from .api import calibrate, testbed_inputs
 from .budget import Budget
-from .profile import Profile, load_profile
+from ..profile import Profile, load_profile
 from .runners import CallableRunner, PipelineRunner, Runner, TestbedRunner
 
 __all__ = ["Budget", "CallableRunner", "PipelineRunner", "Profile", "Runner", "TESTBED_PROFILE", "TestbedRunner",

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from .budget import Budget
-from .profile import TOKEN_RULES, Profile
+from ..profile import TOKEN_RULES, Profile
 from .runners import Runner, TestbedRunner, as_runner
 from .search import DEFAULT_DENSE_CANDIDATES, DEFAULT_GRID, search_fidelity, search_marginal, search_sparsity
 from .session import Calibration
@@ -90,7 +90,7 @@ def calibrate(pipe_or_transformer, inputs, budget, *, held_out=None, run: Callab
         ranges: step ranges with their own thresholds (fidelity budgets; marginal: one per step).
         grid: the thresholds the fidelity search tries, least aggressive first.
         token_rule: what the profile does at other token counts: ``"exact"`` (refuse), ``"same"``, ``"log2_shift"``
-            (see :mod:`liteattn.calibration.profile`).
+            (see :mod:`liteattn.profile`).
         skip_rule: ``"carry"`` (liteattn) or ``"per_call"`` (skip-softmax, for comparison).
         block_size, backend: as :func:`liteattn.apply` takes them.
         seed: draws the testbed inputs when ``inputs`` / ``held_out`` are numbers. The search itself has no
@@ -172,7 +172,7 @@ def calibrate(pipe_or_transformer, inputs, budget, *, held_out=None, run: Callab
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return __version__
 

@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .profile import MAX_DERIVED_THRESHOLD
+from ..profile import MAX_DERIVED_THRESHOLD
 from .session import Calibration, Setting
 
 __all__ = ["DEFAULT_DENSE_CANDIDATES", "DEFAULT_GRID", "marginal_steer", "range_starts", "search_fidelity",

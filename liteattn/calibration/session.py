@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from .budget import METRICS, Budget
-from .profile import ModelBinding, Profile, model_binding, write_json_atomic
+from ..profile import ModelBinding, Profile, model_binding, write_json_atomic
 from .runners import Runner
 
 __all__ = ["Calibration", "Setting", "fidelity"]

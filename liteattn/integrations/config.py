@@ -139,8 +139,8 @@ class LiteAttentionConfig:
             self._resolve_profile()
 
     def _resolve_profile(self) -> None:
-        """Load and check the calibration profile once (the only import of the calibration package here)."""
-        from ..calibration.profile import as_profile
+        """Load and check the calibration profile once (the format lives in liteattn.profile, so the integrations never import the calibration package)."""
+        from ..profile import as_profile
 
         profile = as_profile(self.profile)  # ValueError naming `profile` for a bad path or file
         if self.threshold != DEFAULT_THRESHOLD or self.dense_steps != 0:

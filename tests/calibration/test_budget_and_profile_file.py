@@ -9,7 +9,7 @@ import os
 import pytest
 
 from liteattn.calibration import Budget, Profile, load_profile
-from liteattn.calibration.profile import ModelBinding, write_json_atomic
+from liteattn.profile import ModelBinding, write_json_atomic
 
 
 def _binding(layers=("blocks.0.attn1", "blocks.1.attn1")):

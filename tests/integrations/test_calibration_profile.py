@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import liteattn.integrations as li  # noqa: E402
-from liteattn.calibration.profile import Profile, model_binding  # noqa: E402
+from liteattn.profile import Profile, model_binding  # noqa: E402
 from liteattn.integrations.diffusers import PATCH_ATTR  # noqa: E402
 
 SHARP = 12.0

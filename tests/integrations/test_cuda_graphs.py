@@ -133,7 +133,7 @@ def test_real_cuda_graphs_match_eager(tiny, loops, tiles):
 def test_replays_with_a_calibration_profile_match_eager_ones(tiny, loops, tiles):
     """With a profile a graph's key is the step range: every layer's threshold is fixed by it, and replays redo
     each call with the threshold it was captured with."""
-    from liteattn.calibration.profile import Profile, model_binding
+    from liteattn.profile import Profile, model_binding
 
     model = tiny.wan(sharpen=SHARP)
     layers = ["blocks.0.attn1", "blocks.1.attn1"]

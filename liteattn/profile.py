@@ -258,7 +258,7 @@ class Profile:
             ValueError: naming the first thing that differs (transformers, class, configuration, layers, heads,
                 head_dim, tiles).
         """
-        from ..kernels import default_block_sizes
+        from .kernels import default_block_sizes
 
         if set(targets) != set(self.models):
             raise ValueError(f"profile: calibrated for transformers {sorted(self.models)}, applied to "
