@@ -39,6 +39,57 @@ and a query tile any of whose valid rows ends with a NaN sum (it met a NaN
 or +inf score) keeps its whole list, so the next call computes exactly what
 it would have without this one. A -inf score beside finite ones weighs
 nothing, as in dense attention, and leaves the decision to the finite ones.
+
+8-bit QK (``qk_dtype="int8"`` or ``"fp8"``; opt-in, the default ``None`` is
+everything above). Only step 1 changes: the scores come from Q and K rounded
+to 8 bits, as SageAttention computes them; the skip rule, the online softmax
+and P.V (in ``compute_dtype``, from the unrounded ``v``) are as above.
+
+a. *Smoothing.* ``mu = mean of k over the key tokens`` per (batch, kv-head),
+   per channel, over the ``seq_len_k`` valid keys only (never the padding of a
+   ragged last tile), and ``k' = k - mu``. Why: the keys of a DiT share a large
+   common component; a per-tile scale sized for it leaves few levels for what
+   tells keys apart. Why it is exact: ``q.k' = q.k - q.mu`` subtracts one
+   constant per query row, which cancels in the softmax *and* in the skip
+   rule (a margin is a difference of two scores of one row).
+b. *Quantization*, symmetric, one scale per tile: ``q`` per query tile
+   (``block_m`` rows of one (batch, head)), ``k'`` per key tile (``block_n``
+   rows of one (batch, kv-head)). int8: ``scale = absmax / 127``, values
+   ``round(x / scale)`` (ties to even) in ``[-127, 127]``; fp8 (torch's
+   ``float8_e4m3fn``): ``scale = absmax / 448``, values ``x / scale`` rounded
+   to e4m3 (nearest, ties to even). A tile whose absmax is 0 holds zeros
+   (scale 1). Why per tile: the kernel loads one tile of Q and one of K per
+   step, so one scale each costs two scalars per tile and the dequantization
+   is one multiply of the score tile; finer (per-token) scales are measured
+   against it in ``lab/qk8_accuracy.py`` (``lab/results/qk8``).
+c. ``s = ((Q8 @ K8^T) * scale_q * scale_k) * softmax_scale``: the integer
+   (or e4m3) product is exact (int8: ``|sum| <= 127^2 * D < 2^24`` for
+   ``D <= 1040``, exact in int32 and float32; e4m3: every product is a
+   multiple of ``2^-18`` below ``2^18``, so the sum is exact in float64 for
+   ``D < 2^17``; the reference computes it in float64), then rounded once to
+   ``compute_dtype`` for the dequantization. A kernel may round the
+   dequantization differently, never the product.
+d. The returned ``lse`` is that of the unsmoothed scores, ``m + log l +
+   softmax_scale * q.mu`` (the correction from the unrounded ``q`` and ``mu`` in
+   ``compute_dtype``), so that partial results over key chunks (ring
+   attention) merge as before. The per-tile scores of ``return_scores`` are
+   margins and need no correction.
+
+Non-finite values with 8-bit QK. One NaN or infinity must not spread through
+``mu`` or a tile's scale to tokens dense attention keeps finite (a NaN mean
+would make every score of every row NaN). So a *bad* token (a query row or a
+key holding a non-finite value) is left out: ``mu`` is the mean of the other
+keys (0 if none), each absmax is over the other rows of its tile, and the
+bad token's scores are not quantized: a bad query row's scores are its dense
+scores ``softmax_scale * q.k`` (unsmoothed, the whole row, so the row stays
+one softmax) and its ``lse`` gets no correction; a good row's score against
+a bad key is ``softmax_scale * (q.k - q.mu)``, unrounded. Every non-finite
+score is then the one dense attention has (minus a finite constant of its
+row), so the rows that are NaN or zero, and the lists a query tile keeps for
+meeting a NaN or +inf score, are exactly those of ``qk_dtype=None``; the
+finite rows keep 8-bit accuracy (tests/test_qk_int8_reference.py). A kernel
+can flag bad tokens when it quantizes and take an unquantized path for the
+few tiles that hold one.
 """
 from __future__ import annotations
 
@@ -61,6 +112,76 @@ def _tiles(x: torch.Tensor, block: int) -> torch.Tensor:
     return x.view(b, h, t, block, d)
 
 
+QK_DTYPES = (None, "int8", "fp8")
+_QMAX = {"int8": 127.0, "fp8": 448.0}
+
+
+def _check_qk_dtype(qk_dtype):
+    if qk_dtype is None or (isinstance(qk_dtype, str) and qk_dtype in _QMAX):
+        if qk_dtype == "fp8" and not hasattr(torch, "float8_e4m3fn"):
+            raise ValueError("qk_dtype='fp8': this torch has no torch.float8_e4m3fn; use 'int8' or None")
+        return qk_dtype
+    hint = " (pass the string, e.g. 'int8')" if isinstance(qk_dtype, torch.dtype) else ""
+    raise ValueError(f"qk_dtype: expected one of {QK_DTYPES} (None: Q and K unrounded; 'int8' or 'fp8': "
+                     f"8-bit Q.K^T with smoothed K, one scale per tile), got {qk_dtype!r}{hint}")
+
+
+def _round8(x: torch.Tensor, block: int, qk_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 8-bit rounding of (B, H, S, D) with one scale per ``block`` rows.
+
+    Returns the rounded values as float64 tiles (B, H, T, block, D) (integers for int8, e4m3 values for fp8)
+    and the scales (B, H, T) in x's dtype. Padding rows are zero, so they never set a scale.
+    """
+    tiles = _tiles(x, block)
+    qmax = _QMAX[qk_dtype]
+    absmax = tiles.abs().amax(dim=(-2, -1))
+    scale = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
+    scaled = (tiles / scale[..., None, None]).clamp(-qmax, qmax)
+    if qk_dtype == "int8":
+        values = torch.round(scaled)
+    else:
+        values = scaled.to(torch.float8_e4m3fn)
+    return values.double(), scale
+
+
+class _RoundedQK:
+    """Step 1 with 8-bit Q and K (the module docstring's a-d and its non-finite rule)."""
+
+    def __init__(self, q, k, bm, bn, group, scale, qk_dtype, compute_dtype):
+        qf, kf = q.to(compute_dtype), k.to(compute_dtype)
+        bad_q = ~qf.isfinite().all(-1)  # [B, H, S_q]
+        bad_k = ~kf.isfinite().all(-1)  # [B, H_kv, S_k]
+        good_k = (~bad_k)[..., None]
+        count = good_k.sum(2).clamp(min=1)  # [B, H_kv, 1]
+        mu = torch.where(good_k, kf, 0.0).sum(2, keepdim=True) / count[..., None]  # [B, H_kv, 1, D]
+        self.q8, self.q_scale = _round8(torch.where(bad_q[..., None], 0.0, qf), bm, qk_dtype)
+        k8, k_scale = _round8(torch.where(good_k, kf - mu, 0.0), bn, qk_dtype)
+        self.k8, self.k_scale = k8.repeat_interleave(group, 1), k_scale.repeat_interleave(group, 1)
+        self.scale, self.dtype = scale, compute_dtype
+        # Added back to the lse: scale * q.mu per query row, 0 for bad rows (their scores are not smoothed).
+        corr = scale * (qf @ mu.repeat_interleave(group, 1).transpose(-1, -2))[..., 0]  # [B, H, S_q]
+        self.correction = torch.where(bad_q, 0.0, corr)
+        self.any_bad = bool(bad_q.any() or bad_k.any())
+        if self.any_bad:
+            self.q_raw = _tiles(qf, bm)
+            self.k_raw = _tiles(kf.repeat_interleave(group, 1), bn)
+            self.bad_q = _tiles(bad_q[..., None].float(), bm)[..., 0] > 0  # [B, H, QT, BM]
+            bad_k = bad_k.repeat_interleave(group, 1)
+            self.bad_k = _tiles(bad_k[..., None].float(), bn)[..., 0] > 0  # [B, H, KT, BN]
+            self.corr_tiles = _tiles(self.correction[..., None], bm)[..., 0]  # [B, H, QT, BM]
+
+    def scores(self, bi, hi, j):
+        """Scaled scores (B, H, QT, BM, BN) of every query tile against key tile ``j`` (B, H, QT)."""
+        exact = torch.einsum("bhqmd,bhqnd->bhqmn", self.q8, self.k8[bi, hi, j])
+        dequant = (self.q_scale * self.k_scale[bi, hi, j])[..., None, None]
+        s = exact.to(self.dtype) * dequant * self.scale
+        if self.any_bad:
+            raw = torch.einsum("bhqmd,bhqnd->bhqmn", self.q_raw, self.k_raw[bi, hi, j]) * self.scale
+            raw = raw - self.corr_tiles[..., None]
+            s = torch.where(self.bad_q[..., None] | self.bad_k[bi, hi, j][..., None, :], raw, s)
+        return s
+
+
 def lite_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -73,6 +194,7 @@ def lite_attention_reference(
     write_state: bool = True,
     return_scores: bool = False,
     skip_softmax: bool = False,
+    qk_dtype: str | None = None,
 ):
     """Reference forward on BHSD tensors.
 
@@ -89,6 +211,8 @@ def lite_attention_reference(
         skip_softmax: a marked tile is not used in this call (its exponentials
             and P.V skipped) rather than in the next ones; the returned lists
             are the tiles used.
+        qk_dtype: ``None`` (default) computes Q.K^T from q and k in ``compute_dtype``; ``"int8"`` or ``"fp8"``
+            from q and mean-smoothed k rounded to 8 bits with one scale per tile (module docstring, a-d).
 
     Returns:
         ``out (B, H, S_q, D)`` in q's dtype, ``lse (B, H, S_q)`` float32,
@@ -101,9 +225,14 @@ def lite_attention_reference(
     qt, kt = num_tiles(seq_q, bm), num_tiles(seq_k, bn)
     dev = q.device
     scale = dim ** -0.5 if scale is None else scale
+    qk_dtype = _check_qk_dtype(qk_dtype)
 
-    qs = _tiles(q.to(compute_dtype), bm)  # [B, H, QT, BM, D]
-    ks = _tiles(k.to(compute_dtype).repeat_interleave(group, 1), bn)  # [B, H, KT, BN, D]
+    if qk_dtype is None:
+        rounded = None
+        qs = _tiles(q.to(compute_dtype), bm)  # [B, H, QT, BM, D]
+        ks = _tiles(k.to(compute_dtype).repeat_interleave(group, 1), bn)  # [B, H, KT, BN, D]
+    else:
+        rounded = _RoundedQK(q, k, bm, bn, group, scale, qk_dtype, compute_dtype)
     vs = _tiles(v.to(compute_dtype).repeat_interleave(group, 1), bn)
     row_valid = (torch.arange(qt * bm, device=dev) < seq_q).view(qt, bm)  # [QT, BM]
     col_valid = (torch.arange(kt * bn, device=dev) < seq_k).view(kt, bn)  # [KT, BN]
@@ -127,7 +256,10 @@ def lite_attention_reference(
     for t in range(int(counts.max()) if counts.numel() else 0):
         active = t < counts  # [B, H, QT]
         j = torch.where(active, indices[..., t], 0).clamp_(0, kt - 1)  # [B, H, QT]
-        s = torch.einsum("bhqmd,bhqnd->bhqmn", qs, ks[bi, hi, j]) * scale  # [B, H, QT, BM, BN]
+        if rounded is None:
+            s = torch.einsum("bhqmd,bhqnd->bhqmn", qs, ks[bi, hi, j]) * scale  # [B, H, QT, BM, BN]
+        else:
+            s = rounded.scores(bi, hi, j)
         s = torch.where(col_valid[j][..., None, :], s, neg_inf)
         tile_max = s.amax(-1)  # [B, H, QT, BM]
         margin = (tile_max - m) * LOG2E
@@ -155,6 +287,8 @@ def lite_attention_reference(
     safe_l = torch.where(has_mass, l, torch.ones_like(l))
     out = torch.where(has_mass[..., None], acc / safe_l[..., None], torch.zeros_like(acc))
     lse = torch.where(has_mass, m + torch.log(safe_l), neg_inf)
+    if rounded is not None:  # the lse of the unsmoothed scores (docstring, d); -inf and NaN stay so
+        lse = lse + _tiles(rounded.correction[..., None], bm)[..., 0]
     out = out.reshape(bsz, nheads, qt * bm, dim)[:, :, :seq_q].to(q.dtype)
     lse = lse.reshape(bsz, nheads, qt * bm)[:, :, :seq_q].float()
     if write_state:
