@@ -122,12 +122,16 @@ def calibrate(pipe_or_transformer, inputs, budget, *, held_out=None, run: Callab
                          f"'carry', got {skip_rule!r}")
     if isinstance(ranges, bool) or not isinstance(ranges, int) or ranges < 1:
         raise ValueError(f"ranges: expected a positive int, got {ranges!r}")
-    grid = tuple(float(t) for t in grid)
+    try:
+        grid = tuple(float(t) for t in grid)
+    except (TypeError, ValueError):
+        raise ValueError(f"grid: expected ascending distinct negative thresholds, got {grid!r}") from None
     if not grid or any(not t < 0 for t in grid) or list(grid) != sorted(set(grid)):
         raise ValueError(f"grid: expected ascending distinct negative thresholds, got {list(grid)}")
     if dense_steps is None:
         dense_steps = DEFAULT_DENSE_CANDIDATES if budget.kind == "fidelity" else DEFAULT_DENSE_STEPS
-    candidates = (dense_steps,) if isinstance(dense_steps, int) else tuple(dense_steps)
+    candidates = tuple(dense_steps) if isinstance(dense_steps, Sequence) and not isinstance(dense_steps, str) \
+        else (dense_steps,)
     if not candidates or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in candidates):
         raise ValueError(f"dense_steps: expected an int >= 0 or a list of them, got {dense_steps!r}")
     if budget.kind != "fidelity" and len(candidates) != 1:
@@ -155,7 +159,8 @@ def calibrate(pipe_or_transformer, inputs, budget, *, held_out=None, run: Callab
         config = LiteAttentionConfig(profile=cal.profile(setting), block_size=block_size, backend=backend,
                                      skip_rule=skip_rule)
         measured["held_out"] = summarize_measurement(cal.measure(config, held, tag="held-out"), budget)
-    device = next(runner.target.parameters()).device if isinstance(runner.target, torch.nn.Module) else None
+    target = runner.target
+    device = next(target.parameters()).device if isinstance(target, torch.nn.Module) else getattr(target, "device", None)
     info = {
         "method": method, "date": datetime.date.today().isoformat(),
         "liteattn": _version(), "torch": torch.__version__, "device": _device_name(device),

@@ -25,7 +25,7 @@ Why the mean by default: a search that pushes every threshold to the edge
 of a bound fits the noise of the inputs it sees. The worst of a few inputs is
 the noisiest statistic there is, and it gets worse on any larger set of
 inputs, so a worst-case bound met in calibration is routinely missed on
-held-out inputs; a mean generalises (docs/calibration.md measures both).
+held-out inputs; a mean generalises better (a profile's held-out measurement shows how well).
 """
 from __future__ import annotations
 

@@ -80,9 +80,15 @@ def _to_unit(x: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
     return x[None]
 
 
+# What a non-finite measurement is recorded as: a value every budget of its metric misses (JSON has no NaN).
+MISSED = {"psnr": 0.0, "ssim": -1.0, "rel_error": 1e9}
+
+
 def fidelity(output: torch.Tensor, dense: torch.Tensor, value_range: tuple[float, float] | None) -> dict:
-    """PSNR (dB), SSIM (None when the frames are too small) and relative L2 error of one output against its dense
-    output, both mapped from ``value_range`` (default: the dense output's own range) to [-1, 1]."""
+    """PSNR (dB) and SSIM (None when the frames are too small) of one output against its dense output, both mapped
+    from ``value_range`` (default: the dense output's own range) to [-1, 1], and the relative L2 error
+    ``|output - dense| / |dense|`` of the outputs as they are. A non-finite measurement (NaN in the output) is
+    recorded as :data:`MISSED`."""
     from ..testbed.metrics import psnr, ssim
 
     if value_range is None:
@@ -93,9 +99,12 @@ def fidelity(output: torch.Tensor, dense: torch.Tensor, value_range: tuple[float
         structure = ssim(x, ref) if min(x.shape[-2:]) >= 11 else None
     except ValueError:
         structure = None
-    norm = float(ref.norm())
-    rel = float((x - ref).norm()) / norm if norm else math.inf
-    return {"psnr": value if math.isfinite(value) else 99.0, "ssim": structure, "rel_error": rel}
+    diff, norm = float((output.double() - dense.double()).norm()), float(dense.double().norm())
+    rel = diff / norm if norm else (0.0 if diff == 0 else MISSED["rel_error"])
+    # Identical outputs give +inf dB (capped); a NaN anywhere must count as a miss, never as a perfect score.
+    return {"psnr": 99.0 if value == math.inf else (value if math.isfinite(value) else MISSED["psnr"]),
+            "ssim": structure if structure is None or math.isfinite(structure) else MISSED["ssim"],
+            "rel_error": rel if math.isfinite(rel) else MISSED["rel_error"]}
 
 
 class Calibration:
@@ -147,6 +156,7 @@ class Calibration:
         self._dense: dict[str, torch.Tensor] = {}
         self._dense_scores: dict[int, list] = {}  # by id of a dense output kept in self._dense
         self.evaluations = 0  # made in this session (not found in the journal)
+        self._fallbacks_reported = False
         if self.work_dir is not None:
             self._open_journal(resume)
         if self.journal["tokens"] is None and getattr(runner, "tokens", None):
@@ -155,6 +165,9 @@ class Calibration:
     # -- journal ---------------------------------------------------------------------------
     def _open_journal(self, resume: bool) -> None:
         path = self.work_dir / JOURNAL
+        if not resume:  # starting over means every output is made again, the dense ones too
+            for stale in self.work_dir.glob("dense-*.pt"):
+                stale.unlink()
         if resume and path.is_file():
             try:
                 journal = json.loads(path.read_text())
@@ -265,6 +278,7 @@ class Calibration:
                 summary = handle.summary()
             finally:
                 remove(self.runner.target)
+            self._check_fallbacks(summary, config)
             n = len(chunk)
             run_sum += summary.sparsity * n
             for layer, row in summary.per_layer().items():
@@ -278,6 +292,20 @@ class Calibration:
             self.journal["tokens"] = tokens.pop()
             self._save()
         return torch.cat(outputs), {"run": run_sum / count, "layers": {k: v / count for k, v in layer_sum.items()}}
+
+    def _check_fallbacks(self, summary, config) -> None:
+        """Refuse a run whose attention calls all fell back to dense (nothing was measured: every setting would
+        look perfect and the search would return the most aggressive one); report one where some did."""
+        if not summary.fallbacks or config.threshold == -math.inf:
+            return
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(summary.fallbacks.items()))
+        if all(c.mode != "sparse" for c in summary.calls):
+            raise ValueError(f"pipe_or_transformer: every attention call ran dense instead of liteattn ({reasons}); "
+                             "a calibration measures nothing there (context parallelism and masked attention are "
+                             "not calibrated)")
+        if not self._fallbacks_reported:
+            self._fallbacks_reported = True
+            self.log(f"calibrate: some attention calls run dense and are not calibrated ({reasons})")
 
     def measure(self, config, inputs: Sequence | None = None, tag: str = "calibration", scores: bool = True,
                 steer: Callable | None = None, per_input: bool = False) -> dict:

@@ -78,9 +78,10 @@ def generate(testbed, prompts: torch.Tensor, seeds: list[int], *, frames: int, s
     ``profile``: a calibration profile (a path or a :class:`liteattn.calibration.Profile`) instead of
     ``threshold`` and ``dense_steps``: per-layer thresholds and its own dense first steps.
 
-    ``warmup`` generations (GPU only) come first, of ``dense_steps + 5`` steps at
-    most: enough to see every kind of step twice, so that every CUDA graph is
-    captured before the timed run. ``mask_layers``: block indices whose skip
+    ``warmup`` generations (GPU only) come first, running 5 steps past the first
+    skipping step (with a profile, past its last step range's start): enough to
+    see every kind of step twice, so that every CUDA graph is captured before
+    the timed run. ``mask_layers``: block indices whose skip
     masks (``"cond"`` context) are returned.
     """
     from ..integrations import apply, remove
@@ -102,9 +103,12 @@ def generate(testbed, prompts: torch.Tensor, seeds: list[int], *, frames: int, s
     handle = apply(transformer, timing=not on_gpu, cuda_graph=cuda_graph and on_gpu, **options)
     try:
         if on_gpu:
+            # Every kind of step at least twice before timing (graphs are captured at a kind's second sighting):
+            # the dense steps, and the skipping steps of each of a profile's step ranges.
+            starts = handle.config.profile.range_starts if handle.config.profile is not None else ()
+            last_kind = max(handle.config.first_skipping_step, *starts)
             for _ in range(warmup):
-                sample_video(testbed, steps=min(steps, handle.config.first_skipping_step + 5), show_progress=False,
-                             **sample)
+                sample_video(testbed, steps=min(steps, last_kind + 5), show_progress=False, **sample)
         _sync(device)
         start = time.perf_counter()
         video = sample_video(testbed, steps=steps, show_progress=show_progress, desc=desc, **sample)
