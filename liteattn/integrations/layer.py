@@ -31,7 +31,7 @@ from .. import _validation as V
 from ..attention import LiteAttention
 from ..kernels import SUPPORTED_HEAD_DIMS, TRITON_AVAILABLE, default_block_sizes
 from ..reference import lite_attention_reference
-from ..state import SkipState
+from ..state import SkipState, merge_ranges
 from . import timing
 from .config import LiteAttentionConfig
 
@@ -197,17 +197,6 @@ def per_call_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     return out.transpose(1, 2), skipped
 
 
-def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, non-overlapping, non-touching ranges covering the same tokens."""
-    merged: list[tuple[int, int]] = []
-    for start, end in sorted(ranges):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
-        else:
-            merged.append((start, end))
-    return merged
-
-
 class LayerRuntime:
     """The liteattn side of one patched attention module.
 
@@ -277,11 +266,7 @@ class LayerRuntime:
         schedule = self._schedules[tokens]
         if schedule is None:
             return self.config.threshold_at(step)
-        threshold = schedule[0][1]
-        for first_step, value in schedule:
-            if step >= first_step:
-                threshold = value
-        return threshold
+        return schedule[self.config.profile.range_index(step)][1]
 
     # -- the attention call ------------------------------------------------------------
     def attend(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
