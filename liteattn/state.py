@@ -401,6 +401,18 @@ class Sparsity(float):
         return float(self)
 
 
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, non-overlapping, non-touching token ranges ``(start, end)`` covering the same tokens (must-do
+    ranges gathered from several sources: configuration, text tokens, a context-parallel rank's shard)."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
 def tile_protection(ranges: list[tuple[int, int]] | None, seq_len: int, block: int,
                     device: torch.device) -> torch.Tensor:
     """int8 per tile: 1 where the tile overlaps a must-do token range.

@@ -62,6 +62,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..state import merge_ranges
+
 __all__ = ["LseGuard", "Part", "attend", "fallback_reason", "local_ranges", "parts_of"]
 
 # What a row's first real chunk hands to diffusers' merge after empty chunks that handed over 0: e^-88 is below
@@ -136,19 +138,7 @@ def local_ranges(ranges: list[tuple[int, int]], part: Part, seq_q: int, seq_k: i
             lo, hi = max(start - offset, 0), min(end - offset, length, seq_k)
             if lo < hi:
                 local.append((lo, hi))
-    return _union(local)
-
-
-def _union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, non-overlapping ranges covering the same tokens (as ``layer.merge_ranges``: this module imports
-    nothing from ``layer``, which imports it, so that the two do not form an import cycle)."""
-    merged: list[tuple[int, int]] = []
-    for start, end in sorted(ranges):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
-        else:
-            merged.append((start, end))
-    return merged
+    return merge_ranges(local)
 
 
 class LseGuard:
