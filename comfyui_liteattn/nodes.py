@@ -101,8 +101,8 @@ class LiteAttention:
             "optional": {
                 "calibration_profile": ("STRING", {
                     "default": "",
-                    "tooltip": "Path of a calibration profile file. Leave empty: this liteattn version reads none "
-                               "yet and refuses a path."}),
+                    "tooltip": "Path of a calibration profile file. Leave empty: profiles are made for diffusers "
+                               "pipelines, and the node refuses them until it can match their layers."}),
             },
         }
 

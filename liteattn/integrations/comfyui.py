@@ -74,9 +74,12 @@ def threshold_from_input(value) -> float:
 def check_calibration_profile(path) -> None:
     """Validate the node's calibration-profile input; an empty one means none.
 
-    liteattn has no calibration profile format yet: a path to an existing
-    file is refused with ``NotImplementedError`` rather than ignored, so a
-    workflow never runs with settings it did not ask for.
+    A profile (:mod:`liteattn.profile`) binds its thresholds to a diffusers
+    transformer: its class, configuration hash and layer names. ComfyUI loads
+    the same weights into its own model classes, whose blocks the node cannot
+    yet match to a profile's layers, so a valid profile is refused with
+    ``NotImplementedError`` rather than ignored or applied to the wrong
+    layers: a workflow never runs with settings it did not ask for.
     """
     if path is None or (isinstance(path, str) and not path.strip()):
         return
@@ -84,8 +87,16 @@ def check_calibration_profile(path) -> None:
         raise ValueError(f"calibration_profile: expected the path of a profile file or an empty string, got {path!r}")
     if not Path(path).expanduser().is_file():
         raise ValueError(f"calibration_profile: expected the path of an existing file (or nothing), got {str(path)!r}")
+    from ..profile import Profile
+
+    try:
+        profile = Profile.load(Path(path).expanduser())
+    except ValueError as err:
+        raise ValueError(f"calibration_profile: {str(err).removeprefix('profile: ')}") from None
     raise NotImplementedError(
-        "calibration_profile: this liteattn version reads no calibration profiles yet; leave the input empty "
+        f"calibration_profile: {profile.name!r} was calibrated on diffusers' "
+        f"{', '.join(sorted(b.class_name for b in profile.models.values()))}, whose layers this node cannot match to "
+        "ComfyUI's model yet; use it with liteattn.apply on the diffusers pipeline, or leave the input empty "
         "(threshold and dense_steps then apply to every block)")
 
 
