@@ -9,10 +9,21 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-__all__ = ["SIZES", "TestbedRun", "check_out", "check_positive", "check_size_options", "parse_device", "prepare"]
+__all__ = ["SIZES", "TestbedRun", "add_run_arguments", "check_out", "check_positive", "check_size_options", "parse_device", "prepare"]
 
 # Per size: frames, frame size in pixels and denoising steps. small: a CPU's ~1 minute; large: the GPU default.
 SIZES = {"small": {"frames": 8, "pixels": 32, "steps": 20}, "large": {"frames": 32, "pixels": 64, "steps": 30}}
+
+
+def add_run_arguments(parser) -> None:
+    """The options every testbed command takes: ``--device``, ``--size``, ``--steps``, ``--frames``, ``--pixels``."""
+    parser.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:1', ... (default: cuda if available)")
+    parser.add_argument("--size", choices=sorted(SIZES), default=None,
+                        help="small: 8 frames of 32px, 20 steps; large: 32 frames of 64px, 30 steps (default: small "
+                             "on a CPU, large on a GPU)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: per size)")
+    parser.add_argument("--frames", type=int, default=None, help="video frames (default: per size)")
+    parser.add_argument("--pixels", type=int, default=None, help="frame height and width, even (default: per size)")
 
 
 def parse_device(text: str):

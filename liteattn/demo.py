@@ -12,6 +12,15 @@ real video models), with every transformer forward replayed from a CUDA graph
 in both runs. On a CPU it runs a small size (8 frames of 32x32, 2,048
 tokens) through liteattn's PyTorch reference: the same skipping, no speed-up.
 
+Thresholds: where the run has the token count and steps of the shipped
+calibration profile (``liteattn calibrate``; the CPU size), the demo runs that
+profile: a threshold per layer and step range, chosen to a quality budget.
+Elsewhere (the GPU size) it runs one threshold and a number of dense first
+steps chosen on an H200 sweep (the profile was not calibrated there).
+``--profile FILE`` runs a profile where its token rule covers the run's size
+(checked before any generation); ``--threshold`` or ``--profile none`` runs
+one threshold.
+
 Reported (printed, and in the output folder): wall time and attention time of
 each run, the fraction of attention tiles skipped at each step and in each
 layer, each video's quality scores from the testbed's evaluator (judged on
@@ -27,9 +36,10 @@ import math
 import sys
 from pathlib import Path
 
-from ._testbed_cli import SIZES, check_positive, check_size_options, prepare
+from ._testbed_cli import add_run_arguments, check_positive, check_size_options, prepare
 
-__all__ = ["DEFAULT_DENSE_STEPS", "DEFAULT_PROMPT", "DEFAULT_THRESHOLD", "add_arguments", "check_args", "run"]
+__all__ = ["DEFAULT_DENSE_STEPS", "DEFAULT_PROMPT", "DEFAULT_THRESHOLD", "add_arguments", "check_args", "choose_setting",
+           "run"]
 
 # Chosen on an H200 from a sweep of thresholds and dense first steps over 32 prompts and seeds at the large size
 # (docs/testbed.md, "Choosing the defaults"): the most skipping whose evaluator scores stay inside dense's
@@ -43,18 +53,17 @@ MASK_CONTEXT = "cond"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="liteattn-demo", help="output folder (default: liteattn-demo)")
-    parser.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:1', ... (default: cuda if available)")
-    parser.add_argument("--size", choices=sorted(SIZES), default=None,
-                        help="small: 8 frames of 32px, 20 steps; large: 32 frames of 64px, 30 steps (default: small "
-                             "on a CPU, large on a GPU)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: per size)")
-    parser.add_argument("--frames", type=int, default=None, help="video frames (default: per size)")
-    parser.add_argument("--pixels", type=int, default=None, help="frame height and width, even (default: per size)")
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                        help=f"liteattn's negative log2 skip threshold (default: {DEFAULT_THRESHOLD:g}, chosen for "
-                             "the testbed)")
-    parser.add_argument("--dense-steps", type=int, default=DEFAULT_DENSE_STEPS,
-                        help=f"first steps run dense before liteattn starts skipping (default: {DEFAULT_DENSE_STEPS})")
+    add_run_arguments(parser)
+    parser.add_argument("--profile", default="auto",
+                        help="a calibration profile (liteattn calibrate), 'none' for one threshold, or 'auto' "
+                             "(default): the shipped testbed profile where the run has its token count and steps "
+                             "(the CPU size), else one threshold")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help=f"run one negative log2 skip threshold instead of a profile (default without a profile: "
+                             f"{DEFAULT_THRESHOLD:g}, chosen for the testbed on an H200)")
+    parser.add_argument("--dense-steps", type=int, default=None,
+                        help=f"with one threshold, the first steps run dense before liteattn starts skipping (default: "
+                             f"{DEFAULT_DENSE_STEPS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default: 4)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT,
@@ -69,15 +78,60 @@ def check_args(args) -> None:
     from .testbed.data import encode_prompt
 
     check_size_options(args)
-    if not args.threshold < 0:
+    if args.threshold is not None and not args.threshold < 0:
         raise ValueError(f"--threshold: expected a negative number (log2 units, e.g. -2), got {args.threshold:g}")
     check_positive("--dense-steps", args.dense_steps, 0)
+    if args.profile not in ("auto", "none"):
+        if args.threshold is not None or args.dense_steps is not None:
+            given = "--threshold" if args.threshold is not None else "--dense-steps"
+            raise ValueError(f"{given}: a profile sets every layer's thresholds and the dense steps; expected "
+                             f"--profile none (or auto) with {given}, got --profile {args.profile}")
+        _load_profile(args.profile)
     if not args.guidance >= 0:
         raise ValueError(f"--guidance: expected a number >= 0, got {args.guidance:g}")
     try:
         encode_prompt(args.prompt)
     except ValueError as err:
         raise ValueError(f"--prompt: {str(err).removeprefix('prompt: ')}") from None
+
+
+def _load_profile(path: str):
+    from .profile import Profile
+
+    try:
+        return Profile.load(path)
+    except ValueError as err:
+        raise ValueError(f"--profile: {str(err).removeprefix('profile: ')}") from None
+
+
+def choose_setting(args, tokens: int, steps: int) -> dict:
+    """What the demo runs: ``{"profile": Profile or None, "threshold", "dense_steps", "why"}``.
+
+    ``--profile auto`` takes the shipped profile only where it was calibrated (this token count and step count):
+    elsewhere its thresholds were never measured, so the measured defaults run instead.
+    """
+    plain = {"profile": None, "threshold": DEFAULT_THRESHOLD if args.threshold is None else args.threshold,
+             "dense_steps": DEFAULT_DENSE_STEPS if args.dense_steps is None else args.dense_steps}
+    if args.profile == "none" or args.threshold is not None or args.dense_steps is not None:
+        return dict(plain, why="one threshold (asked for)")
+    if args.profile != "auto":
+        profile = _load_profile(args.profile)
+        try:
+            profile.adjusted(-1.0, tokens)  # refused here, before any generation, if its token rule does not cover it
+        except ValueError as err:
+            raise ValueError(f"--profile: {str(err).removeprefix('profile: ')}") from None
+        return {"profile": profile, "threshold": None, "dense_steps": profile.dense_steps,
+                "why": f"profile {args.profile}"}
+    from .calibration import TESTBED_PROFILE
+
+    if not TESTBED_PROFILE.is_file():
+        return dict(plain, why="measured defaults (no shipped profile in this installation)")
+    profile = _load_profile(TESTBED_PROFILE)
+    if (profile.tokens, profile.steps) == (tokens, steps):
+        return {"profile": profile, "threshold": None, "dense_steps": profile.dense_steps,
+                "why": "the shipped calibration profile"}
+    return dict(plain, why=f"measured defaults (the shipped profile was calibrated at {profile.tokens} tokens and "
+                           f"{profile.steps} steps, this run has {tokens} and {steps})")
 
 
 def _per_layer_per_step(summary) -> dict[str, dict[int, float]]:
@@ -107,7 +161,7 @@ def _write_outputs(out: Path, dense, lite, report: dict, tokens_per_frame: int) 
         "sparsity.png": lambda p: plot_sparsity(
             {int(k): v["sparsity"] for k, v in lite.summary.per_step().items()},
             _per_layer_per_step(lite.summary), p,
-            f"liteattn, threshold {report['threshold']:g}: tiles skipped per step", dense_steps=steps_dense),
+            f"liteattn, {_setting_text(report)}: tiles skipped per step", dense_steps=steps_dense),
     }
     if lite.masks:
         block_m, block_n = lite.tiles
@@ -124,6 +178,12 @@ def _write_outputs(out: Path, dense, lite, report: dict, tokens_per_frame: int) 
     report["files"] = written + ["report.json"]
     (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
     return report["files"]
+
+
+def _setting_text(report: dict) -> str:
+    if report.get("profile"):
+        return f"profile {report['profile']['name']!r} (per-layer thresholds)"
+    return f"threshold {report['threshold']:g}"
 
 
 def _every_text(every: int) -> str:
@@ -157,6 +217,7 @@ def run(args) -> int:
     out, dtype, testbed = setup.out, setup.dtype, setup.testbed
     tokens = encode_prompt(args.prompt)[None]
     tokens_per_video = testbed.tokens_per_video(frames, pixels)
+    setting = choose_setting(args, tokens_per_video, steps)
     graphs = device.type == "cuda" and not args.no_cuda_graph
     print(f"liteattn demo: '{describe_prompt(tokens[0])}', {frames} frames of {pixels}px = {tokens_per_video} tokens, "
           f"{steps} steps, guidance {args.guidance:g}, seed {args.seed}, {device} {str(dtype).replace('torch.', '')}"
@@ -166,8 +227,9 @@ def run(args) -> int:
                   show_progress=not args.no_progress)
     dense = generate(testbed, tokens, [args.seed], threshold=None, dense_steps=steps, desc="dense", **common)
     blocks = len(testbed.transformer.blocks)
-    lite = generate(testbed, tokens, [args.seed], threshold=args.threshold, dense_steps=args.dense_steps,
-                    mask_layers=tuple(sorted({0, blocks // 2, blocks - 1})), desc="liteattn", **common)
+    lite = generate(testbed, tokens, [args.seed], threshold=setting["threshold"], dense_steps=setting["dense_steps"],
+                    profile=setting["profile"], mask_layers=tuple(sorted({0, blocks // 2, blocks - 1})),
+                    desc="liteattn", **common)
 
     per_step = {int(k): v["sparsity"] for k, v in lite.summary.per_step().items()}
     last = per_step[max(per_step)] if per_step else 0.0
@@ -180,7 +242,11 @@ def run(args) -> int:
         "backend": "triton" if device.type == "cuda" else "torch (reference; no speed-up on a CPU)",
         "cuda_graphs": graphs, "size": size, "frames": frames, "pixels": pixels, "tokens_per_video": tokens_per_video,
         "tiles": list(lite.tiles or ()), "steps": steps, "guidance": args.guidance, "seed": args.seed,
-        "threshold": args.threshold, "dense_steps": args.dense_steps,
+        "threshold": setting["threshold"], "dense_steps": setting["dense_steps"], "setting": setting["why"],
+        "profile": None if setting["profile"] is None else {
+            "name": setting["profile"].name, "tokens": setting["profile"].tokens,
+            "token_rule": setting["profile"].token_rule, "steps": setting["profile"].steps,
+            "thresholds": setting["profile"].to_dict()["thresholds"], "budget": setting["profile"].budget},
         "dense": {"wall_s": dense.wall_s, "attention_s": dense.attention_s, "kernels_s": dense.kernels_s},
         "liteattn": {"wall_s": lite.wall_s, "attention_s": lite.attention_s, "kernels_s": lite.kernels_s,
                      "sparsity_mean": lite.summary.sparsity, "sparsity_last_step": last,
@@ -207,8 +273,9 @@ def _print_report(r: dict, out: Path, files: list[str]) -> None:
     attn = lambda run: "-" if run["attention_s"] is None else f"{run['attention_s']:6.2f} s"  # noqa: E731
     share = f" ({100 * d['attention_share_of_gpu_time']:.0f}% of GPU time)" if "attention_share_of_gpu_time" in d else ""
     print(f"dense    : wall {d['wall_s']:6.2f} s, attention {attn(d)}{share}")
-    print(f"liteattn : wall {lt['wall_s']:6.2f} s, attention {attn(lt)}; threshold {r['threshold']:g}, "
+    print(f"liteattn : wall {lt['wall_s']:6.2f} s, attention {attn(lt)}; {_setting_text(r)}, "
           f"first {r['dense_steps']} steps dense")
+    print(f"setting  : {r['setting']}")
     print(f"skipped  : {100 * lt['sparsity_mean']:.1f}% of tiles over the run, {100 * lt['sparsity_last_step']:.1f}% "
           "at the last step; per step: " + " ".join(f"{100 * s:.0f}" for s in lt["sparsity_per_step"]))
     attn_speedup = r["speedup"]["attention"]

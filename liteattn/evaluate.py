@@ -21,7 +21,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from ._testbed_cli import SIZES, check_positive, check_size_options, prepare
+from ._testbed_cli import add_run_arguments, check_positive, check_size_options, prepare
 from .demo import DEFAULT_DENSE_STEPS, DEFAULT_THRESHOLD
 
 __all__ = ["add_arguments", "check_args", "run"]
@@ -31,12 +31,7 @@ DIMENSIONS = ("prompt_adherence", "subject_consistency", "motion_smoothness", "b
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="liteattn-eval", help="output folder (default: liteattn-eval)")
-    parser.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:1', ... (default: cuda if available)")
-    parser.add_argument("--size", choices=sorted(SIZES), default=None,
-                        help="as liteattn demo (default: small on a CPU, large on a GPU)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: per size)")
-    parser.add_argument("--frames", type=int, default=None, help="video frames (default: per size)")
-    parser.add_argument("--pixels", type=int, default=None, help="frame height and width, even (default: per size)")
+    add_run_arguments(parser)
     parser.add_argument("--prompts", type=int, default=16, help="random prompts (default: 16)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default: 2; 32 pairs in all)")
     parser.add_argument("--threshold", type=float, nargs="+", default=[DEFAULT_THRESHOLD],

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .._testbed_cli import SIZES, check_out, check_positive, check_size_options, prepare
+from .._testbed_cli import add_run_arguments, check_out, check_positive, check_size_options, prepare
 
 __all__ = ["add_arguments", "check_args", "run"]
 
@@ -31,13 +31,7 @@ DEFAULT_BUDGET = "psnr>=32"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="liteattn-calibration",
                         help="output folder: profile.json and the resumable journal (default: liteattn-calibration)")
-    parser.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:1', ... (default: cuda if available)")
-    parser.add_argument("--size", choices=sorted(SIZES), default=None,
-                        help="small: 8 frames of 32px, 20 steps; large: 32 frames of 64px, 30 steps (default: small "
-                             "on a CPU, large on a GPU)")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: per size)")
-    parser.add_argument("--frames", type=int, default=None, help="video frames (default: per size)")
-    parser.add_argument("--pixels", type=int, default=None, help="frame height and width, even (default: per size)")
+    add_run_arguments(parser)
     parser.add_argument("--budget", default=DEFAULT_BUDGET,
                         help=f"what the profile must achieve (default: {DEFAULT_BUDGET!r}, the mean PSNR in dB of the "
                              "videos against dense; see the description)")

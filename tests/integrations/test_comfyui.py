@@ -104,8 +104,13 @@ def test_calibration_profile(tmp_path):
         check_calibration_profile(3)
     profile = tmp_path / "profile.json"
     profile.write_text("{}")
-    with pytest.raises(NotImplementedError, match="no calibration profiles yet"):
+    with pytest.raises(ValueError, match="^calibration_profile: expected a liteattn calibration profile"):
         check_calibration_profile(str(profile))
+    from liteattn.calibration import TESTBED_PROFILE
+
+    with pytest.raises(NotImplementedError, match="^calibration_profile: 'testbed' was calibrated on diffusers' "
+                                                  r"\w+, whose layers this node cannot match"):
+        check_calibration_profile(str(TESTBED_PROFILE))
 
 
 # ---------------------------------------------------------------------------- steps, chunks, blocks
