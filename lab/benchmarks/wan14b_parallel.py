@@ -39,12 +39,11 @@ import math
 import os
 import platform
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 
-from wan14b_shape import LATENT_720P_81F, TEXT_TOKENS, WAN_14B  # same folder: the script's directory is on sys.path
+from wan14b_shape import LATENT_720P_81F, TEXT_TOKENS, WAN_14B, _clock  # same folder: the script's directory is on sys.path
 
 TINY = dict(WAN_14B, num_attention_heads=4, attention_head_dim=16, text_dim=32, ffn_dim=32, rope_max_seq_len=32)
 TINY_LATENT = (1, 16, 4, 8, 8)  # 64 tokens: 2 tiles of 16 per rank with 2 ranks
@@ -135,28 +134,6 @@ def _cpu_device_count():
         torch.accelerator.device_count = original
 
 
-def _clock(device: torch.device):
-    """start() -> token, stop(token) -> ms; CUDA events on a GPU."""
-    if device.type == "cuda":
-        def start():
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-
-        def stop(begin):
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            end.synchronize()
-            return begin.elapsed_time(end)
-    else:
-        def start():
-            return time.perf_counter()
-
-        def stop(begin):
-            return (time.perf_counter() - begin) * 1000.0
-    return start, stop
-
-
 def seed_states(handle, sparsity: float, seed: int, device: torch.device) -> None:
     """Replace every "cond" skip state of the patched layers (one per context-parallel part, or the context's own)
     with a random one skipping a fraction ``sparsity`` of each row's tiles; the first tile of each row stays."""
@@ -179,7 +156,7 @@ def run_mode(mode: str, model, hidden, prompt, args, group) -> dict:
     """Time ``args.steps`` forwards in one mode on this rank; with ``group``, reduce over its ranks."""
     import liteattn.integrations as li
 
-    start, stop = _clock(hidden.device)
+    start, stop = _clock(hidden.device.type)
     steps = args.warmup + args.steps
     handle = None
     if mode == "dense":
