@@ -346,9 +346,12 @@ class SkipState:
         Asked for by a call that is about to write them: the state whose buffers they are (the one this state
         advanced from) stops being fresh here, so a later call on it reads its lists.
         """
-        owner = self._spare_owner() if self._spare_owner is not None else None
-        if owner is not None:
-            owner._fresh = False
+        # Not while torch.compile traces (is_fresh() is False there anyway): Dynamo replays the write through the
+        # weak reference at run time, when the owner may have been collected.
+        if self._spare_owner is not None and not torch.compiler.is_compiling():
+            owner = self._spare_owner()
+            if owner is not None:
+                owner._fresh = False
         if self._spare is None:
             self._spare = (torch.empty_like(self.kv_num_blocks), torch.empty_like(self.kv_indices))
         return self._spare
