@@ -52,6 +52,9 @@ def summarize_measurement(result: dict, budget: Budget | None = None) -> dict:
         values = [f[budget.metric] for f in result["per_input"] if f[budget.metric] is not None]
         out["meets_budget"] = bool(values) and budget.met(budget.reduce(values), with_margin=False)
         out["inputs_meeting_bound"] = sum(budget.met(v, with_margin=False) for v in values) / max(len(values), 1)
+    elif budget is not None and budget.kind == "sparsity":
+        short = sorted(k for k, v in result["sparsity_per_layer"].items() if v < budget.value)
+        out["meets_budget"], out["layers_below_target"] = not short, short
     out["sparsity_per_layer"] = result["sparsity_per_layer"]
     return out
 

@@ -281,9 +281,11 @@ class Calibration:
             self._check_fallbacks(summary, config)
             n = len(chunk)
             run_sum += summary.sparsity * n
-            for layer, row in summary.per_layer().items():
-                layer = layer.removeprefix("transformer:")
-                layer_sum[layer] = layer_sum.get(layer, 0.0) + row["sparsity"] * n
+            per_layer: dict[str, list[float]] = {}  # keyed as the profile keys layers, however many transformers ran
+            for call in summary.calls:
+                per_layer.setdefault(Profile.layer_key(call.transformer, call.layer), []).append(call.sparsity)
+            for layer, values in per_layer.items():
+                layer_sum[layer] = layer_sum.get(layer, 0.0) + sum(values) / len(values) * n
             count += n
         if len(tokens) > 1:
             raise ValueError(f"inputs: expected one self-attention sequence length, got {sorted(tokens)}; calibrate "

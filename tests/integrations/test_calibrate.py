@@ -136,6 +136,8 @@ def test_a_sparsity_budget_makes_every_layer_skip_its_share(make_runner):
     profile = _calibrate(make_runner(), budget="sparsity>=0.05", dense_steps=1)
     measured = profile.measured["calibration"]
     assert all(s >= 0.05 for s in measured["sparsity_per_layer"].values())
+    assert measured["meets_budget"] and measured["layers_below_target"] == []
+    assert set(measured["sparsity_per_layer"]) == set(profile.thresholds)  # every layer measured, keyed as the profile
     assert profile.range_starts == (1,) and profile.budget["kind"] == "sparsity"
     assert all(-12 < row[0] < 0 for row in profile.thresholds.values())
 
