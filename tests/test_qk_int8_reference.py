@@ -220,8 +220,8 @@ def _poison(q, k, kind):
         k[0, 0, 40, 3] = -INF
     elif kind == "nan query":
         q[0, 1, 20, 0] = NAN
-    elif kind == "inf query":
-        q[0, 1, 20, 0] = INF
+    elif kind == "inf query":  # signed so that some score is +inf (the keys' shared offset may make every k[..., 0]
+        q[0, 1, 20, 0] = INF if k[0, 0, :, 0].max() > 0 else -INF  # one sign): the row's sum is NaN, as in dense
     elif kind == "-inf query":
         q[0, 1, 20, :] = -INF
 
