@@ -1,10 +1,10 @@
 """Does calibration earn its place? Sparsity against quality on the testbed for five ways of choosing what to skip.
 
-Run: ``python lab/calibration_comparison.py --out DIR [--profile NAME=PATH ...] [--marginal NAME=PATH ...]``
-(profiles from ``liteattn calibrate`` at the same size; ``--frames/--pixels/--steps`` set it).
+Run: ``python lab/calibration_comparison.py --out DIR [--device cuda] [--profile NAME=PATH ...] [--marginal
+NAME=PATH ...]`` (profiles from ``liteattn calibrate`` at the same size; ``--frames/--pixels/--steps`` set it).
 
 On held-out prompts and seeds (disjoint from the calibration inputs), at the
-testbed's CPU size, every method generates the same videos:
+size given, every method generates the same videos:
 
 (i)   one global threshold and 3 dense first steps (the paper; the GPU demo's rule);
 (ii)  calibrated profiles (``liteattn calibrate``, a fidelity budget);
@@ -13,8 +13,10 @@ testbed's CPU size, every method generates the same videos:
 (v)   dense.
 
 Reported per method: the skipped fraction of tiles over the run, the fraction of
-attention FLOPs skipped (the cost proxy: time needs a GPU; a carried skip drops
-QK and P.V, a per-call skip only P.V, half of a tile's FLOPs), PSNR/SSIM against
+attention FLOPs skipped (a carried skip drops QK and P.V, a per-call skip only
+P.V, half of a tile's FLOPs), with ``--time`` the attention time of one generation
+(every attention call timed, with CUDA events on a GPU; the per-call rule runs liteattn's
+kernel in its skip-softmax mode, dense runs the model's own attention), PSNR/SSIM against
 dense (mean, worst), and the evaluator's four scores with 95 % bootstrap
 intervals and paired differences to dense. Every evaluation is kept in
 DIR/journal.json (resumable). Also measures the premise (tiles negligible at
@@ -51,6 +53,8 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--pixels", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (bf16)")
+    parser.add_argument("--time", action="store_true", help="also time one generation's attention per method")
     args = parser.parse_args()
 
     from liteattn.calibration import Budget, Profile, TestbedRunner, testbed_inputs
@@ -61,11 +65,13 @@ def main() -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    testbed = load_testbed("cpu")
+    device = torch.device(args.device)
+    testbed = load_testbed(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     runner = TestbedRunner(testbed, frames=args.frames, size=args.pixels, steps=args.steps, guidance=4.0,
                            batch_size=args.batch)
-    meta = {"date": datetime.date.today().isoformat(), "device": f"CPU ({platform.machine()}, "
-            f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads)", "torch": torch.__version__,
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+             f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)")
+    meta = {"date": datetime.date.today().isoformat(), "device": where, "torch": torch.__version__,
             "command": " ".join(["python", "lab/calibration_comparison.py"] + sys.argv[1:]),
             "size": f"{args.frames} frames of {args.pixels} px ({testbed.tokens_per_video(args.frames, args.pixels)} "
                     f"tokens), {args.steps} steps, guidance 4, 128x128 tiles"}
@@ -108,7 +114,8 @@ def main() -> int:
             print(f"{name}: generating {len(inputs)} videos", flush=True)
             result = cal.evaluate(setting)
         scores = result["scores"]
-        row = {"method": name, "kind": kind, "sparsity": result["sparsity"],
+        timed = attention_time(runner, cal, setting, inputs[0], device) if args.time else None
+        row = {"method": name, "kind": kind, "sparsity": result["sparsity"], "attention": timed,
                "flops_skipped": result["sparsity"] * (0.5 if kind == "per_call" else 1.0),
                "psnr_mean": result.get("psnr_mean"), "psnr_worst": result.get("psnr_worst"),
                "ssim_mean": result.get("ssim_mean"), "scores": {}, "diff_vs_dense": {},
@@ -123,10 +130,40 @@ def main() -> int:
                 f"{row['scores']['overall']['high']:.3f}]")
         if row["psnr_mean"] is not None:
             line += f", PSNR {row['psnr_mean']:.1f} dB (worst {row['psnr_worst']:.1f})"
+        if timed is not None:
+            line += f", attention {timed['attention_ms']:.0f} ms of {timed['wall_ms']:.0f} ms"
         print(line, flush=True)
         report = dict(meta, inputs=runner.describe(inputs), methods=rows)
         (out / "comparison.json").write_text(json.dumps(report, indent=1) + "\n")
     return 0
+
+
+def attention_time(runner, cal, setting, one_input, device) -> dict:
+    """Attention time (every call timed by CUDA events) and wall time of one generation of ``one_input`` with
+    ``setting`` (None: dense, the model's own attention); the second of two (the first compiles and autotunes)."""
+    import math
+    import time
+
+    from liteattn.integrations import LiteAttentionConfig, apply, remove
+
+    if setting is None:
+        config = LiteAttentionConfig(threshold=-math.inf, timing=True)
+    else:
+        config = LiteAttentionConfig(profile=cal.profile(setting), timing=True, skip_rule=setting.skip_rule)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):  # the second run is the one kept
+        handle = apply(runner.target, config=config)
+        try:
+            sync()
+            start = time.perf_counter()
+            runner.generate([one_input])
+            sync()
+            wall_ms = (time.perf_counter() - start) * 1e3
+            summary = handle.summary()
+        finally:
+            remove(runner.target)
+    return {"attention_ms": summary.attention_ms, "wall_ms": wall_ms, "sparsity": summary.sparsity,
+            "input": runner.describe([one_input])[0]}
 
 
 if __name__ == "__main__":

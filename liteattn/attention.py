@@ -20,7 +20,7 @@ from .kernels import TRITON_AVAILABLE, default_block_sizes
 from .reference import lite_attention_reference
 from .state import SkipState, tile_protection
 
-__all__ = ["LiteAttention", "lite_attention"]
+__all__ = ["LiteAttention", "lite_attention", "skip_softmax_attention"]
 
 
 def _to_bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -152,6 +152,69 @@ def lite_attention(
     next_state = state.advanced(counts, indices) if write else state
     out = out.transpose(1, 2) if layout == "bshd" else out
     return (out, lse, next_state) if return_lse else (out, next_state)
+
+
+def skip_softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    threshold: float,
+    scale: float | None = None,
+    must_do: Sequence[tuple[int, int]] | None = None,
+    layout: str = "bshd",
+    return_lse: bool = False,
+    block_size: tuple[int, int] | None = None,
+    backend: str = "auto",
+):
+    """Attention that leaves out of *this* call the key tiles negligible by liteattn's rule, and carries nothing.
+
+    This is the serving stacks' skip-softmax rule (NVIDIA's BLASST), offered beside liteattn's so that the two can be
+    compared on the same kernel: every key tile's QK is computed; a tile whose every query row of the tile has
+    ``(max_j s_rj - m_r) * log2(e) < threshold`` (``m_r`` the running max before it; never the first tile, never a
+    must-do tile) skips its exponentials and P.V. :func:`lite_attention` instead keeps such a tile in the call that
+    found it and skips its QK, exponentials and P.V in every later call; that saves more per skipped tile, and is
+    what liteattn is for.
+
+    Args:
+        q, k, v, scale, must_do, layout, return_lse, backend: as :func:`lite_attention`.
+        threshold: negative, log2 units (``-inf`` skips nothing).
+        block_size: ``(block_m, block_n)``: the query rows that decide together and the key tile. Default
+            ``(64, block_n of the head_dim's default tiles)``: 64 rows is one consumer warpgroup of the Hopper kernel,
+            which decides on its own rows.
+
+    Returns:
+        ``(out, used)``, or ``(out, lse, used)`` with ``return_lse``. ``used``: int32 ``(B, H, query tiles)``, the key
+        tiles each query tile used (the skipped fraction is ``1 - used.sum() / (used.numel() * key tiles)``).
+    """
+    layout = V.validate_layout(layout)
+    backend = V.validate_backend(backend, q.device, TRITON_AVAILABLE) if isinstance(q, torch.Tensor) else backend
+    bsz, nheads, _, seq_q, seq_k, dim = V.validate_qkv(q, k, v, layout, kernel=backend == "triton")
+    threshold = V.validate_threshold(threshold)
+    scale = V.validate_scale(scale)
+    ranges = V.validate_must_do(must_do, seq_k)
+    block_m, block_n = V.validate_block_size(block_size) or (64, default_block_sizes(dim)[1])
+    scale = dim ** -0.5 if scale is None else scale
+    qh, kh, vh = (_to_bhsd(x, layout) for x in (q, k, v))
+    if backend == "torch":
+        full = SkipState.full(bsz, nheads, seq_q, seq_k, block_m, block_n, q.device)
+        out, lse, (used, _) = lite_attention_reference(
+            qh, kh, vh, full, threshold, scale, ranges,
+            compute_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, skip_softmax=True)
+    else:
+        from .kernels.common import FULL_WALK, KernelCall
+        from .kernels.op import run_forward
+
+        used = torch.empty(bsz, nheads, -(-seq_q // block_m), dtype=torch.int32, device=q.device)
+        # The full walk reads no list and this call writes none: empty placeholders.
+        no_counts = torch.empty(0, dtype=torch.int32, device=q.device)
+        no_indices = torch.empty(0, dtype=torch.int16, device=q.device)
+        out, lse = run_forward(KernelCall(
+            qh, kh, vh, no_counts, no_indices, used, no_indices,
+            tile_protection(ranges, seq_q, block_m, q.device), tile_protection(ranges, seq_k, block_n, q.device),
+            scale, threshold, block_m, block_n, FULL_WALK, False, return_lse, per_call=True))
+    out = out.transpose(1, 2) if layout == "bshd" else out
+    return (out, lse, used) if return_lse else (out, used)
 
 
 def _dense_reference(qh, kh, vh, state: SkipState, scale: float):

@@ -151,11 +151,13 @@ def test_a_spec_is_immutable():
 
 def test_a_spec_passed_with_a_call_must_fit_it():
     call = _call()
-    with pytest.raises(ValueError, match=r"spec: built for tiles \(32, 16\) and the list walk, but the call has "
-                                         r"tiles \(16, 16\)"):
+    with pytest.raises(ValueError, match=r"spec: built for tiles \(32, 16\), the list walk and per_call=False, but "
+                                         r"the call has tiles \(16, 16\)"):
         dispatch.lite_attention_fwd(call, spec=KernelSpec("triton", 32, 16, "list", "longest-first"))
-    with pytest.raises(ValueError, match="spec: built for tiles .* and the full walk"):
+    with pytest.raises(ValueError, match="spec: built for tiles .*, the full walk"):
         dispatch.lite_attention_fwd(call, spec=KernelSpec("triton", 16, 16, "full", "index"))
+    with pytest.raises(ValueError, match="spec: built for tiles .*, the full walk and per_call=True"):
+        dispatch.lite_attention_fwd(call, spec=KernelSpec("triton", 16, 16, "full", "index", per_call=True))
     with pytest.raises(ValueError, match="spec: expected a KernelSpec or None, got dict"):
         dispatch.lite_attention_fwd(call, spec={"backend": "triton"})
 

@@ -53,6 +53,17 @@ def test_sm90_kernel_compiles_without_spills(regs, head_dim, block_n, walk, writ
     assert re.search(rf"setmaxnreg\.inc\.sync\.aligned\.u32\s+{consumer};", ptx)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_sm90_skip_softmax_mode_compiles_without_spills(head_dim):
+    """The skip-softmax mode (64-row query tiles, one per consumer) fits the same register split without spills, and
+    ptxas keeps its wgmma pipeline asynchronous across the branches that leave P·V out."""
+    built = compile_sm90(head_dim, 128, "full", False, per_call=True, block_m=64)
+    report = built["log"]
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
+    assert spills and max(spills) == 0, report
+    assert "C7515" not in report and "serialized" not in report, report
+
+
 def test_tile_loop_reads_the_list_only_for_partial_rows():
     """A consumer's tile loop loads a list entry for the ragged-tile check only under a predicate (a row that is
     not full), so detection on full rows waits for no load per tile (on an H200 full-row calls ran 0-1 % faster,

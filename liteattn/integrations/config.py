@@ -89,9 +89,10 @@ class LiteAttentionConfig:
             computed again in the generation. ``"per_call"``: the serving stacks'
             skip-softmax (NVIDIA's BLASST), for comparison: each call computes every
             tile's QK, skips the exponentials and P.V of the tiles negligible in
-            that call, and carries nothing. It runs liteattn's PyTorch reference on
-            every device (there is no GPU kernel mode for it), so it saves no time,
-            and it cannot be captured in CUDA graphs.
+            that call, and carries nothing (:func:`liteattn.skip_softmax_attention`:
+            the kernel's skip-softmax mode on a GPU, the PyTorch reference
+            elsewhere; query tiles of at most 64 rows decide together). Not with CUDA graphs:
+            each call's skipped fraction is recorded from the call itself.
     """
 
     threshold: float | tuple[float, ...] = -10.0
@@ -133,8 +134,8 @@ class LiteAttentionConfig:
         if self.skip_rule not in SKIP_RULES:
             raise ValueError(f"skip_rule: expected one of {SKIP_RULES}, got {self.skip_rule!r}")
         if self.skip_rule == "per_call" and self.cuda_graph:
-            raise ValueError("cuda_graph: expected False with skip_rule='per_call' (that rule runs liteattn's PyTorch "
-                             "reference, which has no graph-safe kernel mode yet), got True")
+            raise ValueError("cuda_graph: expected False with skip_rule='per_call' (its per-call skipped fractions "
+                             "are recorded from each call, which a replayed graph does not make), got True")
         if self.profile is not None:
             self._resolve_profile()
 

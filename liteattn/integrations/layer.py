@@ -28,10 +28,9 @@ from typing import Callable
 import torch
 
 from .. import _validation as V
-from ..attention import LiteAttention
+from ..attention import LiteAttention, skip_softmax_attention
 from ..kernels import SUPPORTED_HEAD_DIMS, TRITON_AVAILABLE, default_block_sizes
-from ..reference import lite_attention_reference
-from ..state import SkipState, merge_ranges
+from ..state import merge_ranges
 from . import timing
 from .config import LiteAttentionConfig
 
@@ -177,24 +176,19 @@ def count_fallback(fallbacks: Counter, where: str, reason: str) -> None:
 
 def per_call_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, threshold: float,
                        scale: float | None, must_do: list[tuple[int, int]],
-                       block_size: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+                       block_size: tuple[int, int] | None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Skip-softmax attention on BSHD tensors: ``(out, skipped fraction)``, nothing carried.
 
-    Every tile's QK is computed; a tile negligible by liteattn's rule in this
-    call (for every row, ``(max s - m) * log2(e) < threshold``, ``m`` the
-    running max) skips its exponentials and P.V (:func:`liteattn.reference.lite_attention_reference`
-    with ``skip_softmax``). The fraction is of P.V tiles skipped, a device
-    tensor (no sync); QK costs what dense attention's does.
+    Every tile's QK is computed; a tile negligible by liteattn's rule in this call skips its exponentials and P.V
+    (:func:`liteattn.skip_softmax_attention`: the kernel on a GPU, the reference elsewhere). Its tiles are
+    ``block_size``'s with query tiles of at most 64 rows (one consumer of the Hopper kernel decides on its own). The
+    fraction is of P.V tiles skipped, a device tensor (no sync); QK costs what dense attention's does.
     """
-    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-    bsz, heads, seq_q, dim = q.shape
-    block_m, block_n = block_size or default_block_sizes(dim)
-    full = SkipState.full(bsz, heads, seq_q, k.shape[2], block_m, block_n, q.device)
-    out, _, (used, _) = lite_attention_reference(
-        q, k, v, full, threshold, scale, must_do,
-        compute_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, skip_softmax=True)
-    skipped = 1.0 - used.sum(dtype=torch.int64) / float(full.kv_num_blocks.sum(dtype=torch.int64))
-    return out.transpose(1, 2), skipped
+    block_m, block_n = block_size or default_block_sizes(query.shape[-1])
+    out, used = skip_softmax_attention(query, key, value, threshold=threshold, scale=scale, must_do=must_do,
+                                       block_size=(min(block_m, 64), block_n), backend=backend)
+    key_tiles = -(-key.shape[1] // block_n)
+    return out, 1.0 - used.sum(dtype=torch.int64) / float(used.numel() * key_tiles)
 
 
 class LayerRuntime:
@@ -295,7 +289,7 @@ class LayerRuntime:
                 threshold = self.steer(self, forward, attention, query, key, value, scale, must_do, threshold)
             if self.config.skip_rule == "per_call":
                 out, per_call_sparsity = per_call_attention(query, key, value, threshold, scale, must_do,
-                                                            self.config.block_size)
+                                                            self.config.block_size, self.config.backend)
             else:
                 attention.set_threshold(threshold)
                 out = attention(query, key, value, scale=scale, must_do=must_do)

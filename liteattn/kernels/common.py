@@ -90,6 +90,10 @@ class KernelCall:
     ``kv_num_blocks`` / ``kv_indices`` are the lists the call reads, ``next_num_blocks`` / ``next_indices`` the spare
     pair it writes when ``write_state``. ``q_protect`` / ``k_protect`` are int8 per query / key tile, 1 where a
     must-do range overlaps the tile. ``walk`` is :data:`FULL_WALK` or :data:`LIST_WALK`.
+
+    ``per_call``: skip-softmax (:func:`liteattn.skip_softmax_attention`): a tile negligible by the rule is left out
+    of this call instead of the next ones, and ``next_num_blocks`` receives the number of key tiles each query
+    tile used; only with the full walk and without ``write_state`` (nothing is carried).
     """
 
     q: torch.Tensor
@@ -108,10 +112,14 @@ class KernelCall:
     walk: str
     write_state: bool
     return_lse: bool
+    per_call: bool = False
 
     def __post_init__(self) -> None:
         if self.walk not in WALKS:
             raise ValueError(f"walk: expected one of {WALKS}, got {self.walk!r}")
+        if self.per_call and (self.walk != FULL_WALK or self.write_state):
+            raise ValueError("per_call: skip-softmax walks every key tile and carries nothing; expected the full walk "
+                             f"without write_state, got walk={self.walk!r}, write_state={self.write_state!r}")
         if self.write_state and self.walk == FULL_WALK:
             raise ValueError("walk: the full walk writes no next state (a call that marks tiles walks the list); "
                              f"got walk={self.walk!r} with write_state=True")

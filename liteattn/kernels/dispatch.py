@@ -71,6 +71,8 @@ class KernelSpec:
         fp_fusion: multiply-adds fused into FMAs, as every kernel version was measured with. Passed explicitly:
             Triton 3.9 warns that its default (fused) changes to unfused in 3.10, which would change the kernels'
             code and rounding.
+        per_call: skip-softmax (:attr:`.common.KernelCall.per_call`): the full walk, a negligible tile left out of
+            the call itself, nothing carried. The sm90 kernel then takes 64-row query tiles, one per consumer.
     """
 
     backend: str
@@ -88,6 +90,7 @@ class KernelSpec:
     lane_sums: bool = False
     max_programs: int | None = None
     fp_fusion: bool = True
+    per_call: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -100,6 +103,9 @@ class KernelSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 16:
                 raise ValueError(f"{name}: expected an int >= 16, got {value!r}")
+        if not isinstance(self.per_call, bool) or (self.per_call and self.walk != FULL_WALK):
+            raise ValueError(f"per_call: expected a bool, True only with the full walk (skip-softmax visits every "
+                             f"key tile), got per_call={self.per_call!r}, walk={self.walk!r}")
         if self.backend == "triton":
             for name, neutral in _SM90_ONLY.items():
                 if getattr(self, name) != neutral:
@@ -109,9 +115,10 @@ class KernelSpec:
         if not self.tma or self.upcast:
             raise ValueError(f"tma, upcast: the sm90 kernel copies tiles by TMA and computes on the GPU; expected "
                              f"tma=True, upcast=False, got tma={self.tma!r}, upcast={self.upcast!r}")
-        if self.block_m != 128 or self.block_n not in (64, 128):
-            raise ValueError(f"block_m, block_n: the sm90 kernel takes 128 x 64 or 128 x 128 tiles (two 64-row "
-                             f"consumers per query tile), got {self.block_m} x {self.block_n}")
+        if self.block_m != _sm90_block_m(self.per_call) or self.block_n not in (64, 128):
+            raise ValueError(f"block_m, block_n: the sm90 kernel takes {_sm90_block_m(self.per_call)} x 64 or "
+                             f"{_sm90_block_m(self.per_call)} x 128 tiles{' with per_call' if self.per_call else ''} "
+                             f"(two 64-row consumers per work item), got {self.block_m} x {self.block_n}")
         if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 2:
             raise ValueError(f"stages: expected an int >= 2 (the K/V ring), got {self.stages!r}")
         regs = self.regs
@@ -127,6 +134,12 @@ class KernelSpec:
 
 
 # ---------------------------------------------------------------------------------------------------- the rules
+def _sm90_block_m(per_call: bool) -> int:
+    """The sm90 kernel's query tile: 128 rows, two 64-row consumers; with ``per_call`` each consumer's 64 rows are a
+    query tile of their own, since its skip decision is its own (a shared one would cost a handoff per tile)."""
+    return 64 if per_call else 128
+
+
 def sm90_stages(block_m: int, block_n: int, head_dim: int, smem_budget: int = 220 * 1024, max_stages: int = 4) -> int:
     """K/V ring depth of the sm90 kernel: as many stages as fit in ``smem_budget`` bytes beside its two Q buffers,
     at least 2 and at most ``max_stages``. A program takes a whole SM (one per SM), so it may use the whole shared
@@ -136,14 +149,16 @@ def sm90_stages(block_m: int, block_n: int, head_dim: int, smem_budget: int = 22
     return max(2, min(max_stages, (smem_budget - 2 * block_m * head_dim * 2) // (2 * tile_bytes)))
 
 
-def _sm90_applies(target: tuple, dtype: torch.dtype, head_dim: int, block_m: int, block_n: int) -> bool:
+def _sm90_applies(target: tuple, dtype: torch.dtype, head_dim: int, block_m: int, block_n: int,
+                  per_call: bool = False) -> bool:
     """The Gluon kernel's scope: an NVIDIA sm90 GPU, fp16/bf16, head_dim 64 or 128, 128 x 64 or 128 x 128 tiles
-    (two 64-row consumers per query tile). Anything else runs the portable kernel, which has the same semantics."""
+    (two 64-row consumers per query tile; 64-row tiles with ``per_call``). Anything else runs the portable kernel,
+    which has the same semantics."""
     return (target == ("cuda", (9, 0)) and dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128)
-            and block_m == 128 and block_n in (64, 128))
+            and block_m == _sm90_block_m(per_call) and block_n in (64, 128))
 
 
-def _sm90_spec(head_dim: int, block_m: int, block_n: int, walk: str) -> KernelSpec:
+def _sm90_spec(head_dim: int, block_m: int, block_n: int, walk: str, per_call: bool = False) -> KernelSpec:
     """The sm90 kernel's settings, each as measured on an H200 (lab/kernel-notes.md, the version in brackets)."""
     full = walk == FULL_WALK
     return KernelSpec(
@@ -174,6 +189,7 @@ def _sm90_spec(head_dim: int, block_m: int, block_n: int, walk: str) -> KernelSp
         # equal within 1 % at Wan 14B and HunyuanVideo; the full walk no faster at head_dim 64 and 9-11 % slower at
         # HunyuanVideo with the same tile loop apart from the 8 instructions it removes (v16).
         lane_sums=not full,
+        per_call=per_call,
     )
 
 
@@ -186,7 +202,7 @@ def portable_spec(spec: KernelSpec) -> KernelSpec:
         return spec
     return KernelSpec("triton", spec.block_m, spec.block_n, spec.walk,
                       work_order=INDEX_ORDER if spec.walk == FULL_WALK else LONGEST_FIRST, tma=True,
-                      fp_fusion=spec.fp_fusion)
+                      fp_fusion=spec.fp_fusion, per_call=spec.per_call)
 
 
 def target_of(device: torch.device) -> tuple:
@@ -202,26 +218,29 @@ def target_of(device: torch.device) -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def resolve(target: tuple, dtype: torch.dtype, head_dim: int, block_m: int, block_n: int, walk: str) -> KernelSpec:
-    """The spec of every call on ``target`` (:func:`target_of`) with this dtype, head_dim, tiles and walk.
+def resolve(target: tuple, dtype: torch.dtype, head_dim: int, block_m: int, block_n: int, walk: str,
+            per_call: bool = False) -> KernelSpec:
+    """The spec of every call on ``target`` (:func:`target_of`) with this dtype, head_dim, tiles and walk (and the
+    skip-softmax rule with ``per_call``).
 
     Cached: a call pays one dictionary lookup. The sm90 kernel is chosen where it applies and this Triton can
     build it (:func:`sm90_module`, which warns once where it cannot); everything else runs the portable kernel.
     """
     if walk not in WALKS:
         raise ValueError(f"walk: expected one of {WALKS}, got {walk!r}")
-    if _sm90_applies(target, dtype, head_dim, block_m, block_n) and sm90_module() is not None:
-        return _sm90_spec(head_dim, block_m, block_n, walk)
+    if _sm90_applies(target, dtype, head_dim, block_m, block_n, per_call) and sm90_module() is not None:
+        return _sm90_spec(head_dim, block_m, block_n, walk, per_call)
     platform, capability = target
     return KernelSpec("triton", block_m, block_n, walk,
                       work_order=INDEX_ORDER if walk == FULL_WALK else LONGEST_FIRST,
                       tma=platform == "cuda" and capability[0] >= 9,
-                      upcast=platform == "interpreter" and dtype == torch.bfloat16)
+                      upcast=platform == "interpreter" and dtype == torch.bfloat16, per_call=per_call)
 
 
 def spec_for(call: KernelCall) -> KernelSpec:
     """:func:`resolve` for a call."""
-    return resolve(target_of(call.q.device), call.q.dtype, call.q.shape[-1], call.block_m, call.block_n, call.walk)
+    return resolve(target_of(call.q.device), call.q.dtype, call.q.shape[-1], call.block_m, call.block_n, call.walk,
+                   call.per_call)
 
 
 def longest_first(spec: KernelSpec, call: KernelCall) -> bool:
@@ -296,9 +315,11 @@ def _tma_allocator(size: int, alignment: int, stream):
 def _checked(spec: KernelSpec, call: KernelCall) -> KernelSpec:
     if not isinstance(spec, KernelSpec):
         raise ValueError(f"spec: expected a KernelSpec or None, got {type(spec).__name__}")
-    if (spec.block_m, spec.block_n, spec.walk) != (call.block_m, call.block_n, call.walk):
-        raise ValueError(f"spec: built for tiles ({spec.block_m}, {spec.block_n}) and the {spec.walk} walk, but the "
-                         f"call has tiles ({call.block_m}, {call.block_n}) and the {call.walk} walk")
+    if (spec.block_m, spec.block_n, spec.walk, spec.per_call) != (call.block_m, call.block_n, call.walk,
+                                                                   call.per_call):
+        raise ValueError(f"spec: built for tiles ({spec.block_m}, {spec.block_n}), the {spec.walk} walk and "
+                         f"per_call={spec.per_call}, but the call has tiles ({call.block_m}, {call.block_n}), the "
+                         f"{call.walk} walk and per_call={call.per_call}")
     return spec
 
 

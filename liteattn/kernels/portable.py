@@ -10,6 +10,10 @@ active list (list walk) or every tile by position (full walk, :data:`.common.FUL
   tile visited, never a must-do tile) and left out of the next list,
 - updates the online softmax with the tile anyway.
 
+With ``PER_CALL`` (skip-softmax, the serving stacks' rule, nothing carried) a tile found negligible by the same rule
+is instead left out of this very call: its QK is computed, its exponentials and P.V are not, and the program counts
+the tiles it used. That mode walks every key tile (the full walk) and writes no list.
+
 Detection: each row ORs its "not negligible" bit of 32 consecutive tiles into a register word, merged into memory
 with relaxed atomic ORs once per 32 tiles (no per-tile store, no cross-warp reduction); after the loop the
 survivors are compacted into the next list in visiting order.
@@ -78,8 +82,44 @@ def _store_output(O, LSE, acc, l_i, m_i, b, h, pid_bh, offs_m, offs_d, row_valid
         tl.store(LSE + pid_bh.to(tl.int64) * SEQ_Q + offs_m, lse, mask=row_valid)
 
 
+@triton.jit
+def _softmax_step(qk, tile_max, m_i, l_i, acc, v_desc, v_ptr, start_n, offs_n, offs_d, stride_vs, SEQ_K, qk_scale,
+                  HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr):
+    """The online-softmax update with one score tile (``qk`` unscaled, ``tile_max`` its scaled row maxima):
+    returns the new running max, row sums and accumulator."""
+    m_new = tl.maximum(m_i, tile_max)
+    # A row whose scores so far are all -inf subtracts 0, not -inf (-inf - -inf is NaN): its weights stay 0
+    # and a later finite score counts as in dense attention.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    b_v = _load_kv_tile(v_desc, v_ptr, start_n, offs_n, offs_d, stride_vs, SEQ_K, HEAD_DIM, USE_TMA, False)
+    if UPCAST:
+        b_v = b_v.to(tl.float32)
+    acc = tl.dot(p.to(b_v.dtype), b_v, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _per_call_step(qk, tile_max, m_i, l_i, acc, n_used, t, j, row_valid, q_protected, K_PROT, v_desc, v_ptr,
+                   start_n, offs_n, offs_d, stride_vs, SEQ_K, qk_scale, threshold, HEAD_DIM: tl.constexpr,
+                   USE_TMA: tl.constexpr, UPCAST: tl.constexpr):
+    """Skip-softmax: the tile is used (softmax update and P.V) unless every valid row's finite margin is below the
+    threshold; the first tile and must-do tiles are always used (the rule of :mod:`liteattn.reference`)."""
+    margin = tile_max - m_i
+    negligible = (margin < threshold) & (margin > float("-inf"))
+    keeps = tl.max(((negligible == 0) & row_valid).to(tl.int32), 0)
+    use = (keeps != 0) | (t == 0) | q_protected | (tl.load(K_PROT + j).to(tl.int32) != 0)
+    if use:
+        m_i, l_i, acc = _softmax_step(qk, tile_max, m_i, l_i, acc, v_desc, v_ptr, start_n, offs_n, offs_d, stride_vs,
+                                      SEQ_K, qk_scale, HEAD_DIM, USE_TMA, UPCAST)
+        n_used += 1
+    return m_i, l_i, acc, n_used
+
+
 @triton.autotune(configs=autotune_configs(),
-                 key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "FULL_WALK", "WRITE_STATE", "USE_TMA"])
+                 key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "FULL_WALK", "WRITE_STATE", "USE_TMA", "PER_CALL"])
 @triton.jit
 def _lite_attention_fwd(
     Q, K, V, O, LSE,
@@ -93,6 +133,7 @@ def _lite_attention_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     FULL_WALK: tl.constexpr, WRITE_STATE: tl.constexpr, RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr,
     RAGGED_K: tl.constexpr, BLOCK_C: tl.constexpr, USE_ORDER: tl.constexpr, UPCAST: tl.constexpr,
+    PER_CALL: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(1)
     if USE_ORDER:  # heaviest query tiles of a head first, so short ones fill the tail
@@ -140,7 +181,11 @@ def _lite_attention_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    j_next = tl.load(idx_ptr).to(tl.int32)
+    if PER_CALL:
+        n_used = 0  # key tiles this call used (the count it returns)
+        q_protected = tl.load(Q_PROT + pid_m).to(tl.int32) != 0
+    if not FULL_WALK:
+        j_next = tl.load(idx_ptr).to(tl.int32)
     for t in range(0, n_active):
         if FULL_WALK:
             j = t
@@ -156,7 +201,11 @@ def _lite_attention_fwd(
             if j == KT - 1:  # only the last key tile has columns past SEQ_K
                 qk = tl.where(((start_n + offs_n) < SEQ_K)[None, :], qk, float("-inf"))
         tile_max = tl.max(qk, 1) * qk_scale  # [BM]
-        if WRITE_STATE:
+        if PER_CALL:
+            m_i, l_i, acc, n_used = _per_call_step(qk, tile_max, m_i, l_i, acc, n_used, t, j, row_valid, q_protected,
+                                                   K_PROT, v_desc, v_ptr, start_n, offs_n, offs_d, stride_vs, SEQ_K,
+                                                   qk_scale, threshold, HEAD_DIM, USE_TMA, UPCAST)
+        elif WRITE_STATE:
             # Rows for which this tile is NOT negligible set bit (t % 32) of their word. No cross-warp
             # reduction here: the per-tile "all rows" test is resolved after the loop.
             # Only a finite margin below the threshold finds a tile negligible: a -inf tile max (every
@@ -170,18 +219,9 @@ def _lite_attention_fwd(
                 tl.atomic_or(flag_words + t // 32 + tl.zeros([BLOCK_M], dtype=tl.int32), bits,
                              mask=bits != 0, sem="relaxed")
                 bits = tl.zeros([BLOCK_M], dtype=tl.int32)
-        m_new = tl.maximum(m_i, tile_max)
-        # A row whose scores so far are all -inf subtracts 0, not -inf (-inf - -inf is NaN): its weights stay 0
-        # and a later finite score counts as in dense attention.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        b_v = _load_kv_tile(v_desc, v_ptr, start_n, offs_n, offs_d, stride_vs, SEQ_K, HEAD_DIM, USE_TMA, False)
-        if UPCAST:
-            b_v = b_v.to(tl.float32)
-        acc = tl.dot(p.to(b_v.dtype), b_v, acc * alpha[:, None])
-        m_i = m_new
+        if not PER_CALL:
+            m_i, l_i, acc = _softmax_step(qk, tile_max, m_i, l_i, acc, v_desc, v_ptr, start_n, offs_n, offs_d,
+                                          stride_vs, SEQ_K, qk_scale, HEAD_DIM, USE_TMA, UPCAST)
 
     if WRITE_STATE:
         # A row whose sum is NaN met a NaN or +inf score: the query tile keeps its whole list, so no skip
@@ -207,6 +247,9 @@ def _lite_attention_fwd(
             tl.store(next_idx_ptr + pos, ids.to(tl.int16), mask=keep)
             n_keep += tl.sum(keep_i, 0)
         tl.store(NEXT_COUNT + state_off, n_keep)
+
+    if PER_CALL:
+        tl.store(NEXT_COUNT + state_off, n_used)
 
     # The output last: storing it before the compaction made ptxas serialize the wgmma pipeline
     # (lab/kernel-notes.md, v5).
@@ -237,7 +280,7 @@ def launch(spec, call: KernelCall, buffers: LaunchBuffers, order: torch.Tensor |
         HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_M=spec.block_m, BLOCK_N=spec.block_n,
         FULL_WALK=spec.walk == FULL_WALK, WRITE_STATE=call.write_state, RETURN_LSE=call.return_lse,
         USE_TMA=spec.tma, RAGGED_K=seq_k % spec.block_n != 0, BLOCK_C=128, USE_ORDER=order is not None,
-        UPCAST=spec.upcast, enable_fp_fusion=spec.fp_fusion,
+        UPCAST=spec.upcast, PER_CALL=spec.per_call, enable_fp_fusion=spec.fp_fusion,
     )
 
 
@@ -263,7 +306,7 @@ def compile_offline(spec, *, head_dim: int, arch: int = 90, write_state: bool = 
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=spec.block_m,
                       BLOCK_N=spec.block_n, FULL_WALK=spec.walk == FULL_WALK, WRITE_STATE=write_state,
                       RETURN_LSE=return_lse, USE_TMA=spec.tma, RAGGED_K=ragged, BLOCK_C=128, USE_ORDER=use_order,
-                      UPCAST=spec.upcast)
+                      UPCAST=spec.upcast, PER_CALL=spec.per_call)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:

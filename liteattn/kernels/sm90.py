@@ -262,6 +262,120 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
 
 
 @gluon.jit
+def _decide(s, t, m_i, row_valid, protected, qk_scale, threshold, SEQ_K, KT, BLOCK_N: gl.constexpr,
+            RAGGED_K: gl.constexpr, TREE_MAX: gl.constexpr, s_layout: gl.constexpr):
+    """Skip-softmax's decision on one raw score tile (the ``t``-th, key tile ``t`` of the full walk): returns the
+    masked scores, their scaled row maxima and whether the tile is used. It is used unless every valid row's finite
+    margin is below the threshold; the first tile and ``protected`` (must-do) ones always are."""
+    if RAGGED_K:
+        if t == KT - 1:  # only the last key tile has columns past SEQ_K
+            cols = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where(gl.expand_dims(cols < SEQ_K, 0), s, float("-inf"))
+    tile_max = _row_max(s, TREE_MAX, s_layout) * qk_scale
+    margin = tile_max - m_i
+    negligible = (margin < threshold) & (margin > float("-inf"))
+    # One decision for the partition's rows: a reduction over its warps.
+    keeps = gl.max(((negligible == 0) & row_valid).to(gl.int32), axis=0)
+    return s, tile_max, (keeps != 0) | (t == 0) | protected
+
+
+@gluon.jit
+def _softmax_tile(s, tile_max, m_i, qk_scale):
+    """P of a used tile in fp32, its row scale and the new running max (as :func:`_scores`)."""
+    m_new = gl.maximum(m_i, tile_max)
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    return gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1)), gl.exp2(m_i - m_use), m_new
+
+
+@gluon.jit
+def _take(p, alpha, acc, l_part, dtype: gl.constexpr, LANE_SUMS: gl.constexpr, p_layout: gl.constexpr,
+          o_layout: gl.constexpr):
+    """Fold a used tile's P into the row sums, rescale the accumulator (no P·V in flight) and make P the next P·V's
+    operand."""
+    l_part = _rescaled_sums(l_part, alpha, _lane_sums(p, LANE_SUMS), LANE_SUMS)
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+    return acc, l_part, gl.convert_layout(p.to(dtype), p_layout)
+
+
+@gluon.jit
+def _attend_tiles_per_call(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, g, n_active,
+                           row_valid, q_protected, K_PROT, acc, m_i, qk_scale, threshold, SEQ_K, KT,
+                           BLOCK_N: gl.constexpr, STAGES: gl.constexpr, RAGGED_K: gl.constexpr, TURN: gl.constexpr,
+                           PINGPONG: gl.constexpr, TREE_MAX: gl.constexpr, LANE_SUMS: gl.constexpr,
+                           s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """:func:`_attend_tiles` with the skip-softmax rule and nothing carried: every key tile's Q·Kᵀ is computed, and
+    the softmax and P·V only of the tiles :func:`_decide` uses (P·V one tile behind, overlapping the next tile's
+    softmax, as there). The ring's stages are waited for and released as there, used or not, so the producer's
+    copies stay in step. P never leaves the branch that computed it (yielding it from both sides of a branch
+    spilled registers). Returns acc, m, l and the number of tiles used."""
+    ROWS: gl.constexpr = q_rows.shape[0]
+    dtype: gl.constexpr = q_rows.dtype
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    stage = g % STAGES
+    if PINGPONG:
+        mbarrier.wait(turn_bars.index(TURN), (g & 1) ^ TURN ^ 1)
+    mbarrier.wait(k_ready.index(stage), (g // STAGES) & 1)
+    s_tok = warpgroup_mma(q_rows, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    if PINGPONG:
+        mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
+    s = warpgroup_mma_wait(0, deps=(s_tok, ))
+    mbarrier.arrive(k_empty.index(stage), count=1)
+    s, tile_max, used = _decide(s, 0, m_i, row_valid, q_protected, qk_scale, threshold, SEQ_K, KT, BLOCK_N, RAGGED_K,
+                                TREE_MAX, s_layout)  # the first tile is always used
+    p, alpha, m_i = _softmax_tile(s, tile_max, m_i, qk_scale)
+    l_part = _lane_sums(p, LANE_SUMS)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    n_used = gl.to_tensor(1)
+    for t in range(1, n_active):
+        gt = g + t
+        stage = gt % STAGES
+        prev = (gt - 1) % STAGES
+        protected = q_protected | (gl.load(K_PROT + t) != 0)
+        if PINGPONG:
+            mbarrier.wait(turn_bars.index(TURN), (gt & 1) ^ TURN ^ 1)
+        mbarrier.wait(k_ready.index(stage), (gt // STAGES) & 1)
+        s_tok = warpgroup_mma(q_rows, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        # V of the previous tile must have landed before its stage is released, used or not (its barrier's phase).
+        mbarrier.wait(v_ready.index(prev), ((gt - 1) // STAGES) & 1)
+        if used:  # P·V of the previous tile runs behind this tile's softmax
+            o_tok = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
+            s = warpgroup_mma_wait(1, deps=(s_tok, ))
+            mbarrier.arrive(k_empty.index(stage), count=1)
+            s, tile_max, use = _decide(s, t, m_i, row_valid, protected, qk_scale, threshold, SEQ_K, KT, BLOCK_N,
+                                       RAGGED_K, TREE_MAX, s_layout)
+            if use:
+                p, alpha, m_i = _softmax_tile(s, tile_max, m_i, qk_scale)
+                acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+                acc, l_part, p_op = _take(p, alpha, acc, l_part, dtype, LANE_SUMS, p_layout, o_layout)
+            else:
+                acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+        else:
+            if PINGPONG:
+                mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
+            s = warpgroup_mma_wait(0, deps=(s_tok, ))
+            mbarrier.arrive(k_empty.index(stage), count=1)
+            s, tile_max, use = _decide(s, t, m_i, row_valid, protected, qk_scale, threshold, SEQ_K, KT, BLOCK_N,
+                                       RAGGED_K, TREE_MAX, s_layout)
+            if use:
+                p, alpha, m_i = _softmax_tile(s, tile_max, m_i, qk_scale)
+                acc, l_part, p_op = _take(p, alpha, acc, l_part, dtype, LANE_SUMS, p_layout, o_layout)
+        mbarrier.arrive(v_empty.index(prev), count=1)
+        n_used += use.to(gl.int32)
+        used = use
+    last_g = g + n_active - 1
+    last = last_g % STAGES
+    mbarrier.wait(v_ready.index(last), (last_g // STAGES) & 1)
+    if used:
+        o_tok = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(o_tok, ))
+    mbarrier.arrive(v_empty.index(last), count=1)
+    return acc, m_i, _row_sums(l_part, gl.SliceLayout(1, s_layout), LANE_SUMS), n_used
+
+
+@gluon.jit
 def _normalize(acc, m_i, l_i, o_layout: gl.constexpr):
     """Output rows (acc / l) and their natural-log LSE: zero and -inf where nothing was attended (an empty list,
     or every score -inf, as SDPA), NaN where the sum is NaN (a NaN or +inf score, as SDPA)."""
@@ -393,15 +507,16 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, 
 
 @gluon.jit
 def _consumer(o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars,
-              flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, H, GROUP, SEQ_Q, SEQ_K, QT, KT, n_items,
-              qk_scale, threshold,
+              flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, NEXT_COUNT, Q_PROT, K_PROT, H, GROUP, SEQ_Q, SEQ_K,
+              QT, KT, n_items, qk_scale, threshold,
               ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
               FULL_WALK: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
               USE_ORDER: gl.constexpr, TURN: gl.constexpr, PINGPONG: gl.constexpr, TREE_MAX: gl.constexpr,
-              LANE_SUMS: gl.constexpr):
+              LANE_SUMS: gl.constexpr, PER_CALL: gl.constexpr):
     """Rows ``TURN * ROWS`` to ``(TURN + 1) * ROWS`` of every item's query tile
     (:func:`_attend_tiles`, ring and turn phases counted over the whole program), then
-    their output and LSE."""
+    their output and LSE. With ``PER_CALL`` (:func:`_attend_tiles_per_call`) these rows are one query tile of the
+    call (the skip decision's granularity), whose used-tile count goes to ``NEXT_COUNT``."""
     NUM_WARPS: gl.constexpr = ROWS // 16
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -428,7 +543,18 @@ def _consumer(o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_read
         acc = gl.zeros([ROWS, BLOCK_D], gl.float32, layout=o_layout)
         m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
         l_i = gl.zeros([ROWS], gl.float32, layout=row_layout)
-        if n_active > 0:
+        if PER_CALL:
+            tiles = (SEQ_Q + ROWS - 1) // ROWS  # the call's query tiles per head: ROWS rows each
+            tile = pid_m * 2 + TURN
+            q_protected = gl.load(Q_PROT + gl.minimum(tile, tiles - 1)) != 0
+            acc, m_i, l_i, n_used = _attend_tiles_per_call(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
+                                                           turn_bars, g, n_active, row_valid, q_protected, K_PROT,
+                                                           acc, m_i, qk_scale, threshold, SEQ_K, KT, BLOCK_N, STAGES,
+                                                           RAGGED_K, TURN, PINGPONG, TREE_MAX, LANE_SUMS, s_layout,
+                                                           o_layout)
+            if tile < tiles:
+                gl.store(NEXT_COUNT + pid_bh.to(gl.int64) * tiles + tile, n_used)
+        elif n_active > 0:
             acc, m_i, l_i = _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, g,
                                           idx_ptr, n_active, full_row, flag_words, row_valid, acc, m_i,
                                           qk_scale, threshold, SEQ_K, KT, BLOCK_N, STAGES, RAGGED_K, WRITE_STATE,
@@ -462,7 +588,7 @@ def _lite_attention_fwd_sm90_persistent(
     FULL_WALK: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
     RAGGED_K: gl.constexpr, USE_ORDER: gl.constexpr, PINGPONG: gl.constexpr, TREE_MAX: gl.constexpr,
     LANE_SUMS: gl.constexpr,
-    PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PER_CALL: gl.constexpr = False,
 ):
     dtype: gl.constexpr = q_desc.dtype
     ROWS: gl.constexpr = BLOCK_M // 2
@@ -496,13 +622,15 @@ def _lite_attention_fwd_sm90_persistent(
 
     gl.warp_specialize([
         (_consumer, (o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
-                     turn_bars, flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, H, GROUP, SEQ_Q, SEQ_K, QT,
-                     KT, n_items, qk_scale, threshold, ROWS, BLOCK_N, BLOCK_D, STAGES, FULL_WALK, RAGGED_K,
-                     WRITE_STATE, RETURN_LSE, USE_ORDER, 0, PINGPONG, TREE_MAX, LANE_SUMS)),
+                     turn_bars, flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, NEXT_COUNT, Q_PROT, K_PROT,
+                     H, GROUP, SEQ_Q, SEQ_K, QT, KT, n_items, qk_scale, threshold, ROWS, BLOCK_N, BLOCK_D, STAGES,
+                     FULL_WALK, RAGGED_K, WRITE_STATE, RETURN_LSE, USE_ORDER, 0, PINGPONG, TREE_MAX, LANE_SUMS,
+                     PER_CALL)),
         (_consumer, (o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
-                     turn_bars, flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, H, GROUP, SEQ_Q, SEQ_K, QT,
-                     KT, n_items, qk_scale, threshold, ROWS, BLOCK_N, BLOCK_D, STAGES, FULL_WALK, RAGGED_K,
-                     WRITE_STATE, RETURN_LSE, USE_ORDER, 1, PINGPONG, TREE_MAX, LANE_SUMS)),
+                     turn_bars, flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, NEXT_COUNT, Q_PROT, K_PROT,
+                     H, GROUP, SEQ_Q, SEQ_K, QT, KT, n_items, qk_scale, threshold, ROWS, BLOCK_N, BLOCK_D, STAGES,
+                     FULL_WALK, RAGGED_K, WRITE_STATE, RETURN_LSE, USE_ORDER, 1, PINGPONG, TREE_MAX, LANE_SUMS,
+                     PER_CALL)),
         (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, item_ids, k_ready, v_ready,
                      k_empty, v_empty, flags_bars, COUNTER, ORDER, KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT,
                      K_PROT, FLAGS, NW, H, GROUP, QT, KT, n_items, ROWS, BLOCK_N, BLOCK_D, STAGES, FULL_WALK,
@@ -533,9 +661,10 @@ def launch(spec, call: KernelCall, buffers: LaunchBuffers, order: torch.Tensor |
     q, k, v, out, flags = buffers.q, buffers.k, buffers.v, buffers.out, buffers.flags
     bsz, nheads, seq_q, dim = q.shape
     seq_k = k.shape[2]
-    n_items = bsz * nheads * buffers.qt
+    rows, item_rows = _rows(spec)
+    items_per_head = -(-seq_q // item_rows)
+    n_items = bsz * nheads * items_per_head
     programs = sm_count(q.device) if spec.max_programs is None else spec.max_programs
-    rows = spec.block_m // 2  # two consumer partitions share a query tile
     _lite_attention_fwd_sm90_persistent[(min(n_items, programs),)](
         q_desc=_descriptor(q, rows), k_desc=_descriptor(k, spec.block_n), v_desc=_descriptor(v, spec.block_n),
         o_desc=_descriptor(out, rows), LSE=buffers.lse,
@@ -543,15 +672,24 @@ def launch(spec, call: KernelCall, buffers: LaunchBuffers, order: torch.Tensor |
         NEXT_IDX=call.next_indices, Q_PROT=call.q_protect, K_PROT=call.k_protect,
         ORDER=call.kv_num_blocks if order is None else order,  # a placeholder the kernel does not read
         FLAGS=flags, NW=buffers.n_words, COUNTER=flags[flags.numel() - 1:],
-        H=nheads, GROUP=nheads // k.shape[1], SEQ_Q=seq_q, SEQ_K=seq_k, QT=buffers.qt, KT=buffers.kt, n_items=n_items,
-        qk_scale=call.scale * LOG2E, threshold=call.threshold,
-        BLOCK_D=dim, BLOCK_M=spec.block_m, BLOCK_N=spec.block_n, STAGES=spec.stages,
+        H=nheads, GROUP=nheads // k.shape[1], SEQ_Q=seq_q, SEQ_K=seq_k, QT=items_per_head, KT=buffers.kt,
+        n_items=n_items, qk_scale=call.scale * LOG2E, threshold=call.threshold,
+        BLOCK_D=dim, BLOCK_M=item_rows, BLOCK_N=spec.block_n, STAGES=spec.stages,
         FULL_WALK=spec.walk == FULL_WALK, WRITE_STATE=call.write_state, RETURN_LSE=call.return_lse,
         RAGGED_K=seq_k % spec.block_n != 0, USE_ORDER=order is not None, PINGPONG=spec.pingpong,
         TREE_MAX=spec.tree_max, LANE_SUMS=spec.lane_sums,
-        PRODUCER_REGS=spec.regs[0], CONSUMER_REGS=spec.regs[1],
-        num_warps=spec.block_m // 32, maxnreg=spec.max_regs, enable_fp_fusion=spec.fp_fusion,
+        PRODUCER_REGS=spec.regs[0], CONSUMER_REGS=spec.regs[1], PER_CALL=spec.per_call,
+        num_warps=item_rows // 32, maxnreg=spec.max_regs, enable_fp_fusion=spec.fp_fusion,
     )
+
+
+def _rows(spec) -> tuple[int, int]:
+    """(rows of one consumer, rows of one work item). An item is two consumers' rows: a 128-row query tile of the
+    state, or with ``spec.per_call`` two 64-row query tiles of the call, one per consumer (the skip decision is
+    each consumer's own, without a handoff between them)."""
+    if spec.per_call:
+        return spec.block_m, 2 * spec.block_m
+    return spec.block_m // 2, spec.block_m
 
 
 def compile_offline(spec, *, head_dim: int, write_state: bool = True, return_lse: bool = True, ragged: bool = True,
@@ -567,15 +705,16 @@ def compile_offline(spec, *, head_dim: int, write_state: bool = True, return_lse
 
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
     x = torch.empty(1, 1, 256, head_dim, dtype=torch_dtype)
-    rows = spec.block_m // 2
+    rows, item_rows = _rows(spec)
     descs = {"q_desc": _descriptor(x, rows), "k_desc": _descriptor(x, spec.block_n),
              "v_desc": _descriptor(x, spec.block_n), "o_desc": _descriptor(x, rows)}
-    constexprs = dict(BLOCK_D=head_dim, BLOCK_M=spec.block_m, BLOCK_N=spec.block_n, STAGES=spec.stages,
+    constexprs = dict(BLOCK_D=head_dim, BLOCK_M=item_rows, BLOCK_N=spec.block_n, STAGES=spec.stages,
                       FULL_WALK=spec.walk == FULL_WALK, WRITE_STATE=write_state, RETURN_LSE=return_lse,
                       RAGGED_K=ragged, USE_ORDER=use_order, PINGPONG=spec.pingpong, TREE_MAX=spec.tree_max,
-                      LANE_SUMS=spec.lane_sums, PRODUCER_REGS=spec.regs[0], CONSUMER_REGS=spec.regs[1])
+                      LANE_SUMS=spec.lane_sums, PRODUCER_REGS=spec.regs[0], CONSUMER_REGS=spec.regs[1],
+                      PER_CALL=spec.per_call)
     types = {name: mangle_type(desc) for name, desc in descs.items()}
-    return compile_sm90a(_lite_attention_fwd_sm90_persistent, constexprs, types, num_warps=spec.block_m // 32,
+    return compile_sm90a(_lite_attention_fwd_sm90_persistent, constexprs, types, num_warps=item_rows // 32,
                          max_regs=spec.max_regs, fp_fusion=spec.fp_fusion)
 
 
