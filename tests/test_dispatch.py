@@ -163,36 +163,41 @@ def test_a_spec_passed_with_a_call_must_fit_it():
 
 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # interpreter noise
-def test_a_given_spec_is_the_one_that_runs(gen, local_qkv, monkeypatch):
+def test_a_given_spec_is_the_one_that_runs(gen, local_qkv, kernel_device, monkeypatch):
     """A spec passed to the launcher is what runs: here the portable kernel in index order instead of its
-    longest-first default (same result), seen by the launch."""
+    longest-first default (same result), seen by the launch. On a GPU whose default is another kernel, the portable
+    kernel's spec is passed in both runs."""
     import liteattn.kernels.portable as portable
 
     seen = []
     launch = portable.launch
     monkeypatch.setattr(portable, "launch", lambda spec, call, buffers, order: seen.append((spec, order))
                         or launch(spec, call, buffers, order))
-    q, k, v = (x.half() for x in local_qkv(1, 64, 2, 2, 16, generator=gen))
-    mask = torch.ones(1, 2, 4, 4, dtype=torch.bool)
+    q, k, v = (x.half().to(kernel_device) for x in local_qkv(1, 64, 2, 2, 16, generator=gen))
+    mask = torch.ones(1, 2, 4, 4, dtype=torch.bool, device=kernel_device)
     mask[0, 1, 2, 1:] = False
     state = SkipState.from_dense(mask, 64, 64, 16, 16)
     counts, indices = state.next_buffers()
-    prot = torch.zeros(4, dtype=torch.int8)
+    prot = torch.zeros(4, dtype=torch.int8, device=kernel_device)
     call = KernelCall(q, k, v, state.kv_num_blocks, state.kv_indices, counts, indices, prot, prot, 0.25, -3.0, 16, 16,
                       "list", True, True)
+    longest = KernelSpec("triton", 16, 16, "list", "longest-first")
     resolved = dispatch.spec_for(call)
-    out, lse = dispatch.lite_attention_fwd(call)
-    indexed = dataclasses.replace(resolved, work_order="index")
+    if kernel_device == "cpu":
+        assert resolved == longest  # the interpreter's default: this test's first run is the default call
+    out, lse = dispatch.lite_attention_fwd(call, spec=None if resolved == longest else longest)
+    indexed = dataclasses.replace(longest, work_order="index")
     out2, lse2 = dispatch.lite_attention_fwd(call, spec=indexed)
-    assert [s for s, _ in seen] == [resolved, indexed]
+    assert [s for s, _ in seen] == [longest, indexed]
     assert seen[0][1] is not None and seen[1][1] is None  # longest first, then index order
-    assert torch.equal(seen[0][1][0, 1], torch.tensor([0, 1, 3, 2], dtype=torch.int32))  # stable, longest first
+    assert torch.equal(seen[0][1][0, 1].cpu(), torch.tensor([0, 1, 3, 2], dtype=torch.int32))  # stable, longest first
     torch.testing.assert_close(out, out2, rtol=0, atol=0)
-    want, _ = lite_attention(q, k, v, state, threshold=-3.0, layout="bhsd", backend="torch")
-    torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=6e-3)
+    want, _ = lite_attention(q.cpu(), k.cpu(), v.cpu(), SkipState.from_dense(mask.cpu(), 64, 64, 16, 16),
+                             threshold=-3.0, layout="bhsd", backend="torch")
+    torch.testing.assert_close(out.float().cpu(), want.float(), rtol=0, atol=6e-3)
 
 
-def test_the_walk_follows_the_states_freshness(gen, local_qkv, monkeypatch):
+def test_the_walk_follows_the_states_freshness(gen, local_qkv, kernel_device, monkeypatch):
     """The walk is the call's, decided from what the state knows: a fresh state with nothing to mark is walked in
     full, the same lists in a state built from tensors are walked as lists."""
     import liteattn.kernels.op as op
@@ -200,10 +205,10 @@ def test_the_walk_follows_the_states_freshness(gen, local_qkv, monkeypatch):
     walks = []
     launch = op.lite_attention_fwd
     monkeypatch.setattr(op, "lite_attention_fwd", lambda call: walks.append(call.walk) or launch(call))
-    q, k, v = (x.half() for x in local_qkv(1, 32, 1, 1, 16, generator=gen))
-    fresh = SkipState.full(1, 1, 32, 32, 16, 16)
+    q, k, v = (x.half().to(kernel_device) for x in local_qkv(1, 32, 1, 1, 16, generator=gen))
+    fresh = SkipState.full(1, 1, 32, 32, 16, 16, device=kernel_device)
     built = SkipState(fresh.kv_num_blocks.clone(), fresh.kv_indices.clone(), 32, 32, 16, 16)
-    for state in (fresh, built, fresh.clone(), fresh.to("cpu")):
+    for state in (fresh, built, fresh.clone(), fresh.to(kernel_device)):
         lite_attention(q, k, v, state, threshold=float("-inf"), layout="bhsd", backend="triton")
     assert walks == ["full", "list", "full", "full"]
 

@@ -144,16 +144,20 @@ def test_device_capability_is_asked_once_per_gpu(monkeypatch):
 
 
 def test_a_spec_is_resolved_once_per_key(monkeypatch):
-    """A call's spec costs one cached lookup: the rules run once per (target, dtype, head_dim, tiles, walk), and
+    """A call's spec costs one cached lookup: the rules run once per (target, dtype, head_dim, tiles, walk, rule), and
     every later call with that key gets the same object."""
     built = []
     rule = dispatch._sm90_spec
     monkeypatch.setattr(dispatch, "_sm90_spec", lambda *args: built.append(args) or rule(*args))
     dispatch.resolve.cache_clear()
     try:
-        specs = [dispatch.resolve(("cuda", (9, 0)), torch.bfloat16, 128, 128, 128, walk)
-                 for walk in ("list", "full", "list", "full", "list")]
-        assert specs[0] is specs[2] is specs[4] and specs[1] is specs[3] and specs[0] != specs[1]
-        assert built == [(128, 128, 128, "list"), (128, 128, 128, "full")]
+        keys = [(128, "list", False), (128, "full", False), (128, "list", False), (64, "full", True),
+                (128, "full", False), (64, "full", True)]
+        specs = [dispatch.resolve(("cuda", (9, 0)), torch.bfloat16, 128, block_m, 128, walk, per_call)
+                 for block_m, walk, per_call in keys]
+        assert specs[0] is specs[2] and specs[1] is specs[4] and specs[3] is specs[5]
+        assert len({specs[0], specs[1], specs[3]}) == 3
+        assert built == [(128, 128, 128, "list", False), (128, 128, 128, "full", False),
+                         (128, 64, 128, "full", True)]
     finally:
         dispatch.resolve.cache_clear()
