@@ -2,8 +2,9 @@
 
 Run: ``python lab/calibration_plots.py --comparison DIR/comparison.json [DIR2/comparison.json ...] --premise DIR/premise.json --out IMAGES``.
 Writes IMAGES/calibration-pareto-cpu.png (skipped tiles and skipped attention FLOPs against PSNR and the overall
-score, one colour per method) and IMAGES/calibration-premise-cpu.png (per layer, the fraction of tiles negligible
-at step t still negligible at t + d).
+score, one colour per method), or IMAGES/calibration-pareto-gpu.png for runs with ``--time`` (one generation's
+attention time against PSNR and the overall score), and IMAGES/calibration-premise-cpu.png (per layer, the
+fraction of tiles negligible at step t still negligible at t + d).
 """
 from __future__ import annotations
 
@@ -24,14 +25,16 @@ def pareto(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = report["methods"]
+    rows = [dict(r, attention_ms=r["attention"]["attention_ms"]) if r.get("attention") else r
+            for r in report["methods"]]
+    timed = all("attention_ms" in r for r in rows)
     dense = next(r for r in rows if r["kind"] == "dense")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    cost, cost_label = (("attention_ms", "attention time of one generation (ms)") if timed else
+                        ("flops_skipped", "attention FLOPs skipped (cost proxy)"))
     panels = ((axes[0], "sparsity", "psnr_mean", "tiles skipped over the run", "PSNR against dense (dB, mean)"),
-              (axes[1], "flops_skipped", "psnr_mean", "attention FLOPs skipped (cost proxy)",
-               "PSNR against dense (dB, mean)"),
-              (axes[2], "flops_skipped", "overall", "attention FLOPs skipped (cost proxy)",
-               "evaluator overall score (mean, 95% interval)"))
+              (axes[1], cost, "psnr_mean", cost_label, "PSNR against dense (dB, mean)"),
+              (axes[2], cost, "overall", cost_label, "evaluator overall score (mean, 95% interval)"))
     for ax, xkey, ykey, xlabel, ylabel in panels:
         if ykey == "overall":
             band = dense["scores"]["overall"]
@@ -62,8 +65,11 @@ def pareto(report: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower left")
     axes[2].legend(fontsize=6, loc="lower left")
-    fig.suptitle(f"testbed on a CPU, {report['size']}, {len(report['inputs'])} held-out prompt x seed pairs; "
-                 "time needs a GPU: skipped tiles and FLOPs are the cost proxy", fontsize=9)
+    where = f"testbed on an {report['device']}" if timed else "testbed on a CPU"
+    cost_note = ("attention time: CUDA events, one generation" if timed else
+                 "time needs a GPU: skipped tiles and FLOPs are the cost proxy")
+    fig.suptitle(f"{where}, {report['size']}, {len(report['inputs'])} held-out prompt x seed pairs; {cost_note}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -115,7 +121,8 @@ def main() -> None:
                 raise SystemExit("--comparison: the files were made at other sizes or on other inputs")
         merged = dict(reports[0], methods=[m for i, r in enumerate(reports) for m in r["methods"]
                                            if i == 0 or m["kind"] != "dense"])
-        pareto(merged, out / "calibration-pareto-cpu.png")
+        timed = all(m.get("attention") for m in merged["methods"])
+        pareto(merged, out / ("calibration-pareto-gpu.png" if timed else "calibration-pareto-cpu.png"))
     if args.premise:
         premise(json.loads(Path(args.premise).read_text()), out / "calibration-premise-cpu.png")
 
