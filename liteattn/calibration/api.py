@@ -24,18 +24,22 @@ from .session import Calibration
 
 __all__ = ["calibrate", "summarize_measurement", "testbed_inputs"]
 
+_SEEDS_PER_DRAW = 100_000  # noise seeds of one draw: seed * _SEEDS_PER_DRAW + i
 DEFAULT_DENSE_STEPS = 3  # sparsity and marginal budgets: the dense first steps (the testbed GPU demo's default)
 
 
 def testbed_inputs(count: int, seed: int) -> list[tuple[torch.Tensor, int]]:
     """``count`` testbed inputs ``(prompt tokens, noise seed)``, drawn from ``seed``: random prompts, one noise
-    seed each. Different ``seed`` values give disjoint noise seeds (calibration against held-out inputs)."""
+    seed each, ``100,000 * seed + i``. Different non-negative ``seed`` values give disjoint noise seeds
+    (calibration against held-out inputs)."""
     from ..testbed.data import random_prompts
 
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"inputs: expected a positive number of testbed inputs, got {count!r}")
-    prompts = random_prompts(count, torch.Generator().manual_seed(int(seed)))
-    return [(prompts[i], 100_000 * (int(seed) % 10_000) + i) for i in range(count)]
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= _SEEDS_PER_DRAW:
+        raise ValueError(f"inputs: expected from 1 to {_SEEDS_PER_DRAW:,} testbed inputs, got {count!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+    prompts = random_prompts(count, torch.Generator().manual_seed(seed))
+    return [(prompts[i], _SEEDS_PER_DRAW * seed + i) for i in range(count)]
 
 
 def summarize_measurement(result: dict, budget: Budget | None = None) -> dict:

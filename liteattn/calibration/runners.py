@@ -37,7 +37,8 @@ class Runner:
         return [repr(x) for x in inputs]
 
     def fingerprint(self) -> dict:
-        """What besides the inputs decides the outputs (sizes, steps, guidance), JSON-ready."""
+        """What besides the inputs and the model's weights decides the outputs (sizes, steps, guidance, how many
+        inputs run at once), JSON-ready."""
         return {"runner": type(self).__name__}
 
     def score(self, outputs: torch.Tensor, inputs: Sequence) -> list[dict] | None:
@@ -83,7 +84,7 @@ class TestbedRunner(Runner):
 
     def fingerprint(self) -> dict:
         return {"runner": "testbed", "frames": self.frames, "size": self.size, "steps": self.steps,
-                "guidance": self.guidance, "dtype": str(self.testbed.dtype).replace("torch.", ""),
+                "guidance": self.guidance, "batch_size": self.batch_size, "dtype": str(self.testbed.dtype).replace("torch.", ""),
                 "weights": {k: v for k, v in self.testbed.info.items() if isinstance(v, (int, float, str))}}
 
     def score(self, outputs, inputs) -> list[dict]:
@@ -132,7 +133,8 @@ class PipelineRunner(Runner):
                 for item in inputs]
 
     def fingerprint(self) -> dict:
-        return {"runner": "pipeline", "pipeline": type(self.pipe).__name__}
+        return {"runner": "pipeline", "pipeline": type(self.pipe).__name__,
+                "name_or_path": str(getattr(self.pipe, "name_or_path", None) or "")}
 
 
 class CallableRunner(Runner):

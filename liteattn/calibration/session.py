@@ -7,8 +7,8 @@ canonical key of its setting, and the dense outputs to ``dense-*.pt``. The
 searches are deterministic functions of the evaluations' results, so a
 resumed calibration replays the same path, finds every evaluation already
 made in the journal, and continues where the interrupted one stopped. A
-journal written for another model, runner or input set is refused rather
-than mixed in; one journal serves calibrations for several budgets of the
+journal written for another model (its configuration or its weights),
+runner or input set is refused rather than mixed in; one journal serves calibrations for several budgets of the
 same inputs (an evaluation does not depend on the budget).
 
 Why every evaluation goes through a profile and :func:`liteattn.apply`:
@@ -30,9 +30,30 @@ from .budget import METRICS, Budget
 from ..profile import ModelBinding, Profile, model_binding, write_json_atomic
 from .runners import Runner
 
-__all__ = ["Calibration", "Setting", "fidelity"]
+__all__ = ["Calibration", "Setting", "fidelity", "weights_digest"]
 
 JOURNAL = "journal.json"
+_DIGEST_TENSORS, _DIGEST_VALUES = 8, 1024
+
+
+def weights_digest(model) -> str:
+    """A fingerprint of ``model``'s weights from a strided sample of up to 8 parameter tensors spread over it.
+
+    Why a sample: a journal must not mix evaluations of two checkpoints of one architecture (a fine-tune, another
+    release), and hashing every weight of a 14B-parameter model would cost more than a generation. A fine-tune
+    or a merged LoRA changes nearly every value of the tensors it touches, so the sample sees it.
+    """
+    params = [p for p in model.parameters() if p.device.type != "meta"] if isinstance(model, torch.nn.Module) else []
+    if not params:
+        return "none"
+    digest = hashlib.sha256()
+    picks = sorted({round(i * (len(params) - 1) / (_DIGEST_TENSORS - 1)) for i in range(_DIGEST_TENSORS)})
+    for i in picks:
+        flat = params[i].detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // _DIGEST_VALUES)][:_DIGEST_VALUES].float().cpu()
+        digest.update(repr(tuple(params[i].shape)).encode())
+        digest.update(sample.numpy().tobytes())
+    return "sha256:" + digest.hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -148,6 +169,7 @@ class Calibration:
         # calibrations for several budgets on the same inputs share one journal).
         self.header = {
             "model": {label: b.to_dict() for label, b in self.bindings.items()},
+            "weights": {label: weights_digest(model) for label, (model, _) in patched.items()},
             "runner": runner.fingerprint(), "inputs": runner.describe(self.inputs), "tiles": list(self.tiles),
             "backend": backend,
         }

@@ -1,5 +1,7 @@
-"""A calibration's measurements cannot pass by accident: a NaN output misses every fidelity budget, and a model
-whose attention calls all ran dense is refused instead of looking perfect at every threshold."""
+"""A calibration's measurements cannot pass by accident: a NaN output misses every fidelity budget, a model
+whose attention calls all ran dense is refused instead of looking perfect at every threshold, the journal tells
+two checkpoints of one architecture apart, and held-out testbed inputs never share a noise seed with calibration
+ones."""
 from __future__ import annotations
 
 import math
@@ -9,7 +11,8 @@ import pytest
 import torch
 
 from liteattn.calibration import Budget
-from liteattn.calibration.session import MISSED, Calibration, fidelity
+from liteattn.calibration.api import testbed_inputs as draw_inputs  # not collected as a test
+from liteattn.calibration.session import MISSED, Calibration, fidelity, weights_digest
 
 
 def test_identical_outputs_are_perfect_and_nan_outputs_miss():
@@ -48,3 +51,24 @@ def test_a_run_that_computed_nothing_sparse_is_refused():
     Calibration._check_fallbacks(fake, partly, sparse_config)
     assert len(lines) == 1 and "attention_mask=2" in lines[0]  # reported once
     Calibration._check_fallbacks(fake, SimpleNamespace(fallbacks={}, calls=_calls("sparse")), sparse_config)
+
+
+def test_the_weights_digest_tells_checkpoints_apart():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(12)])
+    copy = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(12)])
+    copy.load_state_dict(model.state_dict())
+    assert weights_digest(model) == weights_digest(copy) != weights_digest(torch.nn.Linear(64, 64))
+    with torch.no_grad():
+        copy[5].weight.add_(1e-3 * torch.randn_like(copy[5].weight))  # a fine-tune of one layer
+    assert weights_digest(copy) != weights_digest(model)
+    assert weights_digest(object()) == "none"
+
+
+def test_testbed_inputs_of_different_seeds_never_share_a_noise_seed():
+    seeds = {s for draw in (0, 1, 10_000, 20_001) for _, s in draw_inputs(3, draw)}
+    assert len(seeds) == 12
+    for bad, match in (((0, 0), "inputs: expected from 1 to 100,000"), ((100_001, 0), "inputs: expected"),
+                       ((2, -1), "seed: expected a non-negative int"), ((2, 1.5), "seed: expected")):
+        with pytest.raises(ValueError, match=match):
+            draw_inputs(*bad)

@@ -132,6 +132,23 @@ def test_a_journal_for_other_inputs_is_refused(calibrated, make_runner):
                            block_size=(16, 16), show_progress=False, log=lambda line: None)
 
 
+def test_a_journal_for_another_checkpoint_is_refused(calibrated, model, loops):
+    """The same architecture and inputs with other weights (a fine-tune) cannot reuse the journal's evaluations."""
+    import copy
+
+    _, work, _ = calibrated
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(1e-3)
+    runner = CallableRunner(tuned, lambda seeds: torch.stack([loops.wan(tuned, seed=s, steps=STEPS)[0][0]
+                                                               for s in seeds]))
+    with pytest.raises(ValueError, match=r"^work_dir: the journal in .* was written for another calibration "
+                                         r"\(.*weights differ\)"):
+        liteattn.calibrate(runner, CALIBRATION, BUDGET, work_dir=work, dense_steps=(0,), grid=GRID,
+                           block_size=(16, 16), show_progress=False, log=lambda line: None)
+
+
 def test_a_sparsity_budget_makes_every_layer_skip_its_share(make_runner):
     profile = _calibrate(make_runner(), budget="sparsity>=0.05", dense_steps=1)
     measured = profile.measured["calibration"]
