@@ -162,6 +162,25 @@ def validate_must_do(must_do, seq_len: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def validate_qk_dtype(qk_dtype, backend: str, head_dim: int) -> str | None:
+    """None (Q.K^T from the inputs as they are), ``"int8"`` (both backends) or ``"fp8"`` (the PyTorch reference
+    only); the kernels' int8 path takes head_dims that are multiples of 16 from 32 (its integer tensor-core
+    products run 32 channels deep, and its int8 key tiles are copied whole)."""
+    if qk_dtype is None:
+        return None
+    if not isinstance(qk_dtype, str) or qk_dtype not in ("int8", "fp8"):
+        hint = " (pass the string, e.g. 'int8')" if isinstance(qk_dtype, torch.dtype) else ""
+        raise ValueError(f"qk_dtype: expected None, 'int8' or 'fp8' (8-bit Q.K^T with smoothed K, one scale per "
+                         f"tile), got {qk_dtype!r}{hint}")
+    if backend == "triton" and qk_dtype == "fp8":
+        raise ValueError("qk_dtype='fp8': the kernels compute 8-bit Q.K^T in int8; 'fp8' runs in the PyTorch "
+                         "reference only (backend='torch'); use qk_dtype='int8'")
+    if backend == "triton" and (head_dim % 16 or head_dim < 32):
+        raise ValueError(f"qk_dtype='int8': the kernels take head_dims that are multiples of 16 from 32, got "
+                         f"head_dim={head_dim}; use qk_dtype=None or backend='torch'")
+    return qk_dtype
+
+
 def validate_backend(backend: str, device: torch.device, triton_available: bool) -> str:
     """Resolve 'auto' to 'triton' (CUDA/ROCm with Triton) or 'torch'."""
     if backend not in ("auto", "triton", "torch"):

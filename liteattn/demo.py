@@ -64,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense-steps", type=int, default=None,
                         help=f"with one threshold, the first steps run dense before liteattn starts skipping (default: "
                              f"{DEFAULT_DENSE_STEPS})")
+    parser.add_argument("--qk-dtype", choices=["int8"], default=None,
+                        help="the liteattn run computes Q.K^T from 8-bit q and k (default: as they are)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default: 4)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT,
@@ -229,7 +231,7 @@ def run(args) -> int:
     blocks = len(testbed.transformer.blocks)
     lite = generate(testbed, tokens, [args.seed], threshold=setting["threshold"], dense_steps=setting["dense_steps"],
                     profile=setting["profile"], mask_layers=tuple(sorted({0, blocks // 2, blocks - 1})),
-                    desc="liteattn", **common)
+                    desc="liteattn", qk_dtype=args.qk_dtype, **common)
 
     per_step = {int(k): v["sparsity"] for k, v in lite.summary.per_step().items()}
     last = per_step[max(per_step)] if per_step else 0.0
@@ -238,6 +240,7 @@ def run(args) -> int:
     tokens_per_frame = tokens_per_video // frames
     report = {
         "prompt": describe_prompt(tokens[0]), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "qk_dtype": args.qk_dtype,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "backend": "triton" if device.type == "cuda" else "torch (reference; no speed-up on a CPU)",
         "cuda_graphs": graphs, "size": size, "frames": frames, "pixels": pixels, "tokens_per_video": tokens_per_video,

@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense-steps", type=int, nargs="+", default=[DEFAULT_DENSE_STEPS],
                         help=f"one or more numbers of dense first steps to sweep (default: {DEFAULT_DENSE_STEPS})")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default: 4)")
+    parser.add_argument("--qk-dtype", choices=["int8"], default=None,
+                        help="liteattn's settings compute Q.K^T from 8-bit q and k (default: as they are)")
     parser.add_argument("--batch", type=int, default=32, help="videos generated at once (default: 32)")
     parser.add_argument("--workers", type=int, default=0, help="processes scoring videos (default: CPU cores, max 16)")
     parser.add_argument("--no-timing", action="store_true", help="GPU: skip the batch-1 timings")
@@ -116,8 +118,8 @@ def run(args) -> int:
     settings = [(float(t), int(d)) for t, d in itertools.product(args.threshold, args.dense_steps)]
     graphs = device.type == "cuda" and not args.no_cuda_graph
     print(f"liteattn eval: {len(pairs)} prompt x seed pairs, {frames} frames of {pixels}px "
-          f"({testbed.tokens_per_video(frames, pixels)} tokens), {steps} steps, {len(settings)} liteattn setting(s), "
-          f"{device} {str(dtype).replace('torch.', '')}")
+          f"({testbed.tokens_per_video(frames, pixels)} tokens), {steps} steps, {len(settings)} liteattn setting(s)"
+          f"{', 8-bit QK' if args.qk_dtype else ''}, {device} {str(dtype).replace('torch.', '')}")
 
     def videos_of(threshold, dense_steps):
         chunks, sparsity, calls = [], 0.0, 0
@@ -125,6 +127,7 @@ def run(args) -> int:
             gen = generate(testbed, all_prompts[start:start + args.batch], all_seeds[start:start + args.batch],
                            frames=frames, size=pixels, steps=steps, guidance=args.guidance, threshold=threshold,
                            dense_steps=dense_steps, cuda_graph=False, warmup=0, kernel_times=False,
+                           qk_dtype=args.qk_dtype if threshold is not None else None,
                            show_progress=not args.no_progress, desc="dense" if threshold is None else
                            f"threshold {threshold:g}, {dense_steps} dense")
             chunks.append(gen.video)
@@ -136,14 +139,15 @@ def run(args) -> int:
         if device.type != "cuda" or args.no_timing:
             return {}
         gen = generate(testbed, all_prompts[:1], all_seeds[:1], frames=frames, size=pixels, steps=steps,
-                       guidance=args.guidance, threshold=threshold, dense_steps=dense_steps, cuda_graph=graphs)
+                       guidance=args.guidance, threshold=threshold, dense_steps=dense_steps, cuda_graph=graphs,
+                       qk_dtype=args.qk_dtype if threshold is not None else None)
         return {"wall_s": gen.wall_s, "attention_s": gen.attention_s, "kernels_s": gen.kernels_s}
 
     dense_videos, _ = videos_of(None, steps)
     dense_scores = _score_all(dense_videos, all_prompts, workers)
     report = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "frames": frames, "pixels": pixels, "tokens_per_video": testbed.tokens_per_video(frames, pixels),
-              "steps": steps, "guidance": args.guidance, "cuda_graphs": graphs,
+              "steps": steps, "guidance": args.guidance, "cuda_graphs": graphs, "qk_dtype": args.qk_dtype,
               "pairs": [{"prompt": describe_prompt(prompts[p]), "seed": 1000 + s} for p, s in pairs],
               "dense": {"scores": _stats(dense_scores, None), "timing": timing(None, steps)}, "settings": []}
     for threshold, dense_steps in settings:

@@ -292,10 +292,11 @@ def lite_attention_reference(
     out = out.reshape(bsz, nheads, qt * bm, dim)[:, :, :seq_q].to(q.dtype)
     lse = lse.reshape(bsz, nheads, qt * bm)[:, :, :seq_q].float()
     if write_state:
-        # A query tile that met a NaN or +inf score (a valid row's sum is NaN) keeps its list as visited.
-        poisoned = (l.isnan() & row_valid).any(-1)  # [B, H, QT]
-        next_counts = torch.where(poisoned, counts, next_counts)
-        next_indices = torch.where(poisoned[..., None], indices, next_indices)
+        if not skip_softmax:  # skip-softmax reports the tiles it used, and carries nothing
+            # A query tile that met a NaN or +inf score (a valid row's sum is NaN) keeps its list as visited.
+            poisoned = (l.isnan() & row_valid).any(-1)  # [B, H, QT]
+            next_counts = torch.where(poisoned, counts, next_counts)
+            next_indices = torch.where(poisoned[..., None], indices, next_indices)
         nxt = (next_counts.to(torch.int32), next_indices.to(torch.int16))
     else:
         nxt = (state.kv_num_blocks.clone(), state.kv_indices.clone())

@@ -69,6 +69,21 @@ def test_eval_reports_intervals_and_a_choice(tmp_path):
     assert (tmp_path / "pareto.png").stat().st_size > 0
 
 
+def test_eval_runs_its_settings_with_8bit_qk(tmp_path, monkeypatch):
+    """``--qk-dtype int8`` reaches every liteattn setting's patch (not the dense reference) and the report."""
+    import liteattn.integrations as integrations
+
+    seen = []
+    apply = integrations.apply
+    monkeypatch.setattr(integrations, "apply", lambda *a, **kw: seen.append(kw.get("qk_dtype")) or apply(*a, **kw))
+    rc = main(["eval", "--out", str(tmp_path), "--device", "cpu", "--frames", "2", "--steps", "3", "--prompts", "1",
+               "--seeds", "1", "--threshold", "-1", "--dense-steps", "1", "--workers", "1", "--no-progress",
+               "--qk-dtype", "int8"])
+    assert rc == 0
+    assert seen == [None, "int8"]  # the dense run, then the setting
+    assert json.loads((tmp_path / "eval.json").read_text())["qk_dtype"] == "int8"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--threshold", "3"], "liteattn demo: --threshold: expected a negative number"),
     (["--steps", "0"], "liteattn demo: --steps: expected at least 1, got 0"),

@@ -130,3 +130,40 @@ def test_bad_arguments_are_named():
         skip_softmax_attention(q, q, q, threshold=1.0)
     with pytest.raises(ValueError, match="block_size"):
         skip_softmax_attention(q, q, q, threshold=-1.0, block_size=(10, 16))
+
+
+NAN_CASES = [pytest.param((32, 64), id="portable")]
+if ON_GPU:
+    NAN_CASES += [pytest.param((64, 64), id="sm90")]
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN arithmetic
+@pytest.mark.parametrize("block", NAN_CASES)
+def test_a_nan_score_is_never_skipped(block, kernel_device):
+    """A tile holding a NaN score is used (its margin is NaN, which decides nothing), so the rows that meet it are
+    NaN as in dense attention, and every later tile of the row is used; the torch backend reports the tiles it used
+    (not the carried rule's keep-all of a poisoned query tile)."""
+    from liteattn import skip_softmax_attention
+
+    gen = torch.Generator().manual_seed(0)
+    d = torch.randn(64, generator=gen)
+    d = d / d.norm()
+    q = d * 8 + 0.1 * torch.randn(1, 1, 256, 64, generator=gen)
+    k = 0.1 * torch.randn(1, 1, 256, 64, generator=gen)
+    k[..., :64, :] += d * 8  # the first key tile dominates every row: the others are negligible ...
+    v = torch.randn(1, 1, 256, 64, generator=gen)
+    k[0, 0, 200, 3] = float("nan")  # ... but one of them holds a NaN score for every row
+    q, k, v = (x.half() for x in (q, k, v))
+    want, (want_used, _) = lite_attention_reference(q, k, v, SkipState.full(1, 1, 256, 256, *block), -5.0,
+                                                     skip_softmax=True)[::2]
+    out, used = skip_softmax_attention(*(x.to(kernel_device) for x in (q, k, v)), threshold=-5.0, layout="bhsd",
+                                       block_size=block, backend="triton")
+    assert want.isnan().all(), "every row meets the NaN score"
+    assert torch.equal(out.isnan().cpu(), want.isnan())
+    assert torch.equal(used.cpu(), want_used)
+    torch_out, torch_used = skip_softmax_attention(q, k, v, threshold=-5.0, layout="bhsd", block_size=block,
+                                                   backend="torch")
+    assert torch.equal(torch_used, want_used) and torch_out.isnan().all()
+    # the tile with the NaN and the first one are used; a tile between them with finite, negligible scores is not
+    assert (want_used < 256 // block[1]).all() and (want_used >= 2).all()

@@ -76,6 +76,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("liteattn-detect-list", False, "the same on a full list carried from an earlier step (index-list path)"),
     Method("flex", True, "compiled flex_attention, BlockMask.from_kv_blocks of the same tile mask"),
     Method("liteattn-sparse", True, "SkipState.from_dense(mask), threshold -inf: exactly the mask's tiles skipped"),
+    Method("liteattn-int8", False, "liteattn-dense with qk_dtype='int8' (8-bit Q.K^T, the rounding pass included)"),
+    Method("liteattn-int8-sparse", True, "liteattn-sparse with qk_dtype='int8'"),
 )}
 
 PATTERNS: dict[str, Pattern] = {p.name: p for p in (

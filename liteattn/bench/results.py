@@ -21,8 +21,11 @@ __all__ = ["Check", "Ratio", "Row", "RATIO_TARGETS", "compute_ratios", "failed_r
            "timed_row"]
 
 DENSE_TARGET, DETECT_TARGET, SPARSE_TARGET = 1.00, 1.03, 1.10
+INT8_TARGET = 1 / 1.4  # 8-bit Q.K^T: at least 1.4x cuDNN's bf16 throughput
 RATIO_TARGETS = {
     "liteattn-dense / sdpa-cudnn": DENSE_TARGET,
+    "liteattn-int8 / sdpa-cudnn": INT8_TARGET,
+    "liteattn-int8-sparse / ((1-s) liteattn-int8)": SPARSE_TARGET,
     "liteattn-detect / liteattn-dense": DETECT_TARGET,
     "liteattn-detect-list / liteattn-dense": DETECT_TARGET,
     "liteattn-sparse / ((1-s) sdpa-cudnn)": SPARSE_TARGET,
@@ -128,12 +131,20 @@ def compute_ratios(rows: Iterable[Row]) -> list[Ratio]:
         cudnn, lite = dense.get((shape, "sdpa-cudnn")), dense.get((shape, "liteattn-dense"))
         if lite and cudnn:
             ratios.append(_ratio(shape, "liteattn-dense / sdpa-cudnn", None, 0.0, lite / cudnn))
+        int8 = dense.get((shape, "liteattn-int8"))
+        if int8 and cudnn:
+            ratios.append(_ratio(shape, "liteattn-int8 / sdpa-cudnn", None, 0.0, int8 / cudnn))
         for name in ("liteattn-detect", "liteattn-detect-list"):
             detect = dense.get((shape, name))
             if detect and lite:
                 ratios.append(_ratio(shape, f"{name} / liteattn-dense", None, 0.0, detect / lite))
         for r in rows:
-            if r.shape != shape or r.pattern is None or r.method not in ("liteattn-sparse", "flex"):
+            if r.shape != shape or r.pattern is None:
+                continue
+            if r.method == "liteattn-int8-sparse" and int8:
+                ratios.append(_ratio(shape, "liteattn-int8-sparse / ((1-s) liteattn-int8)", r.pattern, r.skipped,
+                                     r.median_ms / ((1.0 - r.skipped) * int8)))
+            if r.method not in ("liteattn-sparse", "flex"):
                 continue
             for base_name, base in (("sdpa-cudnn", cudnn), ("liteattn-dense", lite)):
                 if base:

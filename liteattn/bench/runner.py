@@ -71,11 +71,12 @@ class BenchRun:
             "sdpa-cudnn": lambda: (M.sdpa(inputs, "cudnn"), None),
             "sdpa-flash": lambda: (M.sdpa(inputs, "flash"), None),
             "liteattn-dense": lambda: (M.liteattn_dense(inputs), None),
+            "liteattn-int8": lambda: (M.liteattn_dense(inputs, "int8"), None),
             "liteattn-detect": lambda: _with_detect_check(*M.liteattn_detect(inputs)),
             "liteattn-detect-list": lambda: _with_detect_check(*M.liteattn_detect(inputs, fresh=False)),
         }
         cases = [_Case(shape, name, build) for name, build in dense.items() if name in self.selected]
-        sparse = [m for m in ("flex", "liteattn-sparse") if m in self.selected]
+        sparse = [m for m in ("flex", "liteattn-sparse", "liteattn-int8-sparse") if m in self.selected]
         gen = torch.Generator(device="cuda").manual_seed(c.seed + 1)
         for pattern in c.patterns if sparse else ():
             for fraction in c.fractions:
@@ -83,6 +84,8 @@ class BenchRun:
                 builders = {
                     "flex": lambda mask=mask: (M.flex(inputs, mask), None),
                     "liteattn-sparse": lambda mask=mask: _with_sparse_check(*M.liteattn_sparse(inputs, mask), mask),
+                    "liteattn-int8-sparse": lambda mask=mask: _with_sparse_check(
+                        *M.liteattn_sparse(inputs, mask, "int8"), mask),
                 }
                 got = achieved_fraction(mask)
                 cases += [_Case(shape, name, builders[name], pattern.name, fraction, got) for name in sparse]
@@ -147,7 +150,8 @@ class BenchRun:
 
     # ------------------------------------------------------------------ correctness gate
     def _gate(self, inputs: M.Inputs) -> None:
-        """liteattn dense vs SDPA, liteattn-sparse vs flex; failures are recorded, never raised."""
+        """liteattn dense (and its int8 mode, when selected) vs SDPA, liteattn-sparse vs flex; failures are recorded,
+        never raised."""
         name = inputs.shape.name
         reference, ref_name, errors = None, None, []
         for method, backend in (("sdpa-cudnn", "cudnn"), ("sdpa-flash", "flash")):
@@ -161,6 +165,10 @@ class BenchRun:
         else:
             self._add_check(self._compare(name, f"liteattn-dense vs {ref_name}",
                                           lambda: _quiet(M.liteattn_dense(inputs)).transpose(1, 2), reference))
+            if "liteattn-int8" in self.selected or "liteattn-int8-sparse" in self.selected:
+                self._add_check(self._compare(name, f"liteattn-int8 vs {ref_name}",
+                                              lambda: _quiet(M.liteattn_dense(inputs, "int8")).transpose(1, 2),
+                                              reference))
         del reference
         gen = torch.Generator(device="cuda").manual_seed(self.config.seed + 2)
         mask = build_mask("random", inputs.tiles, SPARSE_CHECK_FRACTION, generator=gen, device="cuda")

@@ -402,7 +402,7 @@ class LiteAttentionOverride:
         slot = self._slots.get((block, chunk.key))
         if slot is None:
             attention = LiteAttention(self.config.threshold_at(0), block_size=self.config.block_size,
-                                      backend=self.config.backend)
+                                      backend=self.config.backend, qk_dtype=self.config.qk_dtype)
             slot = self._slots[(block, chunk.key)] = _Slot(block, self._label(chunk), attention, [])
         return slot
 

@@ -93,6 +93,10 @@ class LiteAttentionConfig:
             the kernel's skip-softmax mode on a GPU, the PyTorch reference
             elsewhere; query tiles of at most 64 rows decide together). Not with CUDA graphs:
             each call's skipped fraction is recorded from the call itself.
+        qk_dtype (`str`, *optional*):
+            ``"int8"``: attention scores from q and k rounded to int8 (k smoothed, one scale per tile;
+            :func:`liteattn.lite_attention`), on the portable kernel; ``"fp8"`` with ``backend="torch"`` only.
+            Default None: scores from q and k as they are.
     """
 
     threshold: float | tuple[float, ...] = -10.0
@@ -107,6 +111,7 @@ class LiteAttentionConfig:
     timing: bool = False
     cuda_graph: bool = False
     skip_rule: str = "carry"
+    qk_dtype: str | None = None
 
     def __post_init__(self) -> None:
         # Frozen: the fields are normalised (lists to tuples, checked) once, here.
@@ -136,6 +141,10 @@ class LiteAttentionConfig:
         if self.skip_rule == "per_call" and self.cuda_graph:
             raise ValueError("cuda_graph: expected False with skip_rule='per_call' (its per-call skipped fractions "
                              "are recorded from each call, which a replayed graph does not make), got True")
+        V.validate_qk_dtype(self.qk_dtype, self.backend, 64)  # the name; the head_dim is checked at each call
+        if self.qk_dtype is not None and self.skip_rule == "per_call":
+            raise ValueError(f"qk_dtype: expected None with skip_rule='per_call' (skip-softmax computes Q.K^T in 16 "
+                             f"bits), got {self.qk_dtype!r}")
         if self.profile is not None:
             self._resolve_profile()
 

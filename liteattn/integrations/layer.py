@@ -243,7 +243,7 @@ class LayerRuntime:
         state = self.contexts.get(context)
         if state is None:
             attention = LiteAttention(self.config.threshold_at(0), block_size=self.config.block_size,
-                                      backend=self.config.backend)
+                                      backend=self.config.backend, qk_dtype=self.config.qk_dtype)
             state = self.contexts[context] = ContextState(attention, generation)
         elif generation is not None and state.generation != generation:
             if state.generation is not None:

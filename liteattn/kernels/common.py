@@ -94,6 +94,9 @@ class KernelCall:
     ``per_call``: skip-softmax (:func:`liteattn.skip_softmax_attention`): a tile negligible by the rule is left out
     of this call instead of the next ones, and ``next_num_blocks`` receives the number of key tiles each query
     tile used; only with the full walk and without ``write_state`` (nothing is carried).
+
+    ``qk8``: the scores come from Q and K rounded to int8, K smoothed, one scale per tile (``qk_dtype="int8"`` of
+    :mod:`liteattn.reference`); not with ``per_call``.
     """
 
     q: torch.Tensor
@@ -113,6 +116,7 @@ class KernelCall:
     write_state: bool
     return_lse: bool
     per_call: bool = False
+    qk8: bool = False
 
     def __post_init__(self) -> None:
         if self.walk not in WALKS:
@@ -120,6 +124,8 @@ class KernelCall:
         if self.per_call and (self.walk != FULL_WALK or self.write_state):
             raise ValueError("per_call: skip-softmax walks every key tile and carries nothing; expected the full walk "
                              f"without write_state, got walk={self.walk!r}, write_state={self.write_state!r}")
+        if self.qk8 and self.per_call:
+            raise ValueError("qk8: skip-softmax computes Q.K^T in 16 bits; expected qk8=False with per_call=True")
         if self.write_state and self.walk == FULL_WALK:
             raise ValueError("walk: the full walk writes no next state (a call that marks tiles walks the list); "
                              f"got walk={self.walk!r} with write_state=True")

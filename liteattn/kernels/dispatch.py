@@ -1,13 +1,13 @@
 """Which kernel runs a call, and with which settings: the one place that decides.
 
 A call's kernel specialization is a :class:`KernelSpec`, an immutable value resolved once per (device, dtype,
-head_dim, tiles, walk) by :func:`resolve`:
+head_dim, tiles, walk, skip rule, QK precision) by :func:`resolve`:
 
 - **sm90** (:mod:`.sm90`): the warp-specialized persistent Gluon kernel, on an NVIDIA sm90 GPU (H100, H200) for
   fp16/bf16 at head_dim 64 or 128 with the skip state's tiles 128 query rows by 64 or 128 keys, when the installed
   Triton is one it is tested with (:data:`._gluon.TESTED`). Its settings are the measured ones of the rules below.
 - **triton** (:mod:`.portable`): the portable Triton kernel, everywhere else (other GPUs, other head_dims and tiles,
-  the CPU interpreter), with TMA tile copies from sm90 on; and on Hopper where the Gluon kernel cannot be used (an
+  the CPU interpreter, 8-bit Q.K^T), with TMA tile copies from sm90 on; and on Hopper where the Gluon kernel cannot be used (an
   untested Triton, one warning; a Gluon build that fails, one warning, then every later call).
 
 :func:`lite_attention_fwd` launches a :class:`~.common.KernelCall` with its resolved spec, or with a spec passed
@@ -73,6 +73,7 @@ class KernelSpec:
             code and rounding.
         per_call: skip-softmax (:attr:`.common.KernelCall.per_call`): the full walk, a negligible tile left out of
             the call itself, nothing carried. The sm90 kernel then takes 64-row query tiles, one per consumer.
+        qk8: Q.K^T from int8 Q and K (:attr:`.common.KernelCall.qk8`); the portable kernel only.
     """
 
     backend: str
@@ -91,6 +92,7 @@ class KernelSpec:
     max_programs: int | None = None
     fp_fusion: bool = True
     per_call: bool = False
+    qk8: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -106,6 +108,10 @@ class KernelSpec:
         if not isinstance(self.per_call, bool) or (self.per_call and self.walk != FULL_WALK):
             raise ValueError(f"per_call: expected a bool, True only with the full walk (skip-softmax visits every "
                              f"key tile), got per_call={self.per_call!r}, walk={self.walk!r}")
+        if not isinstance(self.qk8, bool) or (self.qk8 and (self.per_call or self.backend != "triton")):
+            raise ValueError(f"qk8: expected a bool, True only for the 'triton' backend without per_call (the sm90 "
+                             f"kernel and skip-softmax compute Q.K^T in 16 bits), got qk8={self.qk8!r}, "
+                             f"backend={self.backend!r}, per_call={self.per_call!r}")
         if self.backend == "triton":
             for name, neutral in _SM90_ONLY.items():
                 if getattr(self, name) != neutral:
@@ -202,7 +208,7 @@ def portable_spec(spec: KernelSpec) -> KernelSpec:
         return spec
     return KernelSpec("triton", spec.block_m, spec.block_n, spec.walk,
                       work_order=INDEX_ORDER if spec.walk == FULL_WALK else LONGEST_FIRST, tma=True,
-                      fp_fusion=spec.fp_fusion, per_call=spec.per_call)
+                      fp_fusion=spec.fp_fusion, per_call=spec.per_call, qk8=spec.qk8)
 
 
 def target_of(device: torch.device) -> tuple:
@@ -219,28 +225,29 @@ def target_of(device: torch.device) -> tuple:
 
 @functools.lru_cache(maxsize=None)
 def resolve(target: tuple, dtype: torch.dtype, head_dim: int, block_m: int, block_n: int, walk: str,
-            per_call: bool = False) -> KernelSpec:
+            per_call: bool = False, qk8: bool = False) -> KernelSpec:
     """The spec of every call on ``target`` (:func:`target_of`) with this dtype, head_dim, tiles and walk (and the
-    skip-softmax rule with ``per_call``).
+    skip-softmax rule with ``per_call``, 8-bit Q.K^T with ``qk8``).
 
     Cached: a call pays one dictionary lookup. The sm90 kernel is chosen where it applies and this Triton can
-    build it (:func:`sm90_module`, which warns once where it cannot); everything else runs the portable kernel.
+    build it (:func:`sm90_module`, which warns once where it cannot); everything else, and every ``qk8`` call,
+    runs the portable kernel.
     """
     if walk not in WALKS:
         raise ValueError(f"walk: expected one of {WALKS}, got {walk!r}")
-    if _sm90_applies(target, dtype, head_dim, block_m, block_n, per_call) and sm90_module() is not None:
+    if not qk8 and _sm90_applies(target, dtype, head_dim, block_m, block_n, per_call) and sm90_module() is not None:
         return _sm90_spec(head_dim, block_m, block_n, walk, per_call)
     platform, capability = target
     return KernelSpec("triton", block_m, block_n, walk,
                       work_order=INDEX_ORDER if walk == FULL_WALK else LONGEST_FIRST,
                       tma=platform == "cuda" and capability[0] >= 9,
-                      upcast=platform == "interpreter" and dtype == torch.bfloat16, per_call=per_call)
+                      upcast=platform == "interpreter" and dtype == torch.bfloat16, per_call=per_call, qk8=qk8)
 
 
 def spec_for(call: KernelCall) -> KernelSpec:
     """:func:`resolve` for a call."""
     return resolve(target_of(call.q.device), call.q.dtype, call.q.shape[-1], call.block_m, call.block_n, call.walk,
-                   call.per_call)
+                   call.per_call, call.qk8)
 
 
 def longest_first(spec: KernelSpec, call: KernelCall) -> bool:
@@ -320,6 +327,8 @@ def _checked(spec: KernelSpec, call: KernelCall) -> KernelSpec:
         raise ValueError(f"spec: built for tiles ({spec.block_m}, {spec.block_n}), the {spec.walk} walk and "
                          f"per_call={spec.per_call}, but the call has tiles ({call.block_m}, {call.block_n}), the "
                          f"{call.walk} walk and per_call={call.per_call}")
+    if spec.qk8 != call.qk8:
+        raise ValueError(f"spec: built with qk8={spec.qk8}, but the call has qk8={call.qk8}")
     return spec
 
 

@@ -14,6 +14,10 @@ With ``PER_CALL`` (skip-softmax, the serving stacks' rule, nothing carried) a ti
 is instead left out of this very call: its QK is computed, its exponentials and P.V are not, and the program counts
 the tiles it used. That mode walks every key tile (the full walk) and writes no list.
 
+With ``QK8`` (``qk_dtype="int8"``) the scores come from Q and K rounded to int8 by :mod:`.quant` (K smoothed, one
+scale per tile): an integer product, scaled once per tile; a tile pair holding a non-finite token takes its
+products from the unrounded inputs instead (the rules of :mod:`liteattn.reference`). P.V stays in 16 bits.
+
 Detection: each row ORs its "not negligible" bit of 32 consecutive tiles into a register word, merged into memory
 with relaxed atomic ORs once per 32 tiles (no per-tile store, no cross-warp reduction); after the loop the
 survivors are compacted into the next list in visiting order.
@@ -34,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .common import FULL_WALK, LOG2E, KernelCall, LaunchBuffers, interpreting
+from .quant import quantize_qk
 
 __all__ = ["autotune_configs", "compile_offline", "launch"]
 
@@ -83,11 +88,19 @@ def _store_output(O, LSE, acc, l_i, m_i, b, h, pid_bh, offs_m, offs_d, row_valid
 
 
 @triton.jit
+def _max_keep_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _softmax_step(qk, tile_max, m_i, l_i, acc, v_desc, v_ptr, start_n, offs_n, offs_d, stride_vs, SEQ_K, qk_scale,
-                  HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr, KEEP_NAN: tl.constexpr = False):
     """The online-softmax update with one score tile (``qk`` unscaled, ``tile_max`` its scaled row maxima):
-    returns the new running max, row sums and accumulator."""
-    m_new = tl.maximum(m_i, tile_max)
+    returns the new running max (NaN once a row met a NaN score, with ``KEEP_NAN``), row sums and accumulator."""
+    if KEEP_NAN:
+        m_new = _max_keep_nan(m_i, tile_max)
+    else:
+        m_new = tl.maximum(m_i, tile_max)
     # A row whose scores so far are all -inf subtracts 0, not -inf (-inf - -inf is NaN): its weights stay 0
     # and a later finite score counts as in dense attention.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -106,24 +119,49 @@ def _per_call_step(qk, tile_max, m_i, l_i, acc, n_used, t, j, row_valid, q_prote
                    start_n, offs_n, offs_d, stride_vs, SEQ_K, qk_scale, threshold, HEAD_DIM: tl.constexpr,
                    USE_TMA: tl.constexpr, UPCAST: tl.constexpr):
     """Skip-softmax: the tile is used (softmax update and P.V) unless every valid row's finite margin is below the
-    threshold; the first tile and must-do tiles are always used (the rule of :mod:`liteattn.reference`)."""
+    threshold; the first tile and must-do tiles are always used (the rule of :mod:`liteattn.reference`). A NaN
+    score makes its row's margin NaN (``tile_max`` keeps it, :func:`_max_keep_nan`), and then every later margin
+    of the row through the running max: such tiles are used, so the row is NaN as in dense attention."""
     margin = tile_max - m_i
     negligible = (margin < threshold) & (margin > float("-inf"))
     keeps = tl.max(((negligible == 0) & row_valid).to(tl.int32), 0)
     use = (keeps != 0) | (t == 0) | q_protected | (tl.load(K_PROT + j).to(tl.int32) != 0)
     if use:
         m_i, l_i, acc = _softmax_step(qk, tile_max, m_i, l_i, acc, v_desc, v_ptr, start_n, offs_n, offs_d, stride_vs,
-                                      SEQ_K, qk_scale, HEAD_DIM, USE_TMA, UPCAST)
+                                      SEQ_K, qk_scale, HEAD_DIM, USE_TMA, UPCAST, KEEP_NAN=True)
         n_used += 1
     return m_i, l_i, acc, n_used
 
 
+@triton.jit
+def _bad_token_scores(qk, q_ptr, k_ptr, QK_SHIFT, shift_off, start_n, offs_m, offs_n, offs_d, row_valid, stride_qs,
+                      stride_ks, SEQ_K, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """8-bit scores of a tile pair that holds a non-finite token, patched with 16-bit ones where a row or key is
+    non-finite: a bad row's products are dense (unsmoothed), a good row's against a bad key are smoothed (its
+    ``shift`` subtracted), as the reference's non-finite rule says. Runs only for such tile pairs."""
+    b_q = tl.load(q_ptr + offs_m[:, None] * stride_qs + offs_d[None, :],
+                  mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    b_kt = tl.load(k_ptr + (start_n + offs_n)[None, :] * stride_ks + offs_d[:, None],
+                   mask=((start_n + offs_n) < SEQ_K)[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)
+    q32 = tl.abs(b_q.to(tl.float32))
+    k32 = tl.abs(b_kt.to(tl.float32))
+    row_bad = tl.max(((q32 != q32) | (q32 == float("inf"))).to(tl.int32), 1) != 0  # [BM]: a non-finite q
+    col_bad = tl.max(((k32 != k32) | (k32 == float("inf"))).to(tl.int32), 0) != 0  # [BN]: a non-finite key
+    if UPCAST:
+        b_q = b_q.to(tl.float32)
+        b_kt = b_kt.to(tl.float32)
+    raw = tl.dot(b_q, b_kt)
+    shift = tl.load(QK_SHIFT + shift_off + offs_m, mask=row_valid, other=0.0)
+    return tl.where(row_bad[:, None] | col_bad[None, :], raw - shift[:, None], qk)
+
+
 @triton.autotune(configs=autotune_configs(),
-                 key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "FULL_WALK", "WRITE_STATE", "USE_TMA", "PER_CALL"])
+                 key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "FULL_WALK", "WRITE_STATE", "USE_TMA", "PER_CALL", "QK8"])
 @triton.jit
 def _lite_attention_fwd(
     Q, K, V, O, LSE,
     KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, ORDER, FLAGS, NW,
+    Q8, K8, Q_SCALE, K_SCALE, QK_SHIFT, Q_BAD, K_BAD,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -133,7 +171,7 @@ def _lite_attention_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     FULL_WALK: tl.constexpr, WRITE_STATE: tl.constexpr, RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr,
     RAGGED_K: tl.constexpr, BLOCK_C: tl.constexpr, USE_ORDER: tl.constexpr, UPCAST: tl.constexpr,
-    PER_CALL: tl.constexpr = False,
+    PER_CALL: tl.constexpr = False, QK8: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(1)
     if USE_ORDER:  # heaviest query tiles of a head first, so short ones fill the tail
@@ -150,10 +188,23 @@ def _lite_attention_fwd(
     row_valid = offs_m < SEQ_Q  # [BM]
 
     q_ptr = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    b_q = tl.load(q_ptr + offs_m[:, None] * stride_qs + offs_d[None, :],
-                  mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)  # [BM, BD]
-    if UPCAST:  # Triton's CPU interpreter computes bf16 dots wrongly; it gets fp32 operands instead
-        b_q = b_q.to(tl.float32)
+    if QK8:  # int8 Q8 and K8, contiguous BHSD (liteattn.kernels.quant)
+        b_q = tl.load(Q8 + pid_bh.to(tl.int64) * SEQ_Q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+                      mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0)  # [BM, BD]
+        q_scale = tl.load(Q_SCALE + pid_bh.to(tl.int64) * QT + pid_m)
+        q_bad = tl.load(Q_BAD + pid_bh.to(tl.int64) * QT + pid_m).to(tl.int32)
+        kv_bh = (b * (H // GROUP) + hk).to(tl.int64)
+        k8_ptr = K8 + kv_bh * SEQ_K * HEAD_DIM
+        if USE_TMA:
+            k8_desc = tl.make_tensor_descriptor(k8_ptr, shape=[SEQ_K, HEAD_DIM], strides=[HEAD_DIM, 1],
+                                                block_shape=[BLOCK_N, BLOCK_D])
+        else:
+            k8_desc = k8_ptr
+    else:
+        b_q = tl.load(q_ptr + offs_m[:, None] * stride_qs + offs_d[None, :],
+                      mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)  # [BM, BD]
+        if UPCAST:  # Triton's CPU interpreter computes bf16 dots wrongly; it gets fp32 operands instead
+            b_q = b_q.to(tl.float32)
 
     k_ptr = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_ptr = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
@@ -193,14 +244,25 @@ def _lite_attention_fwd(
             j = tl.where(full_row, t, j_next)
             j_next = tl.load(idx_ptr + tl.minimum(t + 1, n_active - 1)).to(tl.int32)
         start_n = j * BLOCK_N
-        b_kt = _load_kv_tile(k_desc, k_ptr, start_n, offs_n, offs_d, stride_ks, SEQ_K, HEAD_DIM, USE_TMA, True)
-        if UPCAST:
-            b_kt = b_kt.to(tl.float32)
-        qk = tl.dot(b_q, b_kt)  # [BM, BN], unscaled
+        if QK8:
+            b_kt = _load_kv_tile(k8_desc, k8_ptr, start_n, offs_n, offs_d, HEAD_DIM, SEQ_K, HEAD_DIM, USE_TMA, True)
+            k_off = kv_bh * KT + j
+            qk = tl.dot(b_q, b_kt, out_dtype=tl.int32).to(tl.float32) * (q_scale * tl.load(K_SCALE + k_off))
+            if (q_bad | tl.load(K_BAD + k_off).to(tl.int32)) != 0:
+                qk = _bad_token_scores(qk, q_ptr, k_ptr, QK_SHIFT, pid_bh.to(tl.int64) * SEQ_Q, start_n, offs_m,
+                                       offs_n, offs_d, row_valid, stride_qs, stride_ks, SEQ_K, HEAD_DIM, UPCAST)
+        else:
+            b_kt = _load_kv_tile(k_desc, k_ptr, start_n, offs_n, offs_d, stride_ks, SEQ_K, HEAD_DIM, USE_TMA, True)
+            if UPCAST:
+                b_kt = b_kt.to(tl.float32)
+            qk = tl.dot(b_q, b_kt)  # [BM, BN], unscaled
         if RAGGED_K:
             if j == KT - 1:  # only the last key tile has columns past SEQ_K
                 qk = tl.where(((start_n + offs_n) < SEQ_K)[None, :], qk, float("-inf"))
-        tile_max = tl.max(qk, 1) * qk_scale  # [BM]
+        if PER_CALL:  # a decision before the softmax: a NaN score must reach it (the row max keeps NaN)
+            tile_max = tl.reduce(qk, 1, _max_keep_nan) * qk_scale  # [BM]
+        else:
+            tile_max = tl.max(qk, 1) * qk_scale  # [BM]
         if PER_CALL:
             m_i, l_i, acc, n_used = _per_call_step(qk, tile_max, m_i, l_i, acc, n_used, t, j, row_valid, q_protected,
                                                    K_PROT, v_desc, v_ptr, start_n, offs_n, offs_d, stride_vs, SEQ_K,
@@ -261,8 +323,11 @@ def _lite_attention_fwd(
 def launch(spec, call: KernelCall, buffers: LaunchBuffers, order: torch.Tensor | None) -> None:
     """Run the kernel on one call as ``spec`` (a ``"triton"`` :class:`~liteattn.kernels.dispatch.KernelSpec`) says:
     one program per (query tile, batch*head); ``order`` (:func:`.common.launch_order`) launches each head's query
-    tiles longest list first, None in index order."""
+    tiles longest list first, None in index order. With ``spec.qk8`` Q and K are rounded first
+    (:func:`.quant.quantize_qk`) and the log-sum-exp gets back what smoothing K took from each row."""
     q, k, v, out = buffers.q, buffers.k, buffers.v, buffers.out
+    qk8 = quantize_qk(q, k, spec.block_m, spec.block_n) if spec.qk8 else None
+    unused = call.kv_num_blocks  # a placeholder for pointers the kernel does not read
     bsz, nheads, seq_q, dim = q.shape
     seq_k = k.shape[2]
     _lite_attention_fwd[(buffers.qt, bsz * nheads)](
@@ -271,6 +336,9 @@ def launch(spec, call: KernelCall, buffers: LaunchBuffers, order: torch.Tensor |
         NEXT_IDX=call.next_indices, Q_PROT=call.q_protect, K_PROT=call.k_protect,
         ORDER=call.kv_num_blocks if order is None else order,  # a placeholder the kernel does not read
         FLAGS=buffers.flags, NW=buffers.n_words,
+        Q8=qk8.q8 if qk8 else unused, K8=qk8.k8 if qk8 else unused, Q_SCALE=qk8.q_scale if qk8 else unused,
+        K_SCALE=qk8.k_scale if qk8 else unused, QK_SHIFT=qk8.shift if qk8 else unused,
+        Q_BAD=qk8.q_bad if qk8 else unused, K_BAD=qk8.k_bad if qk8 else unused,
         stride_qb=q.stride(0), stride_qs=q.stride(2), stride_qh=q.stride(1),
         stride_kb=k.stride(0), stride_ks=k.stride(2), stride_kh=k.stride(1),
         stride_vb=v.stride(0), stride_vs=v.stride(2), stride_vh=v.stride(1),
@@ -280,15 +348,18 @@ def launch(spec, call: KernelCall, buffers: LaunchBuffers, order: torch.Tensor |
         HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_M=spec.block_m, BLOCK_N=spec.block_n,
         FULL_WALK=spec.walk == FULL_WALK, WRITE_STATE=call.write_state, RETURN_LSE=call.return_lse,
         USE_TMA=spec.tma, RAGGED_K=seq_k % spec.block_n != 0, BLOCK_C=128, USE_ORDER=order is not None,
-        UPCAST=spec.upcast, PER_CALL=spec.per_call, enable_fp_fusion=spec.fp_fusion,
+        UPCAST=spec.upcast, PER_CALL=spec.per_call, QK8=spec.qk8, enable_fp_fusion=spec.fp_fusion,
     )
+    if qk8 is not None and call.return_lse:
+        buffers.lse.add_(qk8.shift, alpha=call.scale)
 
 
 # Argument types of an offline build: the pointers are declared 16-byte aligned, as the launcher specializes them
 # for the tensors it passes; strides and sequence lengths divisible by 16 (head_dim-aligned BHSD strides).
 _POINTER_TYPES = MappingProxyType({"LSE": "*fp32", "KV_COUNT": "*i32", "KV_IDX": "*i16", "NEXT_COUNT": "*i32",
                                    "NEXT_IDX": "*i16", "Q_PROT": "*i8", "K_PROT": "*i8", "ORDER": "*i32",
-                                   "FLAGS": "*i32"})
+                                   "FLAGS": "*i32", "Q8": "*i8", "K8": "*i8", "Q_SCALE": "*fp32",
+                                   "K_SCALE": "*fp32", "QK_SHIFT": "*fp32", "Q_BAD": "*i8", "K_BAD": "*i8"})
 
 
 def compile_offline(spec, *, head_dim: int, arch: int = 90, write_state: bool = True, return_lse: bool = True,
@@ -306,7 +377,7 @@ def compile_offline(spec, *, head_dim: int, arch: int = 90, write_state: bool = 
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=spec.block_m,
                       BLOCK_N=spec.block_n, FULL_WALK=spec.walk == FULL_WALK, WRITE_STATE=write_state,
                       RETURN_LSE=return_lse, USE_TMA=spec.tma, RAGGED_K=ragged, BLOCK_C=128, USE_ORDER=use_order,
-                      UPCAST=spec.upcast, PER_CALL=spec.per_call)
+                      UPCAST=spec.upcast, PER_CALL=spec.per_call, QK8=spec.qk8)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:

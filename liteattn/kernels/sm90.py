@@ -38,6 +38,7 @@ from types import MappingProxyType
 
 import torch
 import triton
+import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -262,8 +263,13 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
 
 
 @gluon.jit
+def _max_keep_nan(a, b):
+    return gl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@gluon.jit
 def _decide(s, t, m_i, row_valid, protected, qk_scale, threshold, SEQ_K, KT, BLOCK_N: gl.constexpr,
-            RAGGED_K: gl.constexpr, TREE_MAX: gl.constexpr, s_layout: gl.constexpr):
+            RAGGED_K: gl.constexpr, s_layout: gl.constexpr):
     """Skip-softmax's decision on one raw score tile (the ``t``-th, key tile ``t`` of the full walk): returns the
     masked scores, their scaled row maxima and whether the tile is used. It is used unless every valid row's finite
     margin is below the threshold; the first tile and ``protected`` (must-do) ones always are."""
@@ -271,7 +277,9 @@ def _decide(s, t, m_i, row_valid, protected, qk_scale, threshold, SEQ_K, KT, BLO
         if t == KT - 1:  # only the last key tile has columns past SEQ_K
             cols = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             s = gl.where(gl.expand_dims(cols < SEQ_K, 0), s, float("-inf"))
-    tile_max = _row_max(s, TREE_MAX, s_layout) * qk_scale
+    # A NaN score must reach the decision: the row max keeps it (gl.max would drop it), its margin is NaN and the
+    # tile is used, so the row is NaN as in dense attention (and every later margin of the row, through m_i).
+    tile_max = gl.reduce(s, 1, _max_keep_nan) * qk_scale
     margin = tile_max - m_i
     negligible = (margin < threshold) & (margin > float("-inf"))
     # One decision for the partition's rows: a reduction over its warps.
@@ -282,7 +290,7 @@ def _decide(s, t, m_i, row_valid, protected, qk_scale, threshold, SEQ_K, KT, BLO
 @gluon.jit
 def _softmax_tile(s, tile_max, m_i, qk_scale):
     """P of a used tile in fp32, its row scale and the new running max (as :func:`_scores`)."""
-    m_new = gl.maximum(m_i, tile_max)
+    m_new = _max_keep_nan(m_i, tile_max)  # NaN once the row met a NaN score (see _decide)
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
     return gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1)), gl.exp2(m_i - m_use), m_new
 
@@ -301,8 +309,8 @@ def _take(p, alpha, acc, l_part, dtype: gl.constexpr, LANE_SUMS: gl.constexpr, p
 def _attend_tiles_per_call(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, g, n_active,
                            row_valid, q_protected, K_PROT, acc, m_i, qk_scale, threshold, SEQ_K, KT,
                            BLOCK_N: gl.constexpr, STAGES: gl.constexpr, RAGGED_K: gl.constexpr, TURN: gl.constexpr,
-                           PINGPONG: gl.constexpr, TREE_MAX: gl.constexpr, LANE_SUMS: gl.constexpr,
-                           s_layout: gl.constexpr, o_layout: gl.constexpr):
+                           PINGPONG: gl.constexpr, LANE_SUMS: gl.constexpr, s_layout: gl.constexpr,
+                           o_layout: gl.constexpr):
     """:func:`_attend_tiles` with the skip-softmax rule and nothing carried: every key tile's Q·Kᵀ is computed, and
     the softmax and P·V only of the tiles :func:`_decide` uses (P·V one tile behind, overlapping the next tile's
     softmax, as there). The ring's stages are waited for and released as there, used or not, so the producer's
@@ -322,7 +330,7 @@ def _attend_tiles_per_call(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_
     s = warpgroup_mma_wait(0, deps=(s_tok, ))
     mbarrier.arrive(k_empty.index(stage), count=1)
     s, tile_max, used = _decide(s, 0, m_i, row_valid, q_protected, qk_scale, threshold, SEQ_K, KT, BLOCK_N, RAGGED_K,
-                                TREE_MAX, s_layout)  # the first tile is always used
+                                s_layout)  # the first tile is always used
     p, alpha, m_i = _softmax_tile(s, tile_max, m_i, qk_scale)
     l_part = _lane_sums(p, LANE_SUMS)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -345,7 +353,7 @@ def _attend_tiles_per_call(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_
             s = warpgroup_mma_wait(1, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(stage), count=1)
             s, tile_max, use = _decide(s, t, m_i, row_valid, protected, qk_scale, threshold, SEQ_K, KT, BLOCK_N,
-                                       RAGGED_K, TREE_MAX, s_layout)
+                                       RAGGED_K, s_layout)
             if use:
                 p, alpha, m_i = _softmax_tile(s, tile_max, m_i, qk_scale)
                 acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
@@ -358,7 +366,7 @@ def _attend_tiles_per_call(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_
             s = warpgroup_mma_wait(0, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(stage), count=1)
             s, tile_max, use = _decide(s, t, m_i, row_valid, protected, qk_scale, threshold, SEQ_K, KT, BLOCK_N,
-                                       RAGGED_K, TREE_MAX, s_layout)
+                                       RAGGED_K, s_layout)
             if use:
                 p, alpha, m_i = _softmax_tile(s, tile_max, m_i, qk_scale)
                 acc, l_part, p_op = _take(p, alpha, acc, l_part, dtype, LANE_SUMS, p_layout, o_layout)
@@ -550,8 +558,7 @@ def _consumer(o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_read
             acc, m_i, l_i, n_used = _attend_tiles_per_call(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
                                                            turn_bars, g, n_active, row_valid, q_protected, K_PROT,
                                                            acc, m_i, qk_scale, threshold, SEQ_K, KT, BLOCK_N, STAGES,
-                                                           RAGGED_K, TURN, PINGPONG, TREE_MAX, LANE_SUMS, s_layout,
-                                                           o_layout)
+                                                           RAGGED_K, TURN, PINGPONG, LANE_SUMS, s_layout, o_layout)
             if tile < tiles:
                 gl.store(NEXT_COUNT + pid_bh.to(gl.int64) * tiles + tile, n_used)
         elif n_active > 0:

@@ -1,0 +1,123 @@
+"""8-bit Q.K^T (``qk_dtype="int8"``) beside the 16-bit kernel and cuDNN, in one process: time dense and at set
+skipped fractions, and accuracy against the 16-bit kernel's output.
+
+Accuracy is measured as SageAttention reports it (cosine similarity and relative L1 of the output against 16-bit
+attention) on two kinds of inputs: random normal q, k, v, and the same with a shared offset added to every key (as
+a DiT's keys have; smoothing K is what keeps 8 bits accurate there). Skip decisions: the lists one call with
+detection leaves, int8 against 16 bits, on inputs with spatial locality (a fraction of every row negligible).
+
+Run on a GPU: ``python lab/benchmarks/qk8_timing.py [--shapes wan1.3b] [--fractions 0.5,0.9] [--rounds 7]
+[--reps 5] [--out FILE]``. Medians of interleaved rounds (each in a new seeded order), CUDA events.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+
+import torch
+
+import liteattn
+from kernel_dev import sdpa  # same folder: the script's directory is on sys.path
+from kernel_variants import SHAPES
+from liteattn import SkipState
+from liteattn.bench.masks import build_mask
+from liteattn.bench.run import _positive
+from liteattn.bench.timing import time_cuda
+from liteattn.kernels import default_block_sizes
+
+
+def accuracy(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    a, r = out.float().flatten(), ref.float().flatten()
+    return {"cos": torch.nn.functional.cosine_similarity(a, r, dim=0).item(),
+            "rel_l1": ((a - r).abs().sum() / r.abs().sum()).item()}
+
+
+def local_inputs(shape, seed: int):
+    """BSHD bf16 q, k, v with spatial locality (token i attends mostly near i) and a shared key offset."""
+    b, s, h, d = shape
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    pos = torch.arange(s, device="cuda", dtype=torch.float32)[:, None]
+    freqs = torch.pi / (64.0 * 2.0 ** torch.linspace(0, 6, d // 2, device="cuda"))
+    feat = torch.cat([(pos * freqs).sin(), (pos * freqs).cos()], -1) * (2.5 * d ** 0.25 / (d / 2) ** 0.5 * 2)
+    q = feat[None, :, None, :] + 0.3 * torch.randn(b, s, h, d, device="cuda", generator=gen)
+    k = feat[None, :, None, :] + 0.3 * torch.randn(b, s, h, d, device="cuda", generator=gen)
+    k = k + 2.0 * torch.randn(1, 1, h, d, device="cuda", generator=gen)
+    v = torch.randn(b, s, h, d, device="cuda", generator=gen)
+    return tuple(x.to(torch.bfloat16) for x in (q, k, v))
+
+
+def measure_shape(name: str, fractions, rounds: int, reps: int) -> dict:
+    shape = SHAPES[name]
+    b, s, h, d = shape
+    bm, bn = default_block_sizes(d)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3))
+    offset = (3.0 * torch.randn(1, 1, h, d, device="cuda", generator=gen)).to(torch.bfloat16)
+    acc = {}
+    for label, keys in (("random", k), ("key offset", k + offset)):
+        ref = liteattn.lite_attention(q, keys, v, enabled=False)[0]
+        out = liteattn.lite_attention(q, keys, v, enabled=False, qk_dtype="int8")[0]
+        acc[label] = accuracy(out, ref)
+    # Skip decisions after one call with detection, from a fresh state, 16 bits against int8.
+    lq, lk, lv = local_inputs(shape, seed=1)
+    lists = {}
+    for qk_dtype in (None, "int8"):
+        _, state = liteattn.lite_attention(lq, lk, lv, None, threshold=-5.0, qk_dtype=qk_dtype)
+        lists[qk_dtype] = state.to_dense()
+    agree = (lists[None] == lists["int8"]).float().mean().item()
+    acc["decisions"] = {"agree": agree, "marked_16bit": 1.0 - lists[None].float().mean().item(),
+                        "marked_int8": 1.0 - lists["int8"].float().mean().item()}
+    del lq, lk, lv, lists
+    if acc["random"]["cos"] < 0.99 or acc["key offset"]["cos"] < 0.99:
+        raise SystemExit(f"{name}: int8 output far from 16 bits: {acc}")
+
+    calls = {"cudnn": lambda: sdpa(q, k, v),
+             "bf16_dense": lambda: liteattn.lite_attention(q, k, v, enabled=False),
+             "int8_dense": lambda: liteattn.lite_attention(q, k, v, enabled=False, qk_dtype="int8")}
+    tiles = (b, h, -(-s // bm), -(-s // bn))
+    skipped = {}
+    for f in fractions:
+        mask = build_mask("random", tiles, f, generator=gen, device="cuda")
+        state = SkipState.from_dense(mask, s, s, bm, bn)
+        skipped[f"{f:g}"] = 1.0 - mask.float().mean().item()
+        calls[f"bf16@{f:g}"] = lambda st=state: liteattn.lite_attention(q, k, v, st, threshold=float("-inf"))
+        calls[f"int8@{f:g}"] = lambda st=state: liteattn.lite_attention(q, k, v, st, threshold=float("-inf"),
+                                                                        qk_dtype="int8")
+    for fn in calls.values():  # compile and autotune outside the timed rounds
+        fn()
+    torch.cuda.synchronize()
+    times = {key: [] for key in calls}
+    for r in range(rounds):
+        order = list(calls)
+        random.Random(r).shuffle(order)  # under the power cap a call's speed depends on what ran before it
+        for key in order:
+            times[key].append(time_cuda(calls[key], budget_ms=0, min_reps=reps, max_reps=reps).median_ms)
+    med = {key: statistics.median(t) for key, t in times.items()}
+    rows = {key: {"ms": round(ms, 4), "over_cudnn": round(ms / med["cudnn"], 4)} for key, ms in med.items()}
+    return {"shape": list(shape), "tiles": [bm, bn], "accuracy": acc, "skipped": skipped, "ms": rows,
+            "rounds": times}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="wan1.3b", help=f"comma-separated, of {sorted(SHAPES)}")
+    p.add_argument("--fractions", default="0.5,0.9")
+    p.add_argument("--rounds", type=_positive(int), default=7)
+    p.add_argument("--reps", type=_positive(int), default=5)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    fractions = [float(x) for x in args.fractions.split(",")]
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rounds": args.rounds,
+              "reps": args.reps, "shapes": {}}
+    for name in args.shapes.split(","):
+        r = result["shapes"][name] = measure_shape(name, fractions, args.rounds, args.reps)
+        print(name, json.dumps(r["accuracy"]), json.dumps(r["ms"]), flush=True)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

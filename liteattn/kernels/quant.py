@@ -1,0 +1,78 @@
+"""8-bit Q and K for the kernels' ``qk_dtype="int8"`` mode, rounded exactly as :mod:`liteattn.reference` specifies.
+
+Why a separate pass before the kernel: smoothing K needs its mean over every key token, which no single program
+of the attention kernel sees; and one scale per tile must be known before a tile's integer product is scaled.
+The pass reads Q and K once and writes them at half their size, so it costs a small fraction of an attention call
+at video lengths (the call reads K and V once per query tile).
+
+What the kernel receives, per the reference's rules a-d and its non-finite rule:
+
+- ``q8`` ``(B, H, S_q, D)`` and ``k8`` ``(B, H_kv, S_k, D)`` int8, contiguous: ``round(x / scale)`` in
+  ``[-127, 127]``, K smoothed (``k - mu``, ``mu`` its mean over the finite key tokens of each (batch, kv-head));
+  a *bad* token (a query row or key holding a non-finite value) is zero there and sets no scale;
+- ``q_scale`` ``(B, H, QT)`` and ``k_scale`` ``(B, H_kv, KT)`` float32, one per tile (1 for a tile of zeros);
+- ``shift`` ``(B, H, S_q)`` float32: ``q . mu`` per query row (0 for bad rows), which smoothing took from every
+  score of the row; the kernel subtracts it from its 16-bit scores of good rows against bad keys, and the
+  launcher adds ``scale * shift`` back to the returned log-sum-exp;
+- ``q_bad`` ``(B, H, QT)`` and ``k_bad`` ``(B, H_kv, KT)`` int8: 1 for a tile holding a bad token, whose products
+  the kernel computes in 16 bits from the unrounded inputs (the reference's scores for bad tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["QK8", "quantize_qk"]
+
+QMAX = 127.0
+
+
+@dataclass(frozen=True)
+class QK8:
+    """Q and K rounded to int8 with their scales, for one call (the module docstring says what each holds)."""
+
+    q8: torch.Tensor
+    k8: torch.Tensor
+    q_scale: torch.Tensor
+    k_scale: torch.Tensor
+    shift: torch.Tensor
+    q_bad: torch.Tensor
+    k_bad: torch.Tensor
+
+
+def _round_tiles(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 values ``(B, H, S, D)`` and float32 scales ``(B, H, T)`` of ``x`` (float32, bad rows already zero)."""
+    b, h, s, d = x.shape
+    t = -(-s // block)
+    tiles = torch.nn.functional.pad(x, (0, 0, 0, t * block - s)).view(b, h, t, block, d)
+    absmax = tiles.abs().amax(dim=(-2, -1))
+    scale = torch.where(absmax > 0, absmax / QMAX, torch.ones_like(absmax))
+    values = torch.round(tiles / scale[..., None, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return values.view(b, h, t * block, d)[:, :, :s].contiguous(), scale
+
+
+def _bad_tiles(bad: torch.Tensor, block: int) -> torch.Tensor:
+    """``(B, H, T)`` int8: 1 where a tile of ``block`` tokens holds a bad token (``bad``: ``(B, H, S)`` bool)."""
+    b, h, s = bad.shape
+    t = -(-s // block)
+    padded = torch.nn.functional.pad(bad.to(torch.int8), (0, t * block - s))
+    return padded.view(b, h, t, block).amax(dim=-1).contiguous()
+
+
+def quantize_qk(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int) -> QK8:
+    """``q`` ``(B, H, S_q, D)`` and ``k`` ``(B, H_kv, S_k, D)`` (any strides) rounded for the int8 kernels, with one
+    scale per ``block_m`` query rows and per ``block_n`` keys (the skip state's tiles)."""
+    qf, kf = q.float(), k.float()
+    bad_q = ~qf.isfinite().all(-1)  # (B, H, S_q)
+    bad_k = ~kf.isfinite().all(-1)  # (B, H_kv, S_k)
+    good_k = (~bad_k)[..., None]
+    count = good_k.sum(2, keepdim=True).clamp(min=1)
+    mu = torch.where(good_k, kf, 0.0).sum(2, keepdim=True) / count  # (B, H_kv, 1, D)
+    q8, q_scale = _round_tiles(torch.where(bad_q[..., None], 0.0, qf), block_m)
+    k8, k_scale = _round_tiles(torch.where(good_k, kf - mu, 0.0), block_n)
+    group = q.shape[1] // k.shape[1]
+    shift = (qf @ mu.repeat_interleave(group, 1).transpose(-1, -2))[..., 0]  # (B, H, S_q)
+    shift = torch.where(bad_q, 0.0, shift).contiguous()
+    return QK8(q8, k8, q_scale.contiguous(), k_scale.contiguous(), shift, _bad_tiles(bad_q, block_m),
+               _bad_tiles(bad_k, block_n))

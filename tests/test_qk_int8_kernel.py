@@ -1,0 +1,134 @@
+"""The kernels' 8-bit Q.K^T (``qk_dtype="int8"``) against the reference's: the same rounded scores (K smoothed, one
+scale per tile), the same skip decisions carried to the next call, the log-sum-exp of the unsmoothed scores, and
+non-finite tokens handled as the reference does. On a CPU the portable kernel runs in Triton's interpreter (tiny
+shapes); on a GPU the same cases run compiled, plus one at a DiT's head_dim and tiles."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from liteattn import SkipState, lite_attention
+from liteattn.kernels.quant import quantize_qk
+from liteattn.reference import lite_attention_reference
+
+pytest.importorskip("triton")
+
+ON_GPU = torch.cuda.is_available()
+CASES = [
+    # dtype, heads, kv_heads, seq_q, seq_k, head_dim, block, must_do
+    pytest.param(torch.float16, 2, 1, 75, 70, 32, (16, 16), None, id="fp16-ragged-mqa"),
+    pytest.param(torch.bfloat16, 2, 2, 96, 96, 32, (16, 16), [(0, 10), (60, 63)], id="bf16-mustdo"),
+    pytest.param(torch.bfloat16, 1, 1, 130, 128, 64, (32, 64), None, id="bf16-d64"),
+]
+if ON_GPU:
+    CASES += [pytest.param(torch.bfloat16, 4, 2, 1000, 1000, 128, (128, 64), [(0, 77)], id="gpu-d128-gqa-mustdo")]
+
+
+def _threshold_clear_of_scores(q, k, v, block, must_do, candidates=(-3.0, -2.8, -3.2, -2.6, -3.4, -2.4)) -> float:
+    """A threshold that no tile's margin lies within the rounding band of, so that the kernel's dequantized scores
+    and the reference's make the same decisions."""
+    full = SkipState.full(q.shape[0], q.shape[1], q.shape[2], k.shape[2], *block)
+    for threshold in candidates:
+        *_, scores = lite_attention_reference(q, k, v, full, threshold, None, must_do, return_scores=True,
+                                              qk_dtype="int8")
+        if not ((scores - threshold).abs() < 1e-2).any():
+            return threshold
+    pytest.skip("every candidate threshold lies next to a tile's margin")
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+@pytest.mark.parametrize("dtype,heads,kv_heads,seq_q,seq_k,head_dim,block,must_do", CASES)
+def test_the_kernel_follows_the_reference(dtype, heads, kv_heads, seq_q, seq_k, head_dim, block, must_do,
+                                          local_qkv, gen, kernel_device):
+    q, k, v = (x.to(dtype) for x in local_qkv(1, seq_q, heads, kv_heads, head_dim, seq_len_k=seq_k, generator=gen,
+                                              strength=2.0))
+    k = k + 1.5 * torch.randn(head_dim, generator=gen).to(dtype)  # a shared component, which smoothing removes
+    threshold = _threshold_clear_of_scores(q, k, v, block, must_do)
+    full = SkipState.full(1, heads, seq_q, seq_k, *block)
+    want, want_lse, (want_counts, want_indices) = lite_attention_reference(q, k, v, full, threshold, None, must_do,
+                                                                           qk_dtype="int8")
+    on = [x.to(kernel_device) for x in (q, k, v)]
+    out, lse, state = lite_attention(*on, SkipState.full(1, heads, seq_q, seq_k, *block, device=kernel_device),
+                                     threshold=threshold, must_do=must_do, layout="bhsd", return_lse=True,
+                                     backend="triton", qk_dtype="int8")
+    marked = SkipState(want_counts, want_indices, seq_q, seq_k, *block)
+    assert int(want_counts.sum()) < int(full.kv_num_blocks.sum()), "inputs should let the rule mark tiles"
+    assert torch.equal(state.to("cpu").to_dense(), marked.to_dense()), "the kernel marked other tiles"
+    assert not out.isnan().any() and not lse.isnan().any()
+    tol = 4e-2 if dtype == torch.bfloat16 else 6e-3
+    torch.testing.assert_close(out.float().cpu(), want.float(), rtol=0, atol=tol)
+    torch.testing.assert_close(lse.cpu(), want_lse, rtol=0, atol=2e-3)
+    # the next call walks the carried lists with 8-bit scores too
+    out2, _ = lite_attention(*on, state, threshold=float("-inf"), layout="bhsd", backend="triton", qk_dtype="int8")
+    want2, _, _ = lite_attention_reference(q, k, v, marked, float("-inf"), None, must_do, qk_dtype="int8")
+    torch.testing.assert_close(out2.float().cpu(), want2.float(), rtol=0, atol=tol)
+    # and 8-bit scores are not 16-bit ones: the comparison above could tell them apart
+    exact, _, _ = lite_attention_reference(q, k, v, full, threshold, None, must_do)
+    assert (exact.float() - want.float()).abs().max() > 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN arithmetic
+def test_non_finite_tokens_follow_the_reference(local_qkv, gen, kernel_device):
+    q, k, v = (x.bfloat16() for x in local_qkv(2, 75, 2, 1, 32, generator=gen))
+    q[0, 1, 5, 3] = float("nan")  # a bad query row: its scores are dense ones, the row NaN
+    q[1, 0, 40, 2] = float("-inf")
+    k[1, 0, 20, 0] = float("inf")  # a bad key: good rows' scores against it are unrounded
+    full = SkipState.full(2, 2, 75, 75, 16, 16)
+    want, want_lse, (want_counts, _) = lite_attention_reference(q, k, v, full, -1.0, qk_dtype="int8")
+    on = [x.to(kernel_device) for x in (q, k, v)]
+    out, lse, state = lite_attention(*on, SkipState.full(2, 2, 75, 75, 16, 16, device=kernel_device), threshold=-1.0,
+                                     layout="bhsd", return_lse=True, backend="triton", qk_dtype="int8")
+    out, lse = out.float().cpu(), lse.cpu()
+    assert want.isnan().any() and torch.equal(out.isnan(), want.isnan())
+    assert torch.equal(lse.isnan(), want_lse.isnan()) and torch.equal(lse.isinf(), want_lse.isinf())
+    finite = want.isfinite()
+    torch.testing.assert_close(out[finite], want.float()[finite], rtol=0, atol=4e-2)
+    torch.testing.assert_close(lse[want_lse.isfinite()], want_lse[want_lse.isfinite()], rtol=0, atol=2e-3)
+    assert torch.equal(state.kv_num_blocks.cpu(), want_counts)
+
+
+def test_the_rounding_pass_is_the_references():
+    """quantize_qk's values, scales and bad-tile flags are those the reference's rules define (checked on the
+    scores they give, which the reference computes from its own rounding)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 40, 32, generator=gen)
+    k = torch.randn(1, 1, 36, 32, generator=gen) + 3.0
+    k[0, 0, 7, 1] = float("nan")
+    r = quantize_qk(q, k, 16, 16)
+    assert r.q8.dtype == torch.int8 and r.q8.shape == q.shape and r.k8.shape == k.shape
+    assert r.q8.abs().max() == 127 and r.q_scale.shape == (1, 2, 3) and r.k_scale.shape == (1, 1, 3)
+    assert r.k_bad.tolist() == [[[1, 0, 0]]] and not r.q_bad.any() and r.k8[0, 0, 7].eq(0).all()
+    mu = torch.cat([k[0, 0, :7], k[0, 0, 8:]]).mean(0)
+    torch.testing.assert_close(r.shift, (q @ mu), rtol=1e-5, atol=1e-5)
+    # the integer product of tile 0 x tile 1, scaled, is the reference's smoothed score
+    s = (r.q8[0, 0, :16].double() @ r.k8[0, 0, 16:32].double().T) * float(r.q_scale[0, 0, 0] * r.k_scale[0, 0, 1])
+    smoothed = q[0, 0, :16].double() @ (k[0, 0, 16:32].double() - mu.double()).T
+    assert (s - smoothed).abs().max() < 0.05 * smoothed.abs().max()
+
+
+def test_bad_arguments_are_named():
+    q = torch.zeros(1, 64, 2, 32)
+    with pytest.raises(ValueError, match="qk_dtype: expected None, 'int8' or 'fp8'"):
+        lite_attention(q, q, q, qk_dtype="int4")
+    with pytest.raises(ValueError, match=r"qk_dtype: .*pass the string"):
+        lite_attention(q, q, q, qk_dtype=torch.int8)
+    on = q.bfloat16().to(_kernel_device())
+    with pytest.raises(ValueError, match="qk_dtype='fp8': the kernels compute 8-bit Q.K\\^T in int8"):
+        lite_attention(on, on, on, backend="triton", qk_dtype="fp8")
+    odd = torch.zeros(1, 64, 2, 16, dtype=torch.bfloat16, device=_kernel_device())
+    with pytest.raises(ValueError, match="multiples of 16 from 32, got head_dim=16"):
+        lite_attention(odd, odd, odd, backend="triton", qk_dtype="int8")
+    from liteattn import LiteAttentionConfig
+    with pytest.raises(ValueError, match="qk_dtype: expected None with skip_rule='per_call'"):
+        LiteAttentionConfig(qk_dtype="int8", skip_rule="per_call")
+    from liteattn.kernels.dispatch import KernelSpec
+    with pytest.raises(ValueError, match="qk8"):
+        KernelSpec("triton", 64, 64, "full", "index", per_call=True, qk8=True)
+    # the PyTorch path takes both 8-bit formats (fp8 where this torch has e4m3)
+    out, _ = lite_attention(q, q, q, backend="torch", qk_dtype="int8")
+    assert out.shape == q.shape
+
+
+def _kernel_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
