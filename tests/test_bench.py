@@ -54,7 +54,8 @@ def test_quick_uses_small_shapes_and_few_reps():
     assert max(s.flops for s in quick.shapes) < min(s.flops for s in full.shapes) / 50
     assert quick.budget_ms < full.budget_ms and quick.max_reps < full.max_reps
     assert quick.fractions == full.fractions == list(registry.DEFAULT_FRACTIONS)
-    assert {m.name for m in quick.methods} == set(registry.METHODS)
+    assert [m.name for m in quick.methods] == [m.name for m in full.methods] == list(registry.DEFAULT_METHODS)
+    assert set(registry.METHODS) - set(registry.DEFAULT_METHODS) == {"liteattn-int8", "liteattn-int8-sparse"}
 
 
 def test_cases_without_a_mask_get_more_runs_in_ten_rounds_by_default():

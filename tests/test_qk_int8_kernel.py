@@ -17,7 +17,7 @@ ON_GPU = torch.cuda.is_available()
 CASES = [
     # dtype, heads, kv_heads, seq_q, seq_k, head_dim, block, must_do
     pytest.param(torch.float16, 2, 1, 75, 70, 32, (16, 16), None, id="fp16-ragged-mqa"),
-    pytest.param(torch.bfloat16, 2, 2, 96, 96, 32, (16, 16), [(0, 10), (60, 63)], id="bf16-mustdo"),
+    pytest.param(torch.bfloat16, 4, 2, 96, 96, 32, (16, 16), [(0, 10), (60, 63)], id="bf16-gqa-mustdo"),
     pytest.param(torch.bfloat16, 1, 1, 130, 128, 64, (32, 64), None, id="bf16-d64"),
 ]
 if ON_GPU:
@@ -89,22 +89,26 @@ def test_non_finite_tokens_follow_the_reference(local_qkv, gen, kernel_device):
 
 
 def test_the_rounding_pass_is_the_references():
-    """quantize_qk's values, scales and bad-tile flags are those the reference's rules define (checked on the
-    scores they give, which the reference computes from its own rounding)."""
+    """quantize_qk's values, scales, shifts and bad-tile flags are bit for bit those of the reference's rounding
+    (GQA, ragged tiles, strided views, a non-finite query row and key)."""
+    from liteattn.reference import _RoundedQK, _tiles
+
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 2, 40, 32, generator=gen)
-    k = torch.randn(1, 1, 36, 32, generator=gen) + 3.0
-    k[0, 0, 7, 1] = float("nan")
-    r = quantize_qk(q, k, 16, 16)
-    assert r.q8.dtype == torch.int8 and r.q8.shape == q.shape and r.k8.shape == k.shape
-    assert r.q8.abs().max() == 127 and r.q_scale.shape == (1, 2, 3) and r.k_scale.shape == (1, 1, 3)
-    assert r.k_bad.tolist() == [[[1, 0, 0]]] and not r.q_bad.any() and r.k8[0, 0, 7].eq(0).all()
-    mu = torch.cat([k[0, 0, :7], k[0, 0, 8:]]).mean(0)
-    torch.testing.assert_close(r.shift, (q @ mu), rtol=1e-5, atol=1e-5)
-    # the integer product of tile 0 x tile 1, scaled, is the reference's smoothed score
-    s = (r.q8[0, 0, :16].double() @ r.k8[0, 0, 16:32].double().T) * float(r.q_scale[0, 0, 0] * r.k_scale[0, 0, 1])
-    smoothed = q[0, 0, :16].double() @ (k[0, 0, 16:32].double() - mu.double()).T
-    assert (s - smoothed).abs().max() < 0.05 * smoothed.abs().max()
+    q = torch.randn(1, 75, 6, 32, generator=gen).transpose(1, 2)  # a BSHD view, as the kernels get it
+    k = (torch.randn(1, 70, 2, 32, generator=gen) + 3.0).transpose(1, 2)
+    q[0, 4, 11, 5] = float("nan")
+    k[0, 1, 33, 0] = float("-inf")
+    q, k = q.bfloat16(), k.bfloat16()
+    got = quantize_qk(q, k, 16, 32)
+    want = _RoundedQK(q, k, 16, 32, 3, 1.0, "int8", torch.float32)
+    assert got.q8.is_contiguous() and got.k8.is_contiguous()
+    assert torch.equal(_tiles(got.q8.double(), 16), want.q8) and torch.equal(got.q_scale, want.q_scale)
+    assert torch.equal(_tiles(got.k8.double(), 32).repeat_interleave(3, 1), want.k8)
+    assert torch.equal(got.k_scale.repeat_interleave(3, 1), want.k_scale)
+    assert torch.equal(got.shift, want.correction)  # scale 1: the correction is the shift
+    assert got.q_bad.sum() == 1 and got.q_bad[0, 4, 0] == 1 and got.k_bad.sum() == 1 and got.k_bad[0, 1, 1] == 1
+    assert got.q8[0, 4, 11].eq(0).all() and got.k8[0, 1, 33].eq(0).all()
+    assert got.q8.abs().max() == 127 and got.k8.dtype == torch.int8
 
 
 def test_bad_arguments_are_named():

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from .config import BenchConfig
-from .registry import (DEFAULT_FRACTIONS, DEFAULT_SHAPES, METHODS, PATTERNS, QUICK_SHAPES, parse_fractions,
-                       parse_methods, parse_patterns, parse_shapes)
+from .registry import (DEFAULT_FRACTIONS, DEFAULT_METHODS, DEFAULT_SHAPES, METHODS, PATTERNS, QUICK_SHAPES,
+                       parse_fractions, parse_methods, parse_patterns, parse_shapes)
 
 __all__ = ["NO_CUDA_MESSAGE", "BenchConfig", "add_arguments", "check_args", "resolve_config", "run"]
 
@@ -72,8 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fractions", type=_argtype(parse_fractions), default=list(DEFAULT_FRACTIONS),
                         help="skipped fractions s for the sparse methods (default: "
                              f"{','.join(str(f) for f in DEFAULT_FRACTIONS)})")
-    parser.add_argument("--methods", type=_argtype(parse_methods), default=list(METHODS.values()),
-                        help=f"comma-separated methods, or 'all' (default; known: {', '.join(METHODS)})")
+    parser.add_argument("--methods", type=_argtype(parse_methods), default=[METHODS[n] for n in DEFAULT_METHODS],
+                        help=f"comma-separated methods, or 'all' (default: all but the 8-bit preview's "
+                             f"liteattn-int8 rows; known: {', '.join(METHODS)})")
     parser.add_argument("--patterns", type=_argtype(parse_patterns), default=list(PATTERNS.values()),
                         help=f"comma-separated skip patterns, or 'all' (default; known: {', '.join(PATTERNS)})")
     parser.add_argument("--layout", choices=("shared", "native"), default="shared",

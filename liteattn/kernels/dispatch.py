@@ -190,7 +190,7 @@ def _sm90_spec(head_dim: int, block_m: int, block_n: int, walk: str, per_call: b
         pingpong=head_dim > 64,
         # A tree of row maxima: the full walk at head_dim 64 ran 1.7-2.4 % faster, head_dim 128 4-6 % slower,
         # list walks at head_dim 64 4.5-10 % slower (v13).
-        tree_max=head_dim <= 64 and full,
+        tree_max=head_dim <= 64 and full and not per_call,  # skip-softmax's decision takes a NaN-keeping max
         # Lane sums: detection 2.3 % faster at head_dim 64 and sparse calls there and at Wan 1.3B up to 2.4 %,
         # equal within 1 % at Wan 14B and HunyuanVideo; the full walk no faster at head_dim 64 and 9-11 % slower at
         # HunyuanVideo with the same tile loop apart from the 8 instructions it removes (v16).

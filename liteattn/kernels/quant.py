@@ -2,8 +2,9 @@
 
 Why a separate pass before the kernel: smoothing K needs its mean over every key token, which no single program
 of the attention kernel sees; and one scale per tile must be known before a tile's integer product is scaled.
-The pass reads Q and K once and writes them at half their size, so it costs a small fraction of an attention call
-at video lengths (the call reads K and V once per query tile).
+The pass is a handful of elementwise PyTorch operations over Q and K (float32 temporaries of their size while it
+runs), linear in the sequence length where the attention call is quadratic; its share of a call is part of what the
+bench's ``liteattn-int8`` rows time.
 
 What the kernel receives, per the reference's rules a-d and its non-finite rule:
 
