@@ -59,6 +59,16 @@ def _outside_inference_mode(state: SkipState) -> SkipState:
     return copy._marked_fresh() if state.is_fresh() else copy
 
 
+def _validated(q, k, v, layout, backend, threshold, scale, must_do):
+    """The arguments both attention functions share, checked (a ValueError naming the argument) and resolved:
+    ``(layout, backend, (B, H, S_q, S_k, D), threshold, scale, must-do ranges)``."""
+    layout = V.validate_layout(layout)
+    backend = V.validate_backend(backend, q.device, TRITON_AVAILABLE) if isinstance(q, torch.Tensor) else backend
+    bsz, nheads, _, seq_q, seq_k, dim = V.validate_qkv(q, k, v, layout, kernel=backend == "triton")
+    return (layout, backend, (bsz, nheads, seq_q, seq_k, dim), V.validate_threshold(threshold),
+            V.validate_scale(scale), V.validate_must_do(must_do, seq_k))
+
+
 def lite_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -116,12 +126,8 @@ def lite_attention(
         ``out`` has q's shape and layout. ``next_state`` reuses ``state``'s spare
         buffers: keep ``state.clone()`` if you need the old one after the next call.
     """
-    layout = V.validate_layout(layout)
-    backend = V.validate_backend(backend, q.device, TRITON_AVAILABLE) if isinstance(q, torch.Tensor) else backend
-    bsz, nheads, _, seq_q, seq_k, dim = V.validate_qkv(q, k, v, layout, kernel=backend == "triton")
-    threshold = V.validate_threshold(threshold)
-    scale = V.validate_scale(scale)
-    ranges = V.validate_must_do(must_do, seq_k)
+    layout, backend, (bsz, nheads, seq_q, seq_k, dim), threshold, scale, ranges = _validated(
+        q, k, v, layout, backend, threshold, scale, must_do)
     qk_dtype = V.validate_qk_dtype(qk_dtype, backend, dim)
     if state is not None and block_size is None and isinstance(state, SkipState):
         block_size = (state.block_m, state.block_n)
@@ -194,12 +200,8 @@ def skip_softmax_attention(
         ``(out, used)``, or ``(out, lse, used)`` with ``return_lse``. ``used``: int32 ``(B, H, query tiles)``, the key
         tiles each query tile used (the skipped fraction is ``1 - used.sum() / (used.numel() * key tiles)``).
     """
-    layout = V.validate_layout(layout)
-    backend = V.validate_backend(backend, q.device, TRITON_AVAILABLE) if isinstance(q, torch.Tensor) else backend
-    bsz, nheads, _, seq_q, seq_k, dim = V.validate_qkv(q, k, v, layout, kernel=backend == "triton")
-    threshold = V.validate_threshold(threshold)
-    scale = V.validate_scale(scale)
-    ranges = V.validate_must_do(must_do, seq_k)
+    layout, backend, (bsz, nheads, seq_q, seq_k, dim), threshold, scale, ranges = _validated(
+        q, k, v, layout, backend, threshold, scale, must_do)
     block_m, block_n = V.validate_block_size(block_size) or (64, default_block_sizes(dim)[1])
     scale = dim ** -0.5 if scale is None else scale
     qh, kh, vh = (_to_bhsd(x, layout) for x in (q, k, v))

@@ -144,6 +144,26 @@ def _visiting_lists(state: SkipState) -> list[list[int]]:
     return [row[:n] for row, n in zip(indices, counts)]
 
 
+def _threshold_clear_of_scores(q, k, v, block, must_do, candidates=(-3.0, -2.8, -3.2, -2.6, -3.4, -2.4),
+                               **reference_options) -> float:
+    """A threshold that no tile's margin (in the reference's walk with ``reference_options``, from a full list) lies
+    within the rounding band of, so that a kernel's fp32 scores and the reference's make the same decisions."""
+    from liteattn.reference import lite_attention_reference
+
+    full = SkipState.full(q.shape[0], q.shape[1], q.shape[2], k.shape[2], *block)
+    for threshold in candidates:
+        *_, scores = lite_attention_reference(q.float(), k.float(), v.float(), full, threshold, None, must_do,
+                                              return_scores=True, **reference_options)
+        if not ((scores - threshold).abs() < 1e-2).any():
+            return threshold
+    pytest.skip("every candidate threshold lies next to a tile's margin")
+
+
+@pytest.fixture(scope="session")
+def threshold_clear_of_scores():
+    return _threshold_clear_of_scores
+
+
 @pytest.fixture(scope="session")
 def dense_attention():
     return _dense_attention

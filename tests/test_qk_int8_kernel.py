@@ -24,26 +24,14 @@ if ON_GPU:
     CASES += [pytest.param(torch.bfloat16, 4, 2, 1000, 1000, 128, (128, 64), [(0, 77)], id="gpu-d128-gqa-mustdo")]
 
 
-def _threshold_clear_of_scores(q, k, v, block, must_do, candidates=(-3.0, -2.8, -3.2, -2.6, -3.4, -2.4)) -> float:
-    """A threshold that no tile's margin lies within the rounding band of, so that the kernel's dequantized scores
-    and the reference's make the same decisions."""
-    full = SkipState.full(q.shape[0], q.shape[1], q.shape[2], k.shape[2], *block)
-    for threshold in candidates:
-        *_, scores = lite_attention_reference(q, k, v, full, threshold, None, must_do, return_scores=True,
-                                              qk_dtype="int8")
-        if not ((scores - threshold).abs() < 1e-2).any():
-            return threshold
-    pytest.skip("every candidate threshold lies next to a tile's margin")
-
-
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 @pytest.mark.parametrize("dtype,heads,kv_heads,seq_q,seq_k,head_dim,block,must_do", CASES)
 def test_the_kernel_follows_the_reference(dtype, heads, kv_heads, seq_q, seq_k, head_dim, block, must_do,
-                                          local_qkv, gen, kernel_device):
+                                          local_qkv, gen, kernel_device, threshold_clear_of_scores):
     q, k, v = (x.to(dtype) for x in local_qkv(1, seq_q, heads, kv_heads, head_dim, seq_len_k=seq_k, generator=gen,
                                               strength=2.0))
     k = k + 1.5 * torch.randn(head_dim, generator=gen).to(dtype)  # a shared component, which smoothing removes
-    threshold = _threshold_clear_of_scores(q, k, v, block, must_do)
+    threshold = threshold_clear_of_scores(q, k, v, block, must_do, qk_dtype="int8")
     full = SkipState.full(1, heads, seq_q, seq_k, *block)
     want, want_lse, (want_counts, want_indices) = lite_attention_reference(q, k, v, full, threshold, None, must_do,
                                                                            qk_dtype="int8")

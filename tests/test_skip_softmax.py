@@ -55,28 +55,16 @@ if ON_GPU:
     ]
 
 
-def _threshold_clear_of_scores(q, k, v, block, must_do, candidates=(-3.0, -2.8, -3.2, -2.6, -3.4, -2.4)) -> float:
-    """A threshold that no tile's margin (in the reference's per-call walk) lies within the rounding band of, so
-    that the kernel's fp32 scores and the reference's make the same decisions."""
-    full = SkipState.full(q.shape[0], q.shape[1], q.shape[2], k.shape[2], *block)
-    for threshold in candidates:
-        *_, scores = lite_attention_reference(q.float(), k.float(), v.float(), full, threshold, None, must_do,
-                                              skip_softmax=True, return_scores=True)
-        if not ((scores - threshold).abs() < 1e-2).any():
-            return threshold
-    pytest.skip("every candidate threshold lies next to a tile's margin")
-
-
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 @pytest.mark.parametrize("dtype,heads,kv_heads,seq_q,seq_k,head_dim,block,must_do", KERNEL_CASES)
 def test_the_kernel_mode_follows_the_reference(dtype, heads, kv_heads, seq_q, seq_k, head_dim, block, must_do,
-                                               local_qkv, gen, kernel_device):
+                                               local_qkv, gen, kernel_device, threshold_clear_of_scores):
     pytest.importorskip("triton")
     from liteattn import skip_softmax_attention
 
     q, k, v = (x.to(dtype) for x in local_qkv(1, seq_q, heads, kv_heads, head_dim, seq_len_k=seq_k, generator=gen,
                                               strength=2.0))
-    threshold = _threshold_clear_of_scores(q, k, v, block, must_do)
+    threshold = threshold_clear_of_scores(q, k, v, block, must_do, skip_softmax=True)
     want, want_lse, (want_used, _) = lite_attention_reference(q.float(), k.float(), v.float(),
                                                               SkipState.full(1, heads, seq_q, seq_k, *block),
                                                               threshold, None, must_do, skip_softmax=True)

@@ -33,6 +33,24 @@ def err(a, b):
     return {"max_abs": d.max().item(), "rel_l2": (d.norm() / b.float().norm()).item()}
 
 
+def interleaved_medians(calls: dict, rounds: int, reps: int) -> tuple[dict, dict]:
+    """Each call's median time over ``rounds`` rounds of ``reps`` timed runs (CUDA events), the calls of a round in a
+    new seeded order: under the power cap a call's speed depends on what ran before it. Returns the medians and every
+    round's time, by key."""
+    import random
+    import statistics
+
+    from liteattn.bench.timing import time_cuda
+
+    times = {key: [] for key in calls}
+    for r in range(rounds):
+        order = list(calls)
+        random.Random(r).shuffle(order)
+        for key in order:
+            times[key].append(time_cuda(calls[key], budget_ms=0, min_reps=reps, max_reps=reps).median_ms)
+    return {key: statistics.median(t) for key, t in times.items()}, times
+
+
 def bench(fn, reps=50):
     import triton.testing
     return triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median")

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import statistics
 
 import torch
 
 import liteattn
-from kernel_dev import sdpa  # same folder: the script's directory is on sys.path
+from kernel_dev import interleaved_medians, sdpa  # same folder: the script's directory is on sys.path
 from kernel_variants import SHAPES
 from liteattn import SkipState
 from liteattn.bench.masks import build_mask
 from liteattn.bench.run import _positive
-from liteattn.bench.timing import time_cuda
 from liteattn.kernels import default_block_sizes
 
 
@@ -88,13 +85,7 @@ def measure_shape(name: str, fractions, rounds: int, reps: int) -> dict:
     for fn in calls.values():  # compile and autotune outside the timed rounds
         fn()
     torch.cuda.synchronize()
-    times = {key: [] for key in calls}
-    for r in range(rounds):
-        order = list(calls)
-        random.Random(r).shuffle(order)  # under the power cap a call's speed depends on what ran before it
-        for key in order:
-            times[key].append(time_cuda(calls[key], budget_ms=0, min_reps=reps, max_reps=reps).median_ms)
-    med = {key: statistics.median(t) for key, t in times.items()}
+    med, times = interleaved_medians(calls, rounds, reps)
     rows = {key: {"ms": round(ms, 4), "over_cudnn": round(ms / med["cudnn"], 4)} for key, ms in med.items()}
     return {"shape": list(shape), "tiles": [bm, bn], "accuracy": acc, "skipped": skipped, "ms": rows,
             "rounds": times}
