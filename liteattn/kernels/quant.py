@@ -2,9 +2,9 @@
 
 Why a separate pass before the kernel: smoothing K needs its mean over every key token, which no single program
 of the attention kernel sees; and one scale per tile must be known before a tile's integer product is scaled.
-The pass is a handful of elementwise PyTorch operations over Q and K (float32 temporaries of their size while it
-runs), linear in the sequence length where the attention call is quadratic; its share of a call is part of what the
-bench's ``liteattn-int8`` rows time.
+The pass is a handful of elementwise PyTorch operations over Q and K, a group of heads at a time (float32
+temporaries of about 64 MiB), linear in the sequence length where the attention call is quadratic; its share of a
+call is part of what the bench's ``liteattn-int8`` rows time.
 
 What the kernel receives, per the reference's rules a-d and its non-finite rule:
 
@@ -61,19 +61,41 @@ def _bad_tiles(bad: torch.Tensor, block: int) -> torch.Tensor:
     return padded.view(b, h, t, block).amax(dim=-1).contiguous()
 
 
-def quantize_qk(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int) -> QK8:
+def quantize_qk(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, chunk_bytes: int = 64 << 20) -> QK8:
     """``q`` ``(B, H, S_q, D)`` and ``k`` ``(B, H_kv, S_k, D)`` (any strides) rounded for the int8 kernels, with one
-    scale per ``block_m`` query rows and per ``block_n`` keys (the skip state's tiles)."""
+    scale per ``block_m`` query rows and per ``block_n`` keys (the skip state's tiles).
+
+    Heads are rounded a group at a time, each group's float32 temporaries within about ``chunk_bytes``: every value
+    depends only on its own head, and at video lengths all heads at once would hold several times q's memory."""
+    bsz, heads, seq_q, dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    qt, kt = -(-seq_q // block_m), -(-seq_k // block_n)
+    dev = q.device
+    out = QK8(torch.empty(bsz, heads, seq_q, dim, dtype=torch.int8, device=dev),
+              torch.empty(bsz, kv_heads, seq_k, dim, dtype=torch.int8, device=dev),
+              torch.empty(bsz, heads, qt, device=dev), torch.empty(bsz, kv_heads, kt, device=dev),
+              torch.empty(bsz, heads, seq_q, device=dev), torch.empty(bsz, heads, qt, dtype=torch.int8, device=dev),
+              torch.empty(bsz, kv_heads, kt, dtype=torch.int8, device=dev))
+    per_kv_head = 4 * bsz * dim * (group * seq_q + seq_k)
+    step = max(1, chunk_bytes // per_kv_head)
+    for h0 in range(0, kv_heads, step):
+        h1 = min(kv_heads, h0 + step)
+        _quantize_heads(q[:, h0 * group:h1 * group], k[:, h0:h1], block_m, block_n, out, h0, h1, group)
+    return out
+
+
+def _quantize_heads(q, k, block_m, block_n, out: QK8, h0: int, h1: int, group: int) -> None:
+    """Round kv-heads ``h0:h1`` (and their query heads) into ``out``'s slices."""
     qf, kf = q.float(), k.float()
-    bad_q = ~qf.isfinite().all(-1)  # (B, H, S_q)
-    bad_k = ~kf.isfinite().all(-1)  # (B, H_kv, S_k)
+    bad_q = ~qf.isfinite().all(-1)  # (B, h, S_q)
+    bad_k = ~kf.isfinite().all(-1)  # (B, h_kv, S_k)
     good_k = (~bad_k)[..., None]
     count = good_k.sum(2, keepdim=True).clamp(min=1)
-    mu = torch.where(good_k, kf, 0.0).sum(2, keepdim=True) / count  # (B, H_kv, 1, D)
-    q8, q_scale = _round_tiles(torch.where(bad_q[..., None], 0.0, qf), block_m)
-    k8, k_scale = _round_tiles(torch.where(good_k, kf - mu, 0.0), block_n)
-    group = q.shape[1] // k.shape[1]
-    shift = (qf @ mu.repeat_interleave(group, 1).transpose(-1, -2))[..., 0]  # (B, H, S_q)
-    shift = torch.where(bad_q, 0.0, shift).contiguous()
-    return QK8(q8, k8, q_scale.contiguous(), k_scale.contiguous(), shift, _bad_tiles(bad_q, block_m),
-               _bad_tiles(bad_k, block_n))
+    mu = torch.where(good_k, kf, 0.0).sum(2, keepdim=True) / count  # (B, h_kv, 1, D)
+    qs = slice(h0 * group, h1 * group)
+    out.q8[:, qs], out.q_scale[:, qs] = _round_tiles(torch.where(bad_q[..., None], 0.0, qf), block_m)
+    out.k8[:, h0:h1], out.k_scale[:, h0:h1] = _round_tiles(torch.where(good_k, kf - mu, 0.0), block_n)
+    shift = (qf @ mu.repeat_interleave(group, 1).transpose(-1, -2))[..., 0]  # (B, h, S_q)
+    out.shift[:, qs] = torch.where(bad_q, 0.0, shift)
+    out.q_bad[:, qs], out.k_bad[:, h0:h1] = _bad_tiles(bad_q, block_m), _bad_tiles(bad_k, block_n)
