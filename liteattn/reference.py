@@ -87,9 +87,11 @@ a bad key is ``softmax_scale * (q.k - q.mu)``, unrounded. Every non-finite
 score is then the one dense attention has (minus a finite constant of its
 row), so the rows that are NaN or zero, and the lists a query tile keeps for
 meeting a NaN or +inf score, are exactly those of ``qk_dtype=None``; the
-finite rows keep 8-bit accuracy (tests/test_qk_int8_reference.py). A kernel
-can flag bad tokens when it quantizes and take an unquantized path for the
-few tiles that hold one.
+finite rows keep 8-bit accuracy (tests/test_qk_int8_reference.py). The
+kernels flag bad tokens when they quantize and compute every query tile that
+meets one (a bad row of its own, or a bad key of its kv-head) by the rules
+without 8-bit QK: the same non-finite rows and kept lists, and 16-bit scores
+for that tile's finite rows (liteattn.kernels.quant).
 """
 from __future__ import annotations
 

@@ -50,6 +50,40 @@ def _compile(head_dim: int, block_n: int, walk: str, write_state: bool, override
     return dict(ptx=ptx, cubin=cubin, log=res.stdout)
 
 
+def compile_portable_sm90(head_dim: int, block_m: int, block_n: int, walk: str, write_state: bool,
+                          num_warps: int = 8, **fields) -> dict:
+    """One specialization of the portable Triton kernel built for sm90 (TMA tile copies, as it runs on Hopper) with
+    the spec ``fields`` (e.g. ``qk8=True``) and one of the autotuner's warp counts; returns ``ptx``, ``cubin`` and
+    ptxas's ``-v`` report (``log``)."""
+    return _compile_portable(head_dim, block_m, block_n, walk, write_state, num_warps, tuple(sorted(fields.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_portable(head_dim, block_m, block_n, walk, write_state, num_warps, fields: tuple) -> dict:
+    code = ("from liteattn.kernels import portable; from liteattn.kernels.dispatch import KernelSpec; "
+            f"spec = KernelSpec('triton', {block_m}, {block_n}, {walk!r}, 'index', tma=True, **{dict(fields)!r}); "
+            f"k = portable.compile_offline(spec, head_dim={head_dim}, write_state={write_state}, "
+            f"num_warps={num_warps}); ")
+    return _build(code)
+
+
+def _build(code: str) -> dict:
+    """Run ``code`` (which leaves the compiled kernel in ``k``) in a fresh process without the interpreter."""
+    with tempfile.TemporaryDirectory() as d:
+        ptx_path, cubin_path = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
+        code += "import sys; open(sys.argv[1], 'w').write(k.asm['ptx']); open(sys.argv[2], 'wb').write(k.asm['cubin'])"
+        env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DUMP_PTXAS_LOG="1",
+                   TRITON_CACHE_DIR=os.path.join(d, "cache"))
+        res = subprocess.run([sys.executable, "-c", code, ptx_path, cubin_path], capture_output=True, text=True,
+                             env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+        with open(ptx_path) as f:
+            ptx = f.read()
+        with open(cubin_path, "rb") as f:
+            cubin = f.read()
+    return dict(ptx=ptx, cubin=cubin, log=res.stdout)
+
+
 def sass(cubin: bytes) -> str:
     """SASS of a cubin (Triton's bundled cuobjdump)."""
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")

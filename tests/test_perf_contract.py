@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton")
 sm90 = pytest.importorskip("liteattn.kernels.sm90")
 from liteattn.kernels import common, dispatch  # noqa: E402
 from liteattn.kernels._gluon import triton_version  # noqa: E402
-from sm90_build import (compile_sm90, longest_fmnmx_chain, sass, tile_loops,  # noqa: E402
+from sm90_build import (compile_portable_sm90, compile_sm90, longest_fmnmx_chain, sass, tile_loops,  # noqa: E402
                         unconditional_loads)
 
 
@@ -51,6 +51,23 @@ def test_sm90_kernel_compiles_without_spills(regs, head_dim, block_n, walk, writ
                                                   walk).regs
     assert re.search(rf"setmaxnreg\.dec\.sync\.aligned\.u32\s+{producer};", ptx)
     assert re.search(rf"setmaxnreg\.inc\.sync\.aligned\.u32\s+{consumer};", ptx)
+
+
+@pytest.mark.parametrize("head_dim,block_m,block_n,walk,write_state", [
+    (128, 128, 64, "list", True),  # a step with detection, the portable kernel's tiles at head_dim 128
+    (128, 128, 64, "full", False),  # the full walk (enabled=False)
+    (64, 128, 128, "list", True),
+])
+def test_int8_qk_builds_for_sm90_with_integer_tensor_cores(head_dim, block_m, block_n, walk, write_state):
+    """``qk8`` builds for Hopper on every tested Triton: Q.K^T as integer wgmma (s8 x s8 -> s32), P.V still in bf16,
+    and no register spills with 8 warps (with 4 the 16-bit path for non-finite tokens spills at these tiles, as the
+    16-bit kernel does at head_dim 128; the autotuner has both)."""
+    built = compile_portable_sm90(head_dim, block_m, block_n, walk, write_state, qk8=True)
+    ptx, report = built["ptx"], built["log"]
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.s32\.s8\.s8", ptx), "no integer Q.K^T"
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\.bf16\.bf16", ptx), "no bf16 P.V"
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
+    assert spills and max(spills) == 0, report
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

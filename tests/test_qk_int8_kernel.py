@@ -58,22 +58,31 @@ def test_the_kernel_follows_the_reference(dtype, heads, kv_heads, seq_q, seq_k, 
 @pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN arithmetic
 def test_non_finite_tokens_follow_the_reference(local_qkv, gen, kernel_device):
-    q, k, v = (x.bfloat16() for x in local_qkv(2, 75, 2, 1, 32, generator=gen))
-    q[0, 1, 5, 3] = float("nan")  # a bad query row: its scores are dense ones, the row NaN
+    """A query tile that meets a non-finite token (its own rows, or its kv-head's keys) computes in 16 bits: its rows
+    and decisions are the reference's without 8-bit QK, which the reference's 8-bit rule makes equal for the
+    non-finite rows; every other query tile is the 8-bit reference's."""
+    q, k, v = (x.bfloat16() for x in local_qkv(2, 75, 4, 2, 32, generator=gen))
+    q[0, 1, 5, 3] = float("nan")  # a bad query row: its tile is NaN
     q[1, 0, 40, 2] = float("-inf")
-    k[1, 0, 20, 0] = float("inf")  # a bad key: good rows' scores against it are unrounded
-    full = SkipState.full(2, 2, 75, 75, 16, 16)
-    want, want_lse, (want_counts, _) = lite_attention_reference(q, k, v, full, -1.0, qk_dtype="int8")
+    k[1, 1, 20, 0] = float("inf")  # a bad key: every query tile of heads 2 and 3 of batch 1
+    full = SkipState.full(2, 4, 75, 75, 16, 16)
+    want8, lse8, (counts8, _) = lite_attention_reference(q, k, v, full, -1.0, qk_dtype="int8")
+    want16, lse16, (counts16, _) = lite_attention_reference(q, k, v, full, -1.0)
+    sixteen = quantize_qk(q, k, 16, 16).sixteen.bool()  # (B, H, QT)
+    assert sixteen[0, 1, 0] and sixteen[1, 0, 2] and sixteen[1, 2:].all() and sixteen.sum() == 2 + 2 * 5
+    rows = sixteen.repeat_interleave(16, -1)[..., :75]
+    want = torch.where(rows[..., None], want16.float(), want8.float())
+    want_lse = torch.where(rows, lse16, lse8)
     on = [x.to(kernel_device) for x in (q, k, v)]
-    out, lse, state = lite_attention(*on, SkipState.full(2, 2, 75, 75, 16, 16, device=kernel_device), threshold=-1.0,
+    out, lse, state = lite_attention(*on, SkipState.full(2, 4, 75, 75, 16, 16, device=kernel_device), threshold=-1.0,
                                      layout="bhsd", return_lse=True, backend="triton", qk_dtype="int8")
     out, lse = out.float().cpu(), lse.cpu()
-    assert want.isnan().any() and torch.equal(out.isnan(), want.isnan())
+    assert want.isnan().any() and torch.equal(out.isnan(), want.isnan()) and torch.equal(want8.isnan(), want.isnan())
     assert torch.equal(lse.isnan(), want_lse.isnan()) and torch.equal(lse.isinf(), want_lse.isinf())
     finite = want.isfinite()
-    torch.testing.assert_close(out[finite], want.float()[finite], rtol=0, atol=4e-2)
+    torch.testing.assert_close(out[finite], want[finite], rtol=0, atol=2e-2)
     torch.testing.assert_close(lse[want_lse.isfinite()], want_lse[want_lse.isfinite()], rtol=0, atol=2e-3)
-    assert torch.equal(state.kv_num_blocks.cpu(), want_counts)
+    assert torch.equal(state.kv_num_blocks.cpu(), torch.where(sixteen, counts16, counts8))
 
 
 def test_the_rounding_pass_is_the_references():
@@ -93,13 +102,15 @@ def test_the_rounding_pass_is_the_references():
     assert torch.equal(_tiles(got.q8.double(), 16), want.q8) and torch.equal(got.q_scale, want.q_scale)
     assert torch.equal(_tiles(got.k8.double(), 32).repeat_interleave(3, 1), want.k8)
     assert torch.equal(got.k_scale.repeat_interleave(3, 1), want.k_scale)
-    assert torch.equal(got.shift, want.correction)  # scale 1: the correction is the shift
-    assert got.q_bad.sum() == 1 and got.q_bad[0, 4, 0] == 1 and got.k_bad.sum() == 1 and got.k_bad[0, 1, 1] == 1
+    # a 16-bit query tile: its own bad row (head 4, tile 0), or a bad key of its kv-head (kv-head 1: heads 3-5)
+    assert got.sixteen[0, :3].eq(0).all() and got.sixteen[0, 3:].eq(1).all()
+    assert torch.equal(got.shift[0, :3], want.correction[0, :3])  # scale 1: the correction is the shift ...
+    assert got.shift[0, 3:].eq(0).all()  # ... but a 16-bit tile's scores are not smoothed
     assert got.q8[0, 4, 11].eq(0).all() and got.k8[0, 1, 33].eq(0).all()
     assert got.q8.abs().max() == 127 and got.k8.dtype == torch.int8
     # a head at a time (the pass's memory bound at video lengths) rounds the same values
     by_head = quantize_qk(q, k, 16, 32, chunk_bytes=1)
-    for name in ("q8", "k8", "q_scale", "k_scale", "q_bad", "k_bad"):
+    for name in ("q8", "k8", "q_scale", "k_scale", "sixteen"):
         assert torch.equal(getattr(by_head, name), getattr(got, name)), name
     torch.testing.assert_close(by_head.shift, got.shift, rtol=1e-6, atol=1e-6)
 

@@ -15,8 +15,8 @@ is instead left out of this very call: its QK is computed, its exponentials and 
 the tiles it used. That mode walks every key tile (the full walk) and writes no list.
 
 With ``QK8`` (``qk_dtype="int8"``) the scores come from Q and K rounded to int8 by :mod:`.quant` (K smoothed, one
-scale per tile): an integer product, scaled once per tile; a tile pair holding a non-finite token takes its
-products from the unrounded inputs instead (the rules of :mod:`liteattn.reference`). P.V stays in 16 bits.
+scale per tile): an integer product, scaled once per tile; a query tile that meets a non-finite token takes its
+products from the unrounded inputs instead (:mod:`.quant` says why). P.V stays in 16 bits.
 
 Detection: each row ORs its "not negligible" bit of 32 consecutive tiles into a register word, merged into memory
 with relaxed atomic ORs once per 32 tiles (no per-tile store, no cross-warp reduction); after the loop the
@@ -134,25 +134,18 @@ def _per_call_step(qk, tile_max, m_i, l_i, acc, n_used, t, j, row_valid, q_prote
 
 
 @triton.jit
-def _bad_token_scores(qk, q_ptr, k_ptr, QK_SHIFT, shift_off, start_n, offs_m, offs_n, offs_d, row_valid, stride_qs,
-                      stride_ks, SEQ_K, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
-    """8-bit scores of a tile pair that holds a non-finite token, patched with 16-bit ones where a row or key is
-    non-finite: a bad row's products are dense (unsmoothed), a good row's against a bad key are smoothed (its
-    ``shift`` subtracted), as the reference's non-finite rule says. Runs only for such tile pairs."""
+def _sixteen_bit_scores(q_ptr, k_ptr, start_n, offs_m, offs_n, offs_d, row_valid, stride_qs, stride_ks, SEQ_K,
+                        HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """Q.K^T of one tile pair from the unrounded inputs: the scores of an 8-bit call's query tile that meets a
+    non-finite token (:mod:`.quant`), which then has exactly the 16-bit semantics of non-finite inputs."""
     b_q = tl.load(q_ptr + offs_m[:, None] * stride_qs + offs_d[None, :],
                   mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     b_kt = tl.load(k_ptr + (start_n + offs_n)[None, :] * stride_ks + offs_d[:, None],
                    mask=((start_n + offs_n) < SEQ_K)[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)
-    q32 = tl.abs(b_q.to(tl.float32))
-    k32 = tl.abs(b_kt.to(tl.float32))
-    row_bad = tl.max(((q32 != q32) | (q32 == float("inf"))).to(tl.int32), 1) != 0  # [BM]: a non-finite q
-    col_bad = tl.max(((k32 != k32) | (k32 == float("inf"))).to(tl.int32), 0) != 0  # [BN]: a non-finite key
     if UPCAST:
         b_q = b_q.to(tl.float32)
         b_kt = b_kt.to(tl.float32)
-    raw = tl.dot(b_q, b_kt)
-    shift = tl.load(QK_SHIFT + shift_off + offs_m, mask=row_valid, other=0.0)
-    return tl.where(row_bad[:, None] | col_bad[None, :], raw - shift[:, None], qk)
+    return tl.dot(b_q, b_kt)
 
 
 @triton.autotune(configs=autotune_configs(),
@@ -161,7 +154,7 @@ def _bad_token_scores(qk, q_ptr, k_ptr, QK_SHIFT, shift_off, start_n, offs_m, of
 def _lite_attention_fwd(
     Q, K, V, O, LSE,
     KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, ORDER, FLAGS, NW,
-    Q8, K8, Q_SCALE, K_SCALE, QK_SHIFT, Q_BAD, K_BAD,
+    Q8, K8, Q_SCALE, K_SCALE, SIXTEEN,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -192,7 +185,7 @@ def _lite_attention_fwd(
         b_q = tl.load(Q8 + pid_bh.to(tl.int64) * SEQ_Q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
                       mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0)  # [BM, BD]
         q_scale = tl.load(Q_SCALE + pid_bh.to(tl.int64) * QT + pid_m)
-        q_bad = tl.load(Q_BAD + pid_bh.to(tl.int64) * QT + pid_m).to(tl.int32)
+        sixteen = tl.load(SIXTEEN + pid_bh.to(tl.int64) * QT + pid_m).to(tl.int32) != 0
         kv_bh = (b * (H // GROUP) + hk).to(tl.int64)
         k8_ptr = K8 + kv_bh * SEQ_K * HEAD_DIM
         if USE_TMA:
@@ -245,12 +238,14 @@ def _lite_attention_fwd(
             j_next = tl.load(idx_ptr + tl.minimum(t + 1, n_active - 1)).to(tl.int32)
         start_n = j * BLOCK_N
         if QK8:
-            b_kt = _load_kv_tile(k8_desc, k8_ptr, start_n, offs_n, offs_d, HEAD_DIM, SEQ_K, HEAD_DIM, USE_TMA, True)
-            k_off = kv_bh * KT + j
-            qk = tl.dot(b_q, b_kt, out_dtype=tl.int32).to(tl.float32) * (q_scale * tl.load(K_SCALE + k_off))
-            if (q_bad | tl.load(K_BAD + k_off).to(tl.int32)) != 0:
-                qk = _bad_token_scores(qk, q_ptr, k_ptr, QK_SHIFT, pid_bh.to(tl.int64) * SEQ_Q, start_n, offs_m,
-                                       offs_n, offs_d, row_valid, stride_qs, stride_ks, SEQ_K, HEAD_DIM, UPCAST)
+            if sixteen:  # a non-finite token in this query tile or its keys: 16-bit scores (.quant)
+                qk = _sixteen_bit_scores(q_ptr, k_ptr, start_n, offs_m, offs_n, offs_d, row_valid, stride_qs,
+                                         stride_ks, SEQ_K, HEAD_DIM, UPCAST)
+            else:
+                b_kt = _load_kv_tile(k8_desc, k8_ptr, start_n, offs_n, offs_d, HEAD_DIM, SEQ_K, HEAD_DIM, USE_TMA,
+                                     True)
+                qk = tl.dot(b_q, b_kt, out_dtype=tl.int32).to(tl.float32) * (
+                    q_scale * tl.load(K_SCALE + kv_bh * KT + j))
         else:
             b_kt = _load_kv_tile(k_desc, k_ptr, start_n, offs_n, offs_d, stride_ks, SEQ_K, HEAD_DIM, USE_TMA, True)
             if UPCAST:
@@ -337,8 +332,7 @@ def launch(spec, call: KernelCall, buffers: LaunchBuffers, order: torch.Tensor |
         ORDER=call.kv_num_blocks if order is None else order,  # a placeholder the kernel does not read
         FLAGS=buffers.flags, NW=buffers.n_words,
         Q8=qk8.q8 if qk8 else unused, K8=qk8.k8 if qk8 else unused, Q_SCALE=qk8.q_scale if qk8 else unused,
-        K_SCALE=qk8.k_scale if qk8 else unused, QK_SHIFT=qk8.shift if qk8 else unused,
-        Q_BAD=qk8.q_bad if qk8 else unused, K_BAD=qk8.k_bad if qk8 else unused,
+        K_SCALE=qk8.k_scale if qk8 else unused, SIXTEEN=qk8.sixteen if qk8 else unused,
         stride_qb=q.stride(0), stride_qs=q.stride(2), stride_qh=q.stride(1),
         stride_kb=k.stride(0), stride_ks=k.stride(2), stride_kh=k.stride(1),
         stride_vb=v.stride(0), stride_vs=v.stride(2), stride_vh=v.stride(1),
@@ -359,7 +353,7 @@ def launch(spec, call: KernelCall, buffers: LaunchBuffers, order: torch.Tensor |
 _POINTER_TYPES = MappingProxyType({"LSE": "*fp32", "KV_COUNT": "*i32", "KV_IDX": "*i16", "NEXT_COUNT": "*i32",
                                    "NEXT_IDX": "*i16", "Q_PROT": "*i8", "K_PROT": "*i8", "ORDER": "*i32",
                                    "FLAGS": "*i32", "Q8": "*i8", "K8": "*i8", "Q_SCALE": "*fp32",
-                                   "K_SCALE": "*fp32", "QK_SHIFT": "*fp32", "Q_BAD": "*i8", "K_BAD": "*i8"})
+                                   "K_SCALE": "*fp32", "SIXTEEN": "*i8"})
 
 
 def compile_offline(spec, *, head_dim: int, arch: int = 90, write_state: bool = True, return_lse: bool = True,

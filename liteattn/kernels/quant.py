@@ -6,17 +6,20 @@ The pass is a handful of elementwise PyTorch operations over Q and K, a group of
 temporaries of about 64 MiB), linear in the sequence length where the attention call is quadratic; its share of a
 call is part of what the bench's ``liteattn-int8`` rows time.
 
-What the kernel receives, per the reference's rules a-d and its non-finite rule:
+What the kernel receives, per the reference's rules a-d:
 
 - ``q8`` ``(B, H, S_q, D)`` and ``k8`` ``(B, H_kv, S_k, D)`` int8, contiguous: ``round(x / scale)`` in
   ``[-127, 127]``, K smoothed (``k - mu``, ``mu`` its mean over the finite key tokens of each (batch, kv-head));
   a *bad* token (a query row or key holding a non-finite value) is zero there and sets no scale;
 - ``q_scale`` ``(B, H, QT)`` and ``k_scale`` ``(B, H_kv, KT)`` float32, one per tile (1 for a tile of zeros);
-- ``shift`` ``(B, H, S_q)`` float32: ``q . mu`` per query row (0 for bad rows), which smoothing took from every
-  score of the row; the kernel subtracts it from its 16-bit scores of good rows against bad keys, and the
-  launcher adds ``scale * shift`` back to the returned log-sum-exp;
-- ``q_bad`` ``(B, H, QT)`` and ``k_bad`` ``(B, H_kv, KT)`` int8: 1 for a tile holding a bad token, whose products
-  the kernel computes in 16 bits from the unrounded inputs (the reference's scores for bad tokens).
+- ``shift`` ``(B, H, S_q)`` float32: ``q . mu`` per query row, which smoothing took from every score of the row;
+  the launcher adds ``scale * shift`` back to the returned log-sum-exp;
+- ``sixteen`` ``(B, H, QT)`` int8: 1 for a query tile that holds a bad row or whose kv-head holds a bad key. Such a
+  query tile computes all its scores in 16 bits from the unrounded inputs (its ``shift`` is 0): what dense
+  attention gives for the non-finite rows, and the decisions of ``qk_dtype=None``, exactly as the reference's
+  non-finite rule requires; its finite rows then have 16-bit rather than 8-bit scores. Why a whole query tile:
+  one more 16-bit path per tile pair kept both tiles' scores live at once and cost the kernel about 100 registers
+  per thread on sm90, for inputs that should not occur.
 """
 from __future__ import annotations
 
@@ -38,8 +41,7 @@ class QK8:
     q_scale: torch.Tensor
     k_scale: torch.Tensor
     shift: torch.Tensor
-    q_bad: torch.Tensor
-    k_bad: torch.Tensor
+    sixteen: torch.Tensor
 
 
 def _round_tiles(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +77,7 @@ def quantize_qk(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, ch
     out = QK8(torch.empty(bsz, heads, seq_q, dim, dtype=torch.int8, device=dev),
               torch.empty(bsz, kv_heads, seq_k, dim, dtype=torch.int8, device=dev),
               torch.empty(bsz, heads, qt, device=dev), torch.empty(bsz, kv_heads, kt, device=dev),
-              torch.empty(bsz, heads, seq_q, device=dev), torch.empty(bsz, heads, qt, dtype=torch.int8, device=dev),
-              torch.empty(bsz, kv_heads, kt, dtype=torch.int8, device=dev))
+              torch.empty(bsz, heads, seq_q, device=dev), torch.empty(bsz, heads, qt, dtype=torch.int8, device=dev))
     per_kv_head = 4 * bsz * dim * (group * seq_q + seq_k)
     step = max(1, chunk_bytes // per_kv_head)
     for h0 in range(0, kv_heads, step):
@@ -96,6 +97,9 @@ def _quantize_heads(q, k, block_m, block_n, out: QK8, h0: int, h1: int, group: i
     qs = slice(h0 * group, h1 * group)
     out.q8[:, qs], out.q_scale[:, qs] = _round_tiles(torch.where(bad_q[..., None], 0.0, qf), block_m)
     out.k8[:, h0:h1], out.k_scale[:, h0:h1] = _round_tiles(torch.where(good_k, kf - mu, 0.0), block_n)
+    head_bad = bad_k.any(-1).repeat_interleave(group, 1)[..., None]  # (B, h, 1): a bad key in the kv-head
+    sixteen = _bad_tiles(bad_q, block_m).bool() | head_bad  # (B, h, QT)
+    out.sixteen[:, qs] = sixteen.to(torch.int8)
     shift = (qf @ mu.repeat_interleave(group, 1).transpose(-1, -2))[..., 0]  # (B, h, S_q)
-    out.shift[:, qs] = torch.where(bad_q, 0.0, shift)
-    out.q_bad[:, qs], out.k_bad[:, h0:h1] = _bad_tiles(bad_q, block_m), _bad_tiles(bad_k, block_n)
+    rows_sixteen = sixteen.repeat_interleave(block_m, -1)[..., :shift.shape[-1]]
+    out.shift[:, qs] = torch.where(rows_sixteen, 0.0, shift)
