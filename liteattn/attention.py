@@ -59,9 +59,11 @@ def _outside_inference_mode(state: SkipState) -> SkipState:
     return copy._marked_fresh() if state.is_fresh() else copy
 
 
-def _validated(q, k, v, layout, backend, threshold, scale, must_do):
+def _validated(q, k, v, layout, backend, threshold, scale, must_do, return_lse):
     """The arguments both attention functions share, checked (a ValueError naming the argument) and resolved:
     ``(layout, backend, (B, H, S_q, S_k, D), threshold, scale, must-do ranges)``."""
+    if not isinstance(return_lse, bool):
+        raise ValueError(f"return_lse: expected True or False, got {return_lse!r}")
     layout = V.validate_layout(layout)
     backend = V.validate_backend(backend, q.device, TRITON_AVAILABLE) if isinstance(q, torch.Tensor) else backend
     bsz, nheads, _, seq_q, seq_k, dim = V.validate_qkv(q, k, v, layout, kernel=backend == "triton")
@@ -127,7 +129,7 @@ def lite_attention(
         buffers: keep ``state.clone()`` if you need the old one after the next call.
     """
     layout, backend, (bsz, nheads, seq_q, seq_k, dim), threshold, scale, ranges = _validated(
-        q, k, v, layout, backend, threshold, scale, must_do)
+        q, k, v, layout, backend, threshold, scale, must_do, return_lse)
     qk_dtype = V.validate_qk_dtype(qk_dtype, backend, dim)
     if state is not None and block_size is None and isinstance(state, SkipState):
         block_size = (state.block_m, state.block_n)
@@ -201,7 +203,7 @@ def skip_softmax_attention(
         tiles each query tile used (the skipped fraction is ``1 - used.sum() / (used.numel() * key tiles)``).
     """
     layout, backend, (bsz, nheads, seq_q, seq_k, dim), threshold, scale, ranges = _validated(
-        q, k, v, layout, backend, threshold, scale, must_do)
+        q, k, v, layout, backend, threshold, scale, must_do, return_lse)
     block_m, block_n = V.validate_block_size(block_size) or (64, default_block_sizes(dim)[1])
     scale = dim ** -0.5 if scale is None else scale
     qh, kh, vh = (_to_bhsd(x, layout) for x in (q, k, v))

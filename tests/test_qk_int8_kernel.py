@@ -130,6 +130,9 @@ def test_bad_arguments_are_named():
     from liteattn import LiteAttentionConfig
     with pytest.raises(ValueError, match="qk_dtype: expected None with skip_rule='per_call'"):
         LiteAttentionConfig(qk_dtype="int8", skip_rule="per_call")
+    with pytest.raises(ValueError, match="qk_dtype='fp8' runs in the PyTorch reference only: expected backend='torch'"):
+        LiteAttentionConfig(qk_dtype="fp8")
+    assert LiteAttentionConfig(qk_dtype="fp8", backend="torch").qk_dtype == "fp8"
     from liteattn.kernels.dispatch import KernelSpec
     with pytest.raises(ValueError, match="qk8"):
         KernelSpec("triton", 64, 64, "full", "index", per_call=True, qk8=True)

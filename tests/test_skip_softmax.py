@@ -118,6 +118,8 @@ def test_bad_arguments_are_named():
         skip_softmax_attention(q, q, q, threshold=1.0)
     with pytest.raises(ValueError, match="block_size"):
         skip_softmax_attention(q, q, q, threshold=-1.0, block_size=(10, 16))
+    with pytest.raises(ValueError, match="return_lse: expected True or False, got 'no'"):
+        skip_softmax_attention(q, q, q, threshold=-1.0, return_lse="no")
 
 
 NAN_CASES = [pytest.param((32, 64), id="portable")]

@@ -142,6 +142,9 @@ class LiteAttentionConfig:
             raise ValueError("cuda_graph: expected False with skip_rule='per_call' (its per-call skipped fractions "
                              "are recorded from each call, which a replayed graph does not make), got True")
         V.validate_qk_dtype(self.qk_dtype, self.backend, 64)  # the name; the head_dim is checked at each call
+        if self.qk_dtype == "fp8" and self.backend != "torch":
+            raise ValueError(f"qk_dtype='fp8' runs in the PyTorch reference only: expected backend='torch' with it, "
+                             f"got backend={self.backend!r}; the kernels take qk_dtype='int8'")
         if self.qk_dtype is not None and self.skip_rule == "per_call":
             raise ValueError(f"qk_dtype: expected None with skip_rule='per_call' (skip-softmax computes Q.K^T in 16 "
                              f"bits), got {self.qk_dtype!r}")
