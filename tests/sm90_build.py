@@ -29,10 +29,12 @@ def compile_sm90(head_dim: int, block_n: int, walk: str, write_state: bool, **ov
 @functools.lru_cache(maxsize=None)
 def _compile(head_dim: int, block_n: int, walk: str, write_state: bool, overrides: tuple) -> dict:
     overrides = dict(overrides)
+    qk8 = overrides.pop("qk8", False)  # a mode the spec is resolved for (its ring depth differs), not an override
     with tempfile.TemporaryDirectory() as d:
         ptx_path, cubin_path = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
         code = ("import dataclasses, sys, torch; from liteattn.kernels import dispatch, sm90; "
-                f"spec = dispatch.resolve(('cuda', (9, 0)), torch.bfloat16, {head_dim}, 128, {block_n}, {walk!r}); "
+                f"spec = dispatch.resolve(('cuda', (9, 0)), torch.bfloat16, {head_dim}, 128, {block_n}, {walk!r}, "
+                f"False, {qk8}); "
                 "assert spec.backend == 'sm90', spec; "
                 f"spec = dataclasses.replace(spec, **{overrides!r}); "
                 f"k = sm90.compile_offline(spec, head_dim={head_dim}, write_state={write_state}); "
@@ -64,6 +66,17 @@ def _compile_portable(head_dim, block_m, block_n, walk, write_state, num_warps, 
             f"spec = KernelSpec('triton', {block_m}, {block_n}, {walk!r}, 'index', tma=True, **{dict(fields)!r}); "
             f"k = portable.compile_offline(spec, head_dim={head_dim}, write_state={write_state}, "
             f"num_warps={num_warps}); ")
+    return _build(code)
+
+
+def compile_rounding_sm90(name: str, pointers: dict, constexprs: dict) -> dict:
+    """Kernel ``name`` of :mod:`liteattn.kernels.quant` built for sm90 with the given pointer types (other arguments
+    i32) and constexprs; returns ``ptx``, ``cubin`` and ptxas's report (``log``)."""
+    code = ("import triton; from triton.backends.compiler import GPUTarget; from triton.compiler import ASTSource; "
+            f"from liteattn.kernels.quant import {name} as fn; c = {constexprs!r}; p = {pointers!r}; "
+            "sig = {a: 'constexpr' if a in c else p.get(a, 'i32') for a in fn.arg_names}; "
+            "k = triton.compile(ASTSource(fn, sig, constexprs=c), target=GPUTarget('cuda', 90, 32), "
+            "options={'num_warps': 4}); ")
     return _build(code)
 
 

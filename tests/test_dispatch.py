@@ -171,8 +171,8 @@ def test_a_given_spec_is_the_one_that_runs(gen, local_qkv, kernel_device, monkey
 
     seen = []
     launch = portable.launch
-    monkeypatch.setattr(portable, "launch", lambda spec, call, buffers, order: seen.append((spec, order))
-                        or launch(spec, call, buffers, order))
+    monkeypatch.setattr(portable, "launch", lambda spec, call, buffers, order, *rest: seen.append((spec, order))
+                        or launch(spec, call, buffers, order, *rest))
     q, k, v = (x.half().to(kernel_device) for x in local_qkv(1, 64, 2, 2, 16, generator=gen))
     mask = torch.ones(1, 2, 4, 4, dtype=torch.bool, device=kernel_device)
     mask[0, 1, 2, 1:] = False

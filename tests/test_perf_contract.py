@@ -70,6 +70,18 @@ def test_int8_qk_builds_for_sm90_with_integer_tensor_cores(head_dim, block_m, bl
     assert spills and max(spills) == 0, report
 
 
+@pytest.mark.parametrize("head_dim,walk,write_state", [(128, "full", False), (128, "list", True), (64, "full", False)])
+def test_int8_qk_sm90_kernel_builds_with_integer_tensor_cores(head_dim, walk, write_state):
+    """The sm90 kernel's ``qk8`` mode on every tested Triton: Q.K^T as integer wgmma (s8 x s8 -> s32), P.V in bf16,
+    and no register spills in the same register split as 16 bits."""
+    built = compile_sm90(head_dim, 128, walk, write_state, qk8=True)
+    ptx, report = built["ptx"], built["log"]
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.s32\.s8\.s8", ptx), "no integer Q.K^T"
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\.bf16\.bf16", ptx), "no bf16 P.V"
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
+    assert spills and max(spills) == 0, report
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_sm90_skip_softmax_mode_compiles_without_spills(head_dim):
     """The skip-softmax mode (64-row query tiles, one per consumer) fits the same register split without spills, and

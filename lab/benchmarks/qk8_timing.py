@@ -23,6 +23,7 @@ from liteattn import SkipState
 from liteattn.bench.masks import build_mask
 from liteattn.bench.run import _positive
 from liteattn.kernels import default_block_sizes
+from liteattn.kernels.quant import quantize_qk
 
 
 def accuracy(out: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -70,7 +71,9 @@ def measure_shape(name: str, fractions, rounds: int, reps: int) -> dict:
     if acc["random"]["cos"] < 0.99 or acc["key offset"]["cos"] < 0.99:
         raise SystemExit(f"{name}: int8 output far from 16 bits: {acc}")
 
+    q_bhsd, k_bhsd = q.transpose(1, 2), k.transpose(1, 2)
     calls = {"cudnn": lambda: sdpa(q, k, v),
+             "rounding_pass": lambda: quantize_qk(q_bhsd, k_bhsd, bm, bn),
              "bf16_dense": lambda: liteattn.lite_attention(q, k, v, enabled=False),
              "int8_dense": lambda: liteattn.lite_attention(q, k, v, enabled=False, qk_dtype="int8")}
     tiles = (b, h, -(-s // bm), -(-s // bn))

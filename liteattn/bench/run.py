@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skipped fractions s for the sparse methods (default: "
                              f"{','.join(str(f) for f in DEFAULT_FRACTIONS)})")
     parser.add_argument("--methods", type=_argtype(parse_methods), default=[METHODS[n] for n in DEFAULT_METHODS],
-                        help=f"comma-separated methods, or 'all' (default: all but the 8-bit preview's "
+                        help=f"comma-separated methods, or 'all' (default: all but the 8-bit mode's "
                              f"liteattn-int8 rows; known: {', '.join(METHODS)})")
     parser.add_argument("--patterns", type=_argtype(parse_patterns), default=list(PATTERNS.values()),
                         help=f"comma-separated skip patterns, or 'all' (default; known: {', '.join(PATTERNS)})")

@@ -13,6 +13,7 @@ calibration finds what an interrupted one measured).
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Callable, Sequence
 
 import torch
@@ -153,7 +154,35 @@ class CallableRunner(Runner):
         return out.detach().float().cpu()
 
     def fingerprint(self) -> dict:
-        return {"runner": "callable", "run": getattr(self.run, "__qualname__", type(self.run).__name__)}
+        return {"runner": "callable", "run": getattr(self.run, "__qualname__", type(self.run).__name__),
+                "code": code_digest(self.run)}
+
+
+def code_digest(fn) -> str:
+    """A digest of what ``fn`` does: its code (bytecode, constants, names; nested functions' too) and the simple
+    values its closure captured; for a callable object, its ``__call__``'s. Why not the name: two lambdas share
+    one, so a journal made with one would be resumed with the other; the same function defined again in a new
+    process has the same digest. Captured objects other than numbers, strings and None count by type only."""
+    fn = getattr(fn, "__func__", fn)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        call = getattr(type(fn), "__call__", None)
+        code = getattr(call, "__code__", None)
+        if code is None:
+            return type(fn).__qualname__
+    parts = [_code_text(code)]
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            value = None
+        parts.append(repr(value) if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__)
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+
+
+def _code_text(code) -> str:
+    consts = [_code_text(c) if hasattr(c, "co_code") else repr(c) for c in code.co_consts]
+    return f"{code.co_code.hex()}|{consts}|{code.co_names}"
 
 
 def as_runner(obj, run: Callable | None = None) -> Runner:

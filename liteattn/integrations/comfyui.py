@@ -379,7 +379,7 @@ class LiteAttentionOverride:
         heads = call.get("heads")
         if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or q.shape[-1] % heads:
             return "heads"
-        return input_fallback_reason(self.config.backend, q.unflatten(-1, (heads, -1)))
+        return input_fallback_reason(self.config.backend, q.unflatten(-1, (heads, -1)), self.config.qk_dtype)
 
     def _step_of(self, options: dict) -> int | None:
         """The step of this call, read once per model forward.

@@ -145,11 +145,12 @@ class KeyPaddingMasks:
         self._last = None
 
 
-def input_fallback_reason(backend: str, query: torch.Tensor) -> str | None:
-    """Why liteattn cannot compute attention on ``query``'s dtype or head_dim under ``backend``, or None.
+def input_fallback_reason(backend: str, query: torch.Tensor, qk_dtype: str | None = None) -> str | None:
+    """Why liteattn cannot compute attention on ``query``'s dtype or head_dim under ``backend`` (and
+    ``qk_dtype``), or None.
 
-    The GPU kernel takes bf16/fp16 and head_dim a multiple of 16 up to 256; the
-    PyTorch path also takes fp32/fp64. ``"dtype"`` or ``"head_dim"``: the call
+    The GPU kernel takes bf16/fp16 and head_dim a multiple of 16 up to 256, with 8-bit QK from 32; the
+    PyTorch path also takes fp32/fp64. ``"dtype"``, ``"head_dim"`` or ``"head_dim for 8-bit QK"``: the call
     runs the model's own attention instead of failing.
     """
     if V.validate_backend(backend, query.device, TRITON_AVAILABLE) == "triton":
@@ -157,6 +158,8 @@ def input_fallback_reason(backend: str, query: torch.Tensor) -> str | None:
             return "dtype"
         if query.shape[-1] not in SUPPORTED_HEAD_DIMS:
             return "head_dim"
+        if qk_dtype is not None and query.shape[-1] < 32:  # the int8 products run 32 channels deep
+            return "head_dim for 8-bit QK"
     elif query.dtype not in V.REFERENCE_DTYPES:
         return "dtype"
     return None
@@ -338,7 +341,7 @@ class LayerRuntime:
             return None, "causal"
         if query.shape[1] != key.shape[1]:
             return None, "cross_attention"
-        reason = input_fallback_reason(self.config.backend, query)
+        reason = input_fallback_reason(self.config.backend, query, self.config.qk_dtype)
         if reason:
             return None, reason
         key_len = self.masks.key_length(attn_mask, key.shape[1])

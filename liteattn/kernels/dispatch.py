@@ -29,6 +29,7 @@ import triton
 from . import portable
 from .common import (FULL_WALK, WALKS, KernelCall, device_capability, interpreting, l2_bytes, launch_order, prepare,
                      tma_ready)
+from .quant import QK8, quantize_qk
 
 __all__ = ["BACKENDS", "WORK_ORDERS", "KernelSpec", "lite_attention_fwd", "longest_first", "portable_spec", "resolve",
            "sm90_module", "sm90_stages", "spec_for", "target_of"]
@@ -73,7 +74,8 @@ class KernelSpec:
             code and rounding.
         per_call: skip-softmax (:attr:`.common.KernelCall.per_call`): the full walk, a negligible tile left out of
             the call itself, nothing carried. The sm90 kernel then takes 64-row query tiles, one per consumer.
-        qk8: Q.K^T from int8 Q and K (:attr:`.common.KernelCall.qk8`); the portable kernel only.
+        qk8: Q.K^T from int8 Q and K (:attr:`.common.KernelCall.qk8`), rounded before the launch
+            (:func:`.quant.quantize_qk`); not with ``per_call``.
     """
 
     backend: str
@@ -108,10 +110,9 @@ class KernelSpec:
         if not isinstance(self.per_call, bool) or (self.per_call and self.walk != FULL_WALK):
             raise ValueError(f"per_call: expected a bool, True only with the full walk (skip-softmax visits every "
                              f"key tile), got per_call={self.per_call!r}, walk={self.walk!r}")
-        if not isinstance(self.qk8, bool) or (self.qk8 and (self.per_call or self.backend != "triton")):
-            raise ValueError(f"qk8: expected a bool, True only for the 'triton' backend without per_call (the sm90 "
-                             f"kernel and skip-softmax compute Q.K^T in 16 bits), got qk8={self.qk8!r}, "
-                             f"backend={self.backend!r}, per_call={self.per_call!r}")
+        if not isinstance(self.qk8, bool) or (self.qk8 and self.per_call):
+            raise ValueError(f"qk8: expected a bool, True only without per_call (skip-softmax computes Q.K^T in 16 "
+                             f"bits), got qk8={self.qk8!r}, per_call={self.per_call!r}")
         if self.backend == "triton":
             for name, neutral in _SM90_ONLY.items():
                 if getattr(self, name) != neutral:
@@ -146,13 +147,16 @@ def _sm90_block_m(per_call: bool) -> int:
     return 64 if per_call else 128
 
 
-def sm90_stages(block_m: int, block_n: int, head_dim: int, smem_budget: int = 220 * 1024, max_stages: int = 4) -> int:
+def sm90_stages(block_m: int, block_n: int, head_dim: int, smem_budget: int = 220 * 1024, max_stages: int = 4,
+                qk8: bool = False) -> int:
     """K/V ring depth of the sm90 kernel: as many stages as fit in ``smem_budget`` bytes beside its two Q buffers,
     at least 2 and at most ``max_stages``. A program takes a whole SM (one per SM), so it may use the whole shared
     memory: 2 stages at 128 x 128 tiles and head_dim 128 (a third would need 256 KiB with the two Q buffers, more
-    than an SM has), 4 at head_dim 64 (5 would fit; not measured)."""
-    tile_bytes = block_n * head_dim * 2
-    return max(2, min(max_stages, (smem_budget - 2 * block_m * head_dim * 2) // (2 * tile_bytes)))
+    than an SM has), 4 at head_dim 64 (5 would fit; not measured). With ``qk8`` Q and K tiles take one byte per
+    value and the output is staged in a buffer of its own: 3 stages at 128 x 128 tiles and head_dim 128."""
+    qk_bytes = 1 if qk8 else 2
+    fixed = 2 * block_m * head_dim * qk_bytes + (block_m * head_dim * 2 if qk8 else 0)
+    return max(2, min(max_stages, (smem_budget - fixed) // (block_n * head_dim * (qk_bytes + 2))))
 
 
 def _sm90_applies(target: tuple, dtype: torch.dtype, head_dim: int, block_m: int, block_n: int,
@@ -164,7 +168,8 @@ def _sm90_applies(target: tuple, dtype: torch.dtype, head_dim: int, block_m: int
             and block_m == _sm90_block_m(per_call) and block_n in (64, 128))
 
 
-def _sm90_spec(head_dim: int, block_m: int, block_n: int, walk: str, per_call: bool = False) -> KernelSpec:
+def _sm90_spec(head_dim: int, block_m: int, block_n: int, walk: str, per_call: bool = False,
+               qk8: bool = False) -> KernelSpec:
     """The sm90 kernel's settings, each as measured on an H200 (lab/kernel-notes.md, the version in brackets)."""
     full = walk == FULL_WALK
     return KernelSpec(
@@ -177,7 +182,7 @@ def _sm90_spec(head_dim: int, block_m: int, block_n: int, walk: str, per_call: b
         # dependent load of the order cost more than L2 misses. The full walk has no lists to sort.
         work_order=INDEX_ORDER if full else LONGEST_FIRST_PAST_HALF_L2,
         tma=True,
-        stages=sm90_stages(block_m, block_n, head_dim),
+        stages=sm90_stages(block_m, block_n, head_dim, qk8=qk8),
         # setmaxnreg (producer, consumer): the producer also compacts the finished items; the consumers get what
         # the producer's warpgroup gives up, 168 + (168 - producer) / 2. Measured: (40, 232); (24, 240) compiles
         # without spills too and was no faster (v9, v11).
@@ -196,6 +201,7 @@ def _sm90_spec(head_dim: int, block_m: int, block_n: int, walk: str, per_call: b
         # HunyuanVideo with the same tile loop apart from the 8 instructions it removes (v16).
         lane_sums=not full,
         per_call=per_call,
+        qk8=qk8,
     )
 
 
@@ -230,13 +236,12 @@ def resolve(target: tuple, dtype: torch.dtype, head_dim: int, block_m: int, bloc
     skip-softmax rule with ``per_call``, 8-bit Q.K^T with ``qk8``).
 
     Cached: a call pays one dictionary lookup. The sm90 kernel is chosen where it applies and this Triton can
-    build it (:func:`sm90_module`, which warns once where it cannot); everything else, and every ``qk8`` call,
-    runs the portable kernel.
+    build it (:func:`sm90_module`, which warns once where it cannot); everything else runs the portable kernel.
     """
     if walk not in WALKS:
         raise ValueError(f"walk: expected one of {WALKS}, got {walk!r}")
-    if not qk8 and _sm90_applies(target, dtype, head_dim, block_m, block_n, per_call) and sm90_module() is not None:
-        return _sm90_spec(head_dim, block_m, block_n, walk, per_call)
+    if _sm90_applies(target, dtype, head_dim, block_m, block_n, per_call) and sm90_module() is not None:
+        return _sm90_spec(head_dim, block_m, block_n, walk, per_call, qk8)
     platform, capability = target
     return KernelSpec("triton", block_m, block_n, walk,
                       work_order=INDEX_ORDER if walk == FULL_WALK else LONGEST_FIRST,
@@ -342,6 +347,7 @@ def lite_attention_fwd(call: KernelCall, spec: KernelSpec | None = None) -> tupl
     """
     spec = spec_for(call) if spec is None else _checked(spec, call)
     buffers = prepare(call)
+    rounded = quantize_qk(buffers.q, buffers.k, spec.block_m, spec.block_n) if spec.qk8 else None
     if spec.tma:
         triton.set_allocator(_tma_allocator)  # the portable kernel's device-side descriptors need scratch memory
     if spec.backend == "sm90":
@@ -350,9 +356,20 @@ def lite_attention_fwd(call: KernelCall, spec: KernelSpec | None = None) -> tupl
         # hand-made stride from reaching a tensor map.
         if module is not None and tma_ready(buffers.out):
             order = launch_order(call, longest_first(spec, call))
-            if _launch_sm90(lambda: module.launch(spec, call, buffers, order)):
-                return buffers.out, buffers.lse
+            if _launch_sm90(lambda: module.launch(spec, call, buffers, order, rounded)):
+                if rounded is not None:  # the query tiles the Hopper kernel left to 16 bits (non-finite tokens)
+                    fallback = portable_spec(spec)
+                    portable.launch(fallback, call, buffers, launch_order(call, longest_first(fallback, call)),
+                                    rounded, only_sixteen=True)
+                return _unsmoothed(call, buffers, rounded)
         spec = portable_spec(spec)
-    portable.launch(spec, call, buffers, launch_order(call, longest_first(spec, call)))
+    portable.launch(spec, call, buffers, launch_order(call, longest_first(spec, call)), rounded)
+    return _unsmoothed(call, buffers, rounded)
+
+
+def _unsmoothed(call: KernelCall, buffers, rounded: QK8 | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)``, the LSE given back what smoothing K took from each row's scores (:mod:`.quant`)."""
+    if rounded is not None and call.return_lse:
+        buffers.lse.add_(rounded.shift, alpha=call.scale)
     return buffers.out, buffers.lse
 

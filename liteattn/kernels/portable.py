@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .common import FULL_WALK, LOG2E, KernelCall, LaunchBuffers, interpreting
-from .quant import quantize_qk
+from .quant import QK8
 
 __all__ = ["autotune_configs", "compile_offline", "launch"]
 
@@ -149,7 +149,8 @@ def _sixteen_bit_scores(q_ptr, k_ptr, start_n, offs_m, offs_n, offs_d, row_valid
 
 
 @triton.autotune(configs=autotune_configs(),
-                 key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "FULL_WALK", "WRITE_STATE", "USE_TMA", "PER_CALL", "QK8"])
+                 key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "FULL_WALK", "WRITE_STATE", "USE_TMA", "PER_CALL", "QK8",
+                      "ONLY_SIXTEEN"])
 @triton.jit
 def _lite_attention_fwd(
     Q, K, V, O, LSE,
@@ -164,7 +165,7 @@ def _lite_attention_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     FULL_WALK: tl.constexpr, WRITE_STATE: tl.constexpr, RETURN_LSE: tl.constexpr, USE_TMA: tl.constexpr,
     RAGGED_K: tl.constexpr, BLOCK_C: tl.constexpr, USE_ORDER: tl.constexpr, UPCAST: tl.constexpr,
-    PER_CALL: tl.constexpr = False, QK8: tl.constexpr = False,
+    PER_CALL: tl.constexpr = False, QK8: tl.constexpr = False, ONLY_SIXTEEN: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(1)
     if USE_ORDER:  # heaviest query tiles of a head first, so short ones fill the tail
@@ -186,6 +187,9 @@ def _lite_attention_fwd(
                       mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0)  # [BM, BD]
         q_scale = tl.load(Q_SCALE + pid_bh.to(tl.int64) * QT + pid_m)
         sixteen = tl.load(SIXTEEN + pid_bh.to(tl.int64) * QT + pid_m).to(tl.int32) != 0
+        if ONLY_SIXTEEN:  # the Hopper kernel did the other query tiles (dispatch)
+            if not sixteen:
+                return
         kv_bh = (b * (H // GROUP) + hk).to(tl.int64)
         k8_ptr = K8 + kv_bh * SEQ_K * HEAD_DIM
         if USE_TMA:
@@ -315,13 +319,19 @@ def _lite_attention_fwd(
 
 
 
-def launch(spec, call: KernelCall, buffers: LaunchBuffers, order: torch.Tensor | None) -> None:
+def launch(spec, call: KernelCall, buffers: LaunchBuffers, order: torch.Tensor | None, qk8: QK8 | None = None,
+           only_sixteen: bool = False) -> None:
     """Run the kernel on one call as ``spec`` (a ``"triton"`` :class:`~liteattn.kernels.dispatch.KernelSpec`) says:
     one program per (query tile, batch*head); ``order`` (:func:`.common.launch_order`) launches each head's query
-    tiles longest list first, None in index order. With ``spec.qk8`` Q and K are rounded first
-    (:func:`.quant.quantize_qk`) and the log-sum-exp gets back what smoothing K took from each row."""
+    tiles longest list first, None in index order.
+
+    With ``spec.qk8``, ``qk8`` holds Q and K rounded for this spec's tiles (:func:`.quant.quantize_qk`), and the
+    caller adds the rows' smoothing shift to the LSE; ``only_sixteen`` computes only the query tiles it flags to
+    compute in 16 bits (those the Hopper kernel leaves) and leaves every other one untouched."""
+    if spec.qk8 != (qk8 is not None) or (only_sixteen and qk8 is None):
+        raise ValueError(f"qk8: expected the rounded Q and K exactly when spec.qk8 (spec.qk8={spec.qk8}, "
+                         f"only_sixteen={only_sixteen}), got {type(qk8).__name__}")
     q, k, v, out = buffers.q, buffers.k, buffers.v, buffers.out
-    qk8 = quantize_qk(q, k, spec.block_m, spec.block_n) if spec.qk8 else None
     unused = call.kv_num_blocks  # a placeholder for pointers the kernel does not read
     bsz, nheads, seq_q, dim = q.shape
     seq_k = k.shape[2]
@@ -342,10 +352,9 @@ def launch(spec, call: KernelCall, buffers: LaunchBuffers, order: torch.Tensor |
         HEAD_DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_M=spec.block_m, BLOCK_N=spec.block_n,
         FULL_WALK=spec.walk == FULL_WALK, WRITE_STATE=call.write_state, RETURN_LSE=call.return_lse,
         USE_TMA=spec.tma, RAGGED_K=seq_k % spec.block_n != 0, BLOCK_C=128, USE_ORDER=order is not None,
-        UPCAST=spec.upcast, PER_CALL=spec.per_call, QK8=spec.qk8, enable_fp_fusion=spec.fp_fusion,
+        UPCAST=spec.upcast, PER_CALL=spec.per_call, QK8=spec.qk8, ONLY_SIXTEEN=only_sixteen,
+        enable_fp_fusion=spec.fp_fusion,
     )
-    if qk8 is not None and call.return_lse:
-        buffers.lse.add_(qk8.shift, alpha=call.scale)
 
 
 # Argument types of an offline build: the pointers are declared 16-byte aligned, as the launcher specializes them
@@ -371,7 +380,7 @@ def compile_offline(spec, *, head_dim: int, arch: int = 90, write_state: bool = 
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=spec.block_m,
                       BLOCK_N=spec.block_n, FULL_WALK=spec.walk == FULL_WALK, WRITE_STATE=write_state,
                       RETURN_LSE=return_lse, USE_TMA=spec.tma, RAGGED_K=ragged, BLOCK_C=128, USE_ORDER=use_order,
-                      UPCAST=spec.upcast, PER_CALL=spec.per_call, QK8=spec.qk8)
+                      UPCAST=spec.upcast, PER_CALL=spec.per_call, QK8=spec.qk8, ONLY_SIXTEEN=False)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:

@@ -1,35 +1,43 @@
-"""8-bit Q and K for the kernels' ``qk_dtype="int8"`` mode, rounded exactly as :mod:`liteattn.reference` specifies.
+"""8-bit Q and K for the kernels' ``qk_dtype="int8"`` mode, rounded as :mod:`liteattn.reference` specifies.
 
-Why a separate pass before the kernel: smoothing K needs its mean over every key token, which no single program
-of the attention kernel sees; and one scale per tile must be known before a tile's integer product is scaled.
-The pass is a handful of elementwise PyTorch operations over Q and K, a group of heads at a time (float32
-temporaries of about 64 MiB), linear in the sequence length where the attention call is quadratic; its share of a
-call is part of what the bench's ``liteattn-int8`` rows time.
+Why a separate pass before the attention kernel: smoothing K needs its mean over every key token, which no single
+program of the attention kernel sees; and one scale per tile must be known before a tile's integer product is
+scaled. The pass is three small Triton kernels, linear in the sequence length where the attention call is
+quadratic: per-chunk sums of the finite keys (their mean is a tiny reduction in PyTorch), then one program per K
+tile and one per Q tile, each reading its tile once and writing int8. Its share of a call is part of what the
+bench's ``liteattn-int8`` rows time.
 
-What the kernel receives, per the reference's rules a-d:
+What the attention kernels receive, per the reference's rules a-d:
 
 - ``q8`` ``(B, H, S_q, D)`` and ``k8`` ``(B, H_kv, S_k, D)`` int8, contiguous: ``round(x / scale)`` in
-  ``[-127, 127]``, K smoothed (``k - mu``, ``mu`` its mean over the finite key tokens of each (batch, kv-head));
-  a *bad* token (a query row or key holding a non-finite value) is zero there and sets no scale;
+  ``[-127, 127]`` (half to even, IEEE division, as ``torch.round`` of the reference), K smoothed (``k - mu``,
+  ``mu`` its mean over the finite key tokens of each (batch, kv-head)); a *bad* token (a query row or key holding
+  a non-finite value) is zero there and sets no scale;
 - ``q_scale`` ``(B, H, QT)`` and ``k_scale`` ``(B, H_kv, KT)`` float32, one per tile (1 for a tile of zeros);
 - ``shift`` ``(B, H, S_q)`` float32: ``q . mu`` per query row, which smoothing took from every score of the row;
-  the launcher adds ``scale * shift`` back to the returned log-sum-exp;
+  the caller adds ``scale * shift`` back to the returned log-sum-exp;
 - ``sixteen`` ``(B, H, QT)`` int8: 1 for a query tile that holds a bad row or whose kv-head holds a bad key. Such a
   query tile computes all its scores in 16 bits from the unrounded inputs (its ``shift`` is 0): what dense
   attention gives for the non-finite rows, and the decisions of ``qk_dtype=None``, exactly as the reference's
   non-finite rule requires; its finite rows then have 16-bit rather than 8-bit scores. Why a whole query tile:
   one more 16-bit path per tile pair kept both tiles' scores live at once and cost the kernel about 100 registers
   per thread on sm90, for inputs that should not occur.
+
+``mu`` is a float32 sum in another order than the reference's, so a smoothed key that lands within an ulp of a
+rounding tie may round to the neighbouring integer; everything else is bit for bit the reference's.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 __all__ = ["QK8", "quantize_qk"]
 
-QMAX = 127.0
+QMAX = tl.constexpr(127.0)
+_KEYS_PER_CHUNK = 256  # keys summed by one program of the mean pass
 
 
 @dataclass(frozen=True)
@@ -44,62 +52,108 @@ class QK8:
     sixteen: torch.Tensor
 
 
-def _round_tiles(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 values ``(B, H, S, D)`` and float32 scales ``(B, H, T)`` of ``x`` (float32, bad rows already zero)."""
-    b, h, s, d = x.shape
-    t = -(-s // block)
-    tiles = torch.nn.functional.pad(x, (0, 0, 0, t * block - s)).view(b, h, t, block, d)
-    absmax = tiles.abs().amax(dim=(-2, -1))
-    scale = torch.where(absmax > 0, absmax / QMAX, torch.ones_like(absmax))
-    values = torch.round(tiles / scale[..., None, None]).clamp_(-QMAX, QMAX).to(torch.int8)
-    return values.view(b, h, t * block, d)[:, :, :s].contiguous(), scale
+@triton.jit
+def _tile(x_ptr, bh, rows0, stride_b, stride_h, stride_s, H, S, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``rows0 ..`` of head ``bh`` (batch * H + head) in fp32, their validity and finiteness (zero past S, D)."""
+    rows = rows0 + tl.arange(0, BLOCK_S)
+    cols = tl.arange(0, BLOCK_D)
+    valid = rows < S
+    ptr = (x_ptr + (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+           + rows[:, None].to(tl.int64) * stride_s + cols[None, :])
+    x = tl.load(ptr, mask=valid[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+    finite = tl.min((tl.abs(x) < float("inf")).to(tl.int32), 1) != 0  # NaN compares false
+    return x, rows, cols, valid, finite
 
 
-def _bad_tiles(bad: torch.Tensor, block: int) -> torch.Tensor:
-    """``(B, H, T)`` int8: 1 where a tile of ``block`` tokens holds a bad token (``bad``: ``(B, H, S)`` bool)."""
-    b, h, s = bad.shape
-    t = -(-s // block)
-    padded = torch.nn.functional.pad(bad.to(torch.int8), (0, t * block - s))
-    return padded.view(b, h, t, block).amax(dim=-1).contiguous()
+@triton.jit
+def _round_store(x, rows, cols, valid, out_ptr, scale_ptr, S, D, BLOCK_D: tl.constexpr):
+    """Round a tile with one scale (its absmax / 127; 1 for zeros) into int8 rows of a contiguous (.., S, D) head."""
+    absmax = tl.max(tl.max(tl.abs(x), 1), 0)
+    scale = tl.where(absmax > 0, tl.math.div_rn(absmax, QMAX), 1.0)
+    y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -QMAX), QMAX)
+    y = (y + 12582912.0) - 12582912.0  # 1.5 * 2^23: rounds |y| < 2^22 to the nearest integer, half to even
+    ptr = out_ptr + rows[:, None].to(tl.int64) * D + cols[None, :]
+    tl.store(ptr, y.to(tl.int8), mask=valid[:, None] & (cols < D)[None, :])
+    tl.store(scale_ptr, scale)
 
 
-def quantize_qk(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, chunk_bytes: int = 64 << 20) -> QK8:
-    """``q`` ``(B, H, S_q, D)`` and ``k`` ``(B, H_kv, S_k, D)`` (any strides) rounded for the int8 kernels, with one
-    scale per ``block_m`` query rows and per ``block_n`` keys (the skip state's tiles).
+@triton.jit
+def _key_sums(K, SUMS, COUNTS, BAD, stride_b, stride_h, stride_s, H_KV, S_K, D, CHUNKS,
+              BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, KEYS_PER_CHUNK: tl.constexpr):
+    """Per (batch * kv-head, chunk of keys): the sum of the finite keys, their count and whether a key is bad."""
+    bh = tl.program_id(0)
+    chunk = tl.program_id(1)
+    total = tl.zeros([BLOCK_D], dtype=tl.float32)
+    count = 0
+    bad = 0
+    for r in range(0, KEYS_PER_CHUNK, BLOCK_S):
+        x, rows, cols, valid, finite = _tile(K, bh, chunk * KEYS_PER_CHUNK + r, stride_b, stride_h, stride_s, H_KV,
+                                             S_K, D, BLOCK_S, BLOCK_D)
+        good = valid & finite
+        total += tl.sum(tl.where(good[:, None], x, 0.0), 0)
+        count += tl.sum(good.to(tl.int32), 0)
+        bad = bad | tl.max((valid & ~finite).to(tl.int32), 0)
+    out = bh.to(tl.int64) * CHUNKS + chunk
+    tl.store(SUMS + out * BLOCK_D + tl.arange(0, BLOCK_D), total)
+    tl.store(COUNTS + out, count)
+    tl.store(BAD + out, bad)
 
-    Heads are rounded a group at a time, each group's float32 temporaries within about ``chunk_bytes``: every value
-    depends only on its own head, and at video lengths all heads at once would hold several times q's memory."""
+
+@triton.jit
+def _round_keys(K, MU, K8, K_SCALE, stride_b, stride_h, stride_s, H_KV, S_K, D, KT,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One key tile: ``k - mu`` (zero for a bad key), rounded with the tile's scale."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    x, rows, cols, valid, finite = _tile(K, bh, tile * BLOCK_N, stride_b, stride_h, stride_s, H_KV, S_K, D, BLOCK_N,
+                                         BLOCK_D)
+    mu = tl.load(MU + bh.to(tl.int64) * BLOCK_D + cols)
+    x = tl.where((valid & finite)[:, None], x - mu[None, :], 0.0)
+    _round_store(x, rows, cols, valid, K8 + bh.to(tl.int64) * S_K * D, K_SCALE + bh.to(tl.int64) * KT + tile, S_K, D,
+                 BLOCK_D)
+
+
+@triton.jit
+def _round_queries(Q, MU, HEAD_BAD, Q8, Q_SCALE, SHIFT, SIXTEEN, stride_b, stride_h, stride_s, H, GROUP, S_Q, D, QT,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One query tile: its rows rounded (zero for a bad row), whether it computes in 16 bits, and ``q . mu``."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    x, rows, cols, valid, finite = _tile(Q, bh, tile * BLOCK_M, stride_b, stride_h, stride_s, H, S_Q, D, BLOCK_M,
+                                         BLOCK_D)
+    kv = (bh // H) * (H // GROUP) + (bh % H) // GROUP
+    sixteen = tl.max((valid & ~finite).to(tl.int32), 0) | tl.load(HEAD_BAD + kv).to(tl.int32)
+    _round_store(tl.where(finite[:, None], x, 0.0), rows, cols, valid, Q8 + bh.to(tl.int64) * S_Q * D,
+                 Q_SCALE + bh.to(tl.int64) * QT + tile, S_Q, D, BLOCK_D)
+    mu = tl.load(MU + kv.to(tl.int64) * BLOCK_D + cols)
+    shift = tl.where(sixteen != 0, 0.0, tl.sum(x * mu[None, :], 1))
+    tl.store(SHIFT + bh.to(tl.int64) * S_Q + rows, shift, mask=valid)
+    tl.store(SIXTEEN + bh.to(tl.int64) * QT + tile, sixteen.to(tl.int8))
+
+
+def quantize_qk(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int) -> QK8:
+    """``q`` ``(B, H, S_q, D)`` and ``k`` ``(B, H_kv, S_k, D)`` (unit stride along D) rounded for the int8 kernels,
+    with one scale per ``block_m`` query rows and per ``block_n`` keys (the skip state's tiles)."""
     bsz, heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
-    group = heads // kv_heads
     qt, kt = -(-seq_q // block_m), -(-seq_k // block_n)
+    block_d = triton.next_power_of_2(dim)
     dev = q.device
+    chunks = -(-seq_k // _KEYS_PER_CHUNK)
+    sums = torch.empty(bsz * kv_heads, chunks, block_d, device=dev)
+    counts = torch.empty(bsz * kv_heads, chunks, dtype=torch.int32, device=dev)
+    bad = torch.empty(bsz * kv_heads, chunks, dtype=torch.int32, device=dev)
+    _key_sums[(bsz * kv_heads, chunks)](k, sums, counts, bad, k.stride(0), k.stride(1), k.stride(2), kv_heads, seq_k,
+                                        dim, chunks, BLOCK_S=64, BLOCK_D=block_d, KEYS_PER_CHUNK=_KEYS_PER_CHUNK)
+    mu = (sums.sum(1) / counts.sum(1, keepdim=True).clamp(min=1)).contiguous()  # (B * H_kv, BLOCK_D)
+    head_bad = bad.amax(1).to(torch.int8)
     out = QK8(torch.empty(bsz, heads, seq_q, dim, dtype=torch.int8, device=dev),
               torch.empty(bsz, kv_heads, seq_k, dim, dtype=torch.int8, device=dev),
               torch.empty(bsz, heads, qt, device=dev), torch.empty(bsz, kv_heads, kt, device=dev),
               torch.empty(bsz, heads, seq_q, device=dev), torch.empty(bsz, heads, qt, dtype=torch.int8, device=dev))
-    per_kv_head = 4 * bsz * dim * (group * seq_q + seq_k)
-    step = max(1, chunk_bytes // per_kv_head)
-    for h0 in range(0, kv_heads, step):
-        h1 = min(kv_heads, h0 + step)
-        _quantize_heads(q[:, h0 * group:h1 * group], k[:, h0:h1], block_m, block_n, out, h0, h1, group)
+    _round_keys[(kt, bsz * kv_heads)](k, mu, out.k8, out.k_scale, k.stride(0), k.stride(1), k.stride(2), kv_heads,
+                                      seq_k, dim, kt, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8)
+    _round_queries[(qt, bsz * heads)](q, mu, head_bad, out.q8, out.q_scale, out.shift, out.sixteen, q.stride(0),
+                                      q.stride(1), q.stride(2), heads, heads // kv_heads, seq_q, dim, qt,
+                                      BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8)
     return out
-
-
-def _quantize_heads(q, k, block_m, block_n, out: QK8, h0: int, h1: int, group: int) -> None:
-    """Round kv-heads ``h0:h1`` (and their query heads) into ``out``'s slices."""
-    qf, kf = q.float(), k.float()
-    bad_q = ~qf.isfinite().all(-1)  # (B, h, S_q)
-    bad_k = ~kf.isfinite().all(-1)  # (B, h_kv, S_k)
-    good_k = (~bad_k)[..., None]
-    count = good_k.sum(2, keepdim=True).clamp(min=1)
-    mu = torch.where(good_k, kf, 0.0).sum(2, keepdim=True) / count  # (B, h_kv, 1, D)
-    qs = slice(h0 * group, h1 * group)
-    out.q8[:, qs], out.q_scale[:, qs] = _round_tiles(torch.where(bad_q[..., None], 0.0, qf), block_m)
-    out.k8[:, h0:h1], out.k_scale[:, h0:h1] = _round_tiles(torch.where(good_k, kf - mu, 0.0), block_n)
-    head_bad = bad_k.any(-1).repeat_interleave(group, 1)[..., None]  # (B, h, 1): a bad key in the kv-head
-    sixteen = _bad_tiles(bad_q, block_m).bool() | head_bad  # (B, h, QT)
-    out.sixteen[:, qs] = sixteen.to(torch.int8)
-    shift = (qf @ mu.repeat_interleave(group, 1).transpose(-1, -2))[..., 0]  # (B, h, S_q)
-    rows_sixteen = sixteen.repeat_interleave(block_m, -1)[..., :shift.shape[-1]]
-    out.shift[:, qs] = torch.where(rows_sixteen, 0.0, shift)

@@ -21,6 +21,11 @@ keeps three partitions alive over many work items (query tile x batch*head):
 - register budgets are split (``setmaxnreg``): the producer keeps few registers and the consumers get the rest,
   so the detection bits cost no spills.
 
+With ``QK8`` (``qk_dtype="int8"``) Q and K arrive rounded to int8 (:mod:`.quant`): Q·Kᵀ is an integer wgmma whose
+int32 scores are scaled by the query and key tiles' scales, the output leaves through a bf16 buffer of its own,
+and the producer passes over query tiles flagged to compute in 16 bits, which the launcher leaves to the portable
+kernel.
+
 Ordering within a consumer partition: its four warps issue the detection atomics and the two halves of the output
 store, but one thread arrives on ``flags_bars`` and ``q_empty``; Triton precedes every ``mbarrier.arrive`` of a
 multi-warp partition with a barrier over that partition's warps, which is what makes all warps' atomics and store
@@ -52,6 +57,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ._gluon import tma_load, tma_store
 from .common import FULL_WALK, LOG2E, KernelCall, LaunchBuffers, sm_count
+from .quant import QK8
 
 __all__ = ["compile_offline", "launch"]
 
@@ -173,6 +179,28 @@ def _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, thres
 
 
 @gluon.jit
+def _tile_scale(qk_scale, k_scales, j, QK8: gl.constexpr):
+    """The factor from a tile's raw scores to log2 units: ``qk_scale``, times key tile ``j``'s scale with ``QK8``
+    (``qk_scale`` then already holds the query tile's; :mod:`liteattn.kernels.quant`)."""
+    if QK8:
+        qk_scale = qk_scale * gl.load(k_scales + j)
+    return qk_scale
+
+
+@gluon.jit
+def _tile_scores(s, QK8: gl.constexpr):
+    """Raw scores in fp32; with ``QK8`` from the int8 products' int32 sums (``|sum| <= 127^2 * D < 2^24``: exact).
+
+    A conversion instruction per score, on the unit that also runs the softmax's exp2. Adding the integer to the
+    bits of 1.5 * 2^23 and subtracting that again (two adds on the full-rate units, just as exact) ran 7 % slower
+    on an H200: the two adds lengthen each score's dependency chain, and the loop is bound by the softmax's
+    latency (lab/kernel-notes.md, v17)."""
+    if QK8:
+        s = s.to(gl.float32)
+    return s
+
+
+@gluon.jit
 def _compact_chunk(c, n_keep, state_off, pid_m, n_active, KV_IDX, NEXT_IDX, Q_PROT, K_PROT, FLAGS, NW, KT,
                    BLOCK_C: gl.constexpr, c_layout: gl.constexpr):
     """List positions ``c .. c+BLOCK_C-1`` of one query tile: append the survivors (flagged, first visited or
@@ -197,20 +225,21 @@ def _compact_chunk(c, n_keep, state_off, pid_m, n_active, KV_IDX, NEXT_IDX, Q_PR
 
 @gluon.jit
 def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, g, idx_ptr, n_active,
-                  full_row, flag_words, row_valid, acc, m_i, qk_scale, threshold, SEQ_K, KT,
+                  full_row, flag_words, row_valid, acc, m_i, qk_scale, k_scales, threshold, SEQ_K, KT,
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr,
                   TURN: gl.constexpr, PINGPONG: gl.constexpr, TREE_MAX: gl.constexpr, LANE_SUMS: gl.constexpr,
-                  s_layout: gl.constexpr, o_layout: gl.constexpr):
+                  QK8: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
     """One consumer's rows over a query tile's ``n_active`` (> 0) listed key tiles; returns acc, m, l.
 
     Q·Kᵀ of tile t is issued before the softmax of tile t runs behind P·V of tile t-1 (FA3's
     intra-warpgroup overlap). With ``PINGPONG``, two consumers take turns issuing their tensor-core work, so
     one's softmax runs while the other's products do. Ring stages and barrier phases count from ``g``, the
-    tiles this program consumed before; every stage is released."""
+    tiles this program consumed before; every stage is released. With ``QK8`` the scores are int8 products
+    (:func:`_tile_scores`), ``qk_scale`` includes the query tile's scale and ``k_scales`` points at the kv-head's."""
     ROWS: gl.constexpr = q_rows.shape[0]
-    dtype: gl.constexpr = q_rows.dtype
+    dtype: gl.constexpr = v_bufs.dtype
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    zero_s = gl.zeros([ROWS, BLOCK_N], gl.int32 if QK8 else gl.float32, layout=s_layout)
     bits = gl.zeros([ROWS], gl.int32, layout=gl.SliceLayout(1, s_layout))
     # Tile 0: no P·V to overlap yet.
     stage = g % STAGES
@@ -221,12 +250,13 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
     if PINGPONG:
         mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
     j = 0
-    if RAGGED_K:  # only the ragged-tile check needs the tile's index
+    if RAGGED_K or QK8:  # the ragged-tile check and the key tile's scale need the tile's index
         j = _tile_at(idx_ptr, full_row, 0, KT)
+    tile_scale = _tile_scale(qk_scale, k_scales, j, QK8)
     s = warpgroup_mma_wait(0, deps=(s_tok, ))
     mbarrier.arrive(k_empty.index(stage), count=1)
-    p, alpha, m_i, bits = _scores(s, 0, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, threshold, SEQ_K,
-                                  KT, BLOCK_N, RAGGED_K, WRITE_STATE, TREE_MAX, s_layout)
+    p, alpha, m_i, bits = _scores(_tile_scores(s, QK8), 0, j, m_i, bits, row_valid, flag_words, n_active, tile_scale,
+                                  threshold, SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, TREE_MAX, s_layout)
     l_part = _lane_sums(p, LANE_SUMS)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     for t in range(1, n_active):
@@ -234,8 +264,9 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
         stage = gt % STAGES
         prev = (gt - 1) % STAGES
         j = t
-        if RAGGED_K:  # read tile t's list entry before the waits, not after the scores arrive
+        if RAGGED_K or QK8:  # read tile t's list entry (and scale) before the waits, not after the scores arrive
             j = _tile_at(idx_ptr, full_row, t, KT)
+        tile_scale = _tile_scale(qk_scale, k_scales, j, QK8)
         if PINGPONG:  # consumer TURN issues its t-th products after the other one issued theirs
             mbarrier.wait(turn_bars.index(TURN), (gt & 1) ^ TURN ^ 1)
         mbarrier.wait(k_ready.index(stage), (gt // STAGES) & 1)
@@ -246,8 +277,9 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
             mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
         s = warpgroup_mma_wait(1, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(stage), count=1)
-        p, alpha, m_i, bits = _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, threshold,
-                                      SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, TREE_MAX, s_layout)
+        p, alpha, m_i, bits = _scores(_tile_scores(s, QK8), t, j, m_i, bits, row_valid, flag_words, n_active,
+                                      tile_scale, threshold, SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, TREE_MAX,
+                                      s_layout)
         l_part = _rescaled_sums(l_part, alpha, _lane_sums(p, LANE_SUMS), LANE_SUMS)
         acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
         mbarrier.arrive(v_empty.index(prev), count=1)
@@ -441,17 +473,39 @@ def _compact_item(w, i, flags_bars, ORDER, KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_ID
 
 
 @gluon.jit
+def _claim(COUNTER, SIXTEEN, ORDER, QT, n_items, USE_ORDER: gl.constexpr, QK8: gl.constexpr):
+    """The next work item of the dynamic schedule (``n_items`` or past it: none left). With ``QK8`` an item whose
+    query tile computes in 16 bits (``SIXTEEN``, :mod:`liteattn.kernels.quant`) is passed over: the launcher leaves
+    those to the portable kernel, which reads the unrounded inputs."""
+    w = gl.atomic_add(COUNTER, 1, sem="relaxed")
+    if QK8:
+        while _in_sixteen(w, SIXTEEN, ORDER, QT, n_items, USE_ORDER):
+            w = gl.atomic_add(COUNTER, 1, sem="relaxed")
+    return w
+
+
+@gluon.jit
+def _in_sixteen(w, SIXTEEN, ORDER, QT, n_items, USE_ORDER: gl.constexpr):
+    """Whether work item ``w`` exists and its query tile is flagged to compute in 16 bits."""
+    last = gl.minimum(w, n_items - 1)
+    pid_m = last % QT
+    if USE_ORDER:
+        pid_m = gl.load(ORDER + last)
+    return (w < n_items) & (gl.load(SIXTEEN + (last // QT).to(gl.int64) * QT + pid_m) != 0)
+
+
+@gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, item_ids, k_ready, v_ready,
               k_empty, v_empty, flags_bars, COUNTER, ORDER, KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT,
-              FLAGS, NW, H, GROUP, QT, KT, n_items,
+              FLAGS, SIXTEEN, NW, H, GROUP, QT, KT, n_items,
               ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
-              FULL_WALK: gl.constexpr, WRITE_STATE: gl.constexpr, USE_ORDER: gl.constexpr):
+              FULL_WALK: gl.constexpr, WRITE_STATE: gl.constexpr, USE_ORDER: gl.constexpr, QK8: gl.constexpr):
     """Q of each item (two buffers), then its K/V tiles into the ring; then the previous item's compaction."""
     id_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     g = 0  # tiles issued so far by this program: ring position and phase
     i = 0  # items so far
     prev_w = 0
-    w = gl.atomic_add(COUNTER, 1, sem="relaxed")  # dynamic schedule: whichever program is free takes the next item
+    w = _claim(COUNTER, SIXTEEN, ORDER, QT, n_items, USE_ORDER, QK8)  # dynamic: a free program takes the next item
     while w < n_items:
         b, h, hk, pid_bh, pid_m, state_off, n_active = _item(w, ORDER, KV_COUNT, H, GROUP, QT, KT, FULL_WALK,
                                                              USE_ORDER)
@@ -492,7 +546,7 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, 
                                             FLAGS, NW, KT, 32, ONE_WARP)
                     c += 32
         # The ring is as full as it gets: claim the next item and finish the previous one's list.
-        w_next = gl.atomic_add(COUNTER, 1, sem="relaxed")
+        w_next = _claim(COUNTER, SIXTEEN, ORDER, QT, n_items, USE_ORDER, QK8)
         if WRITE_STATE:
             if i > 0:
                 if c == 0:  # no chunk done yet (short item or empty list): its flags are not waited for yet
@@ -514,24 +568,25 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, 
 
 
 @gluon.jit
-def _consumer(o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars,
-              flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, NEXT_COUNT, Q_PROT, K_PROT, H, GROUP, SEQ_Q, SEQ_K,
-              QT, KT, n_items, qk_scale, threshold,
+def _consumer(o_desc, q_bufs, o_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
+              turn_bars, flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, NEXT_COUNT, Q_PROT, K_PROT, Q_SCALE,
+              K_SCALE, H, GROUP, SEQ_Q, SEQ_K, QT, KT, n_items, qk_scale, threshold,
               ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
               FULL_WALK: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
               USE_ORDER: gl.constexpr, TURN: gl.constexpr, PINGPONG: gl.constexpr, TREE_MAX: gl.constexpr,
-              LANE_SUMS: gl.constexpr, PER_CALL: gl.constexpr):
+              LANE_SUMS: gl.constexpr, PER_CALL: gl.constexpr, QK8: gl.constexpr):
     """Rows ``TURN * ROWS`` to ``(TURN + 1) * ROWS`` of every item's query tile
     (:func:`_attend_tiles`, ring and turn phases counted over the whole program), then
     their output and LSE. With ``PER_CALL`` (:func:`_attend_tiles_per_call`) these rows are one query tile of the
-    call (the skip decision's granularity), whose used-tile count goes to ``NEXT_COUNT``."""
+    call (the skip decision's granularity), whose used-tile count goes to ``NEXT_COUNT``. With ``QK8`` the Q
+    buffers hold int8 rows and the output leaves through ``o_bufs`` (one per consumer) instead."""
     NUM_WARPS: gl.constexpr = ROWS // 16
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
+                                                       instr_shape=[16, BLOCK_N, 32 if QK8 else 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                        instr_shape=[16, BLOCK_D, 16])
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    dtype: gl.constexpr = q_bufs.dtype
+    dtype: gl.constexpr = v_bufs.dtype
     id_layout: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
     g = 0
     i = 0
@@ -562,18 +617,27 @@ def _consumer(o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_read
             if tile < tiles:
                 gl.store(NEXT_COUNT + pid_bh.to(gl.int64) * tiles + tile, n_used)
         elif n_active > 0:
+            scale = qk_scale
+            k_scales = K_SCALE
+            if QK8:  # the query tile's scale, and the key tiles' of its kv-head
+                scale = qk_scale * gl.load(Q_SCALE + state_off)
+                k_scales = K_SCALE + (b * (H // GROUP) + hk).to(gl.int64) * KT
             acc, m_i, l_i = _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, g,
                                           idx_ptr, n_active, full_row, flag_words, row_valid, acc, m_i,
-                                          qk_scale, threshold, SEQ_K, KT, BLOCK_N, STAGES, RAGGED_K, WRITE_STATE,
-                                          TURN, PINGPONG, TREE_MAX, LANE_SUMS, s_layout, o_layout)
+                                          scale, k_scales, threshold, SEQ_K, KT, BLOCK_N, STAGES, RAGGED_K,
+                                          WRITE_STATE, TURN, PINGPONG, TREE_MAX, LANE_SUMS, QK8, s_layout, o_layout)
         if WRITE_STATE:  # this consumer's detection atomics for the item are issued
             _flag_nonfinite(flag_words, NW, l_i, row_valid)
             mbarrier.arrive(flags_bars.index(i % 2), count=1)
 
         out, lse = _normalize(acc, m_i, l_i, o_layout)
-        q_rows.store(out.to(dtype))
+        if QK8:
+            o_rows = o_bufs.index(TURN)
+        else:
+            o_rows = q_rows
+        o_rows.store(out.to(dtype))
         fence_async_shared()
-        tma_store(o_desc, [b, h, row0, 0], q_rows.reshape([1, 1, ROWS, BLOCK_D]))
+        tma_store(o_desc, [b, h, row0, 0], o_rows.reshape([1, 1, ROWS, BLOCK_D]))
         if RETURN_LSE:
             gl.store(LSE + pid_bh.to(gl.int64) * SEQ_Q + offs_m, lse, mask=row_valid)
         g += n_active
@@ -588,24 +652,32 @@ def _consumer(o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_read
 @gluon.jit
 def _lite_attention_fwd_sm90_persistent(
     q_desc, k_desc, v_desc, o_desc, LSE,
-    KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, ORDER, FLAGS, NW, COUNTER,
+    KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, ORDER, FLAGS, NW, COUNTER, Q_SCALE, K_SCALE, SIXTEEN,
     H, GROUP, SEQ_Q, SEQ_K, QT, KT, n_items,
     qk_scale, threshold,
     BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     FULL_WALK: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
     RAGGED_K: gl.constexpr, USE_ORDER: gl.constexpr, PINGPONG: gl.constexpr, TREE_MAX: gl.constexpr,
     LANE_SUMS: gl.constexpr,
-    PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PER_CALL: gl.constexpr = False,
+    PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PER_CALL: gl.constexpr = False, QK8: gl.constexpr = False,
 ):
-    dtype: gl.constexpr = q_desc.dtype
+    dtype: gl.constexpr = v_desc.dtype
+    qk_dtype: gl.constexpr = q_desc.dtype  # int8 with QK8 (Q and K rounded by the launcher)
     ROWS: gl.constexpr = BLOCK_M // 2
     NUM_WARPS: gl.constexpr = ROWS // 16
-    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_D], dtype)
-    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_D], dtype)
-    # Two Q buffers of two halves (one per consumer); a half also stages that consumer's output.
-    q_bufs = gl.allocate_shared_memory(dtype, [4, ROWS, BLOCK_D], q_layout)
-    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_D], kv_layout)
-    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_D], kv_layout)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_D], qk_dtype)
+    k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_D], qk_dtype)
+    v_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_D], dtype)
+    # Two Q buffers of two halves (one per consumer); a half also stages that consumer's output, or with QK8 (int8
+    # rows) a buffer of its own does.
+    q_bufs = gl.allocate_shared_memory(qk_dtype, [4, ROWS, BLOCK_D], q_layout)
+    if QK8:
+        o_bufs = gl.allocate_shared_memory(dtype, [2, ROWS, BLOCK_D],
+                                           gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_D], dtype))
+    else:
+        o_bufs = q_bufs
+    k_bufs = gl.allocate_shared_memory(qk_dtype, [STAGES, BLOCK_N, BLOCK_D], k_layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_D], v_layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     flags_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -628,44 +700,54 @@ def _lite_attention_fwd_sm90_persistent(
     fence_async_shared()
 
     gl.warp_specialize([
-        (_consumer, (o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
-                     turn_bars, flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, NEXT_COUNT, Q_PROT, K_PROT,
-                     H, GROUP, SEQ_Q, SEQ_K, QT, KT, n_items, qk_scale, threshold, ROWS, BLOCK_N, BLOCK_D, STAGES,
-                     FULL_WALK, RAGGED_K, WRITE_STATE, RETURN_LSE, USE_ORDER, 0, PINGPONG, TREE_MAX, LANE_SUMS,
-                     PER_CALL)),
-        (_consumer, (o_desc, q_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
-                     turn_bars, flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, NEXT_COUNT, Q_PROT, K_PROT,
-                     H, GROUP, SEQ_Q, SEQ_K, QT, KT, n_items, qk_scale, threshold, ROWS, BLOCK_N, BLOCK_D, STAGES,
-                     FULL_WALK, RAGGED_K, WRITE_STATE, RETURN_LSE, USE_ORDER, 1, PINGPONG, TREE_MAX, LANE_SUMS,
-                     PER_CALL)),
+        (_consumer, (o_desc, q_bufs, o_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty,
+                     v_empty, turn_bars, flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, NEXT_COUNT, Q_PROT,
+                     K_PROT, Q_SCALE, K_SCALE, H, GROUP, SEQ_Q, SEQ_K, QT, KT, n_items, qk_scale, threshold, ROWS,
+                     BLOCK_N, BLOCK_D, STAGES, FULL_WALK, RAGGED_K, WRITE_STATE, RETURN_LSE, USE_ORDER, 0, PINGPONG,
+                     TREE_MAX, LANE_SUMS, PER_CALL, QK8)),
+        (_consumer, (o_desc, q_bufs, o_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty,
+                     v_empty, turn_bars, flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, NEXT_COUNT, Q_PROT,
+                     K_PROT, Q_SCALE, K_SCALE, H, GROUP, SEQ_Q, SEQ_K, QT, KT, n_items, qk_scale, threshold, ROWS,
+                     BLOCK_N, BLOCK_D, STAGES, FULL_WALK, RAGGED_K, WRITE_STATE, RETURN_LSE, USE_ORDER, 1, PINGPONG,
+                     TREE_MAX, LANE_SUMS, PER_CALL, QK8)),
         (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, item_ids, k_ready, v_ready,
                      k_empty, v_empty, flags_bars, COUNTER, ORDER, KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT,
-                     K_PROT, FLAGS, NW, H, GROUP, QT, KT, n_items, ROWS, BLOCK_N, BLOCK_D, STAGES, FULL_WALK,
-                     WRITE_STATE, USE_ORDER)),
+                     K_PROT, FLAGS, SIXTEEN, NW, H, GROUP, QT, KT, n_items, ROWS, BLOCK_N, BLOCK_D, STAGES, FULL_WALK,
+                     WRITE_STATE, USE_ORDER, QK8)),
     ], [NUM_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+_GL_DTYPES = MappingProxyType({torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.int8: gl.int8})
+
+
 @functools.lru_cache(maxsize=None)
-def _tile_layout(rows: int, dim: int, fp16: bool) -> gl.NVMMASharedLayout:
+def _tile_layout(rows: int, dim: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
     """The shared-memory layout of one ``rows`` x ``dim`` tile, built once per shape: Gluon derives it anew on
     every request, which took a quarter of the persistent launch's host time (four descriptors per call)."""
-    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, dim], gl.float16 if fp16 else gl.bfloat16)
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, dim], _GL_DTYPES[dtype])
 
 
 def _descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
     """Rank-4 ``(B, H, S, D)`` descriptor over any TMA-ready strides; one tile is ``rows`` x D of one head."""
     block = [1, 1, rows, x.shape[-1]]
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), block,
-                            _tile_layout(rows, x.shape[-1], x.dtype == torch.float16))
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), block, _tile_layout(rows, x.shape[-1], x.dtype))
 
 
 
-def launch(spec, call: KernelCall, buffers: LaunchBuffers, order: torch.Tensor | None) -> None:
+def launch(spec, call: KernelCall, buffers: LaunchBuffers, order: torch.Tensor | None, qk8: QK8 | None = None) -> None:
     """Run the kernel on one call as ``spec`` (an ``"sm90"`` :class:`~liteattn.kernels.dispatch.KernelSpec`) says:
     ``spec.max_programs`` programs, or one per SM (fewer when there are fewer work items), claiming each head's
     query tiles in ``order`` (:func:`.common.launch_order`; None: index order). The last word of the zeroed flags
-    buffer is the work counter of the dynamic schedule."""
+    buffer is the work counter of the dynamic schedule.
+
+    With ``spec.qk8``, ``qk8`` holds Q and K rounded for this spec's tiles (:func:`.quant.quantize_qk`); query tiles
+    it flags to compute in 16 bits are left untouched (output, LSE and next list) for the caller to run, and the
+    caller adds the rows' smoothing shift to the LSE."""
     q, k, v, out, flags = buffers.q, buffers.k, buffers.v, buffers.out, buffers.flags
+    if spec.qk8 != (qk8 is not None):
+        raise ValueError(f"qk8: expected the rounded Q and K exactly when spec.qk8 (spec.qk8={spec.qk8}), got "
+                         f"{type(qk8).__name__}")
+    q_in, k_in = (qk8.q8, qk8.k8) if qk8 is not None else (q, k)
     bsz, nheads, seq_q, dim = q.shape
     seq_k = k.shape[2]
     rows, item_rows = _rows(spec)
@@ -673,19 +755,21 @@ def launch(spec, call: KernelCall, buffers: LaunchBuffers, order: torch.Tensor |
     n_items = bsz * nheads * items_per_head
     programs = sm_count(q.device) if spec.max_programs is None else spec.max_programs
     _lite_attention_fwd_sm90_persistent[(min(n_items, programs),)](
-        q_desc=_descriptor(q, rows), k_desc=_descriptor(k, spec.block_n), v_desc=_descriptor(v, spec.block_n),
+        q_desc=_descriptor(q_in, rows), k_desc=_descriptor(k_in, spec.block_n), v_desc=_descriptor(v, spec.block_n),
         o_desc=_descriptor(out, rows), LSE=buffers.lse,
         KV_COUNT=call.kv_num_blocks, KV_IDX=call.kv_indices, NEXT_COUNT=call.next_num_blocks,
         NEXT_IDX=call.next_indices, Q_PROT=call.q_protect, K_PROT=call.k_protect,
         ORDER=call.kv_num_blocks if order is None else order,  # a placeholder the kernel does not read
         FLAGS=flags, NW=buffers.n_words, COUNTER=flags[flags.numel() - 1:],
+        Q_SCALE=qk8.q_scale if qk8 else flags, K_SCALE=qk8.k_scale if qk8 else flags,  # placeholders without qk8
+        SIXTEEN=qk8.sixteen if qk8 else call.q_protect,
         H=nheads, GROUP=nheads // k.shape[1], SEQ_Q=seq_q, SEQ_K=seq_k, QT=items_per_head, KT=buffers.kt,
         n_items=n_items, qk_scale=call.scale * LOG2E, threshold=call.threshold,
         BLOCK_D=dim, BLOCK_M=item_rows, BLOCK_N=spec.block_n, STAGES=spec.stages,
         FULL_WALK=spec.walk == FULL_WALK, WRITE_STATE=call.write_state, RETURN_LSE=call.return_lse,
         RAGGED_K=seq_k % spec.block_n != 0, USE_ORDER=order is not None, PINGPONG=spec.pingpong,
         TREE_MAX=spec.tree_max, LANE_SUMS=spec.lane_sums,
-        PRODUCER_REGS=spec.regs[0], CONSUMER_REGS=spec.regs[1], PER_CALL=spec.per_call,
+        PRODUCER_REGS=spec.regs[0], CONSUMER_REGS=spec.regs[1], PER_CALL=spec.per_call, QK8=spec.qk8,
         num_warps=item_rows // 32, maxnreg=spec.max_regs, enable_fp_fusion=spec.fp_fusion,
     )
 
@@ -712,14 +796,15 @@ def compile_offline(spec, *, head_dim: int, write_state: bool = True, return_lse
 
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
     x = torch.empty(1, 1, 256, head_dim, dtype=torch_dtype)
+    x_qk = torch.empty(1, 1, 256, head_dim, dtype=torch.int8) if spec.qk8 else x
     rows, item_rows = _rows(spec)
-    descs = {"q_desc": _descriptor(x, rows), "k_desc": _descriptor(x, spec.block_n),
+    descs = {"q_desc": _descriptor(x_qk, rows), "k_desc": _descriptor(x_qk, spec.block_n),
              "v_desc": _descriptor(x, spec.block_n), "o_desc": _descriptor(x, rows)}
     constexprs = dict(BLOCK_D=head_dim, BLOCK_M=item_rows, BLOCK_N=spec.block_n, STAGES=spec.stages,
                       FULL_WALK=spec.walk == FULL_WALK, WRITE_STATE=write_state, RETURN_LSE=return_lse,
                       RAGGED_K=ragged, USE_ORDER=use_order, PINGPONG=spec.pingpong, TREE_MAX=spec.tree_max,
                       LANE_SUMS=spec.lane_sums, PRODUCER_REGS=spec.regs[0], CONSUMER_REGS=spec.regs[1],
-                      PER_CALL=spec.per_call)
+                      PER_CALL=spec.per_call, QK8=spec.qk8)
     types = {name: mangle_type(desc) for name, desc in descs.items()}
     return compile_sm90a(_lite_attention_fwd_sm90_persistent, constexprs, types, num_warps=item_rows // 32,
                          max_regs=spec.max_regs, fp_fusion=spec.fp_fusion)
@@ -728,7 +813,8 @@ def compile_offline(spec, *, head_dim: int, write_state: bool = True, return_lse
 # Pointer and scalar arguments of the kernel, and their types.
 POINTER_TYPES = MappingProxyType({"LSE": "*fp32", "KV_COUNT": "*i32", "KV_IDX": "*i16", "NEXT_COUNT": "*i32",
                                   "NEXT_IDX": "*i16", "Q_PROT": "*i8", "K_PROT": "*i8", "ORDER": "*i32",
-                                  "FLAGS": "*i32", "COUNTER": "*i32", "qk_scale": "fp32", "threshold": "fp32"})
+                                  "FLAGS": "*i32", "COUNTER": "*i32", "Q_SCALE": "*fp32", "K_SCALE": "*fp32",
+                                  "SIXTEEN": "*i8", "qk_scale": "fp32", "threshold": "fp32"})
 
 
 def compile_sm90a(fn, constexprs: dict, types: dict, *, num_warps: int, max_regs: int, fp_fusion: bool):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Generation", "generate", "ATTENTION_KERNELS"]
+__all__ = ["Generation", "generate", "warmup_steps", "ATTENTION_KERNELS"]
 
 # Kernel names that are attention: liteattn's kernels and the SDPA backends' (cuDNN, FlashAttention, efficient).
 ATTENTION_KERNELS = ("lite_attention", "flash", "fmha", "cudnn", "sdpa", "attention", "efficient_attention")
@@ -69,6 +69,13 @@ def _kernel_seconds(fn) -> tuple[float, float]:
     return attention / 1e6, total / 1e6
 
 
+def warmup_steps(config, steps: int) -> int:
+    """Steps of one warm-up generation: every kind of step at least twice before timing (graphs are captured at a
+    kind's second sighting), i.e. the dense steps, and the skipping steps of each of a profile's step ranges."""
+    starts = config.profile.range_starts if config.profile is not None else ()
+    return min(steps, max((config.first_skipping_step, *starts)) + 5)
+
+
 def generate(testbed, prompts: torch.Tensor, seeds: list[int], *, frames: int, size: int, steps: int,
              guidance: float, threshold: float | None, dense_steps: int, block_size=None, cuda_graph: bool = True,
              warmup: int = 2, kernel_times: bool = True, mask_layers: tuple[int, ...] = (),
@@ -105,12 +112,8 @@ def generate(testbed, prompts: torch.Tensor, seeds: list[int], *, frames: int, s
     handle = apply(transformer, timing=not on_gpu, cuda_graph=cuda_graph and on_gpu, **options)
     try:
         if on_gpu:
-            # Every kind of step at least twice before timing (graphs are captured at a kind's second sighting):
-            # the dense steps, and the skipping steps of each of a profile's step ranges.
-            starts = handle.config.profile.range_starts if handle.config.profile is not None else ()
-            last_kind = max(handle.config.first_skipping_step, *starts)
             for _ in range(warmup):
-                sample_video(testbed, steps=min(steps, last_kind + 5), show_progress=False, **sample)
+                sample_video(testbed, steps=warmup_steps(handle.config, steps), show_progress=False, **sample)
         _sync(device)
         start = time.perf_counter()
         video = sample_video(testbed, steps=steps, show_progress=show_progress, desc=desc, **sample)

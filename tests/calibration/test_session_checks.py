@@ -72,3 +72,20 @@ def test_testbed_inputs_of_different_seeds_never_share_a_noise_seed():
                        ((2, -1), "seed: expected a non-negative int"), ((2, 1.5), "seed: expected")):
         with pytest.raises(ValueError, match=match):
             draw_inputs(*bad)
+
+
+def test_two_callable_runners_differ_by_what_they_do_not_by_their_name():
+    from liteattn.calibration.runners import CallableRunner
+
+    def fingerprint(run):
+        return CallableRunner(None, run).fingerprint()
+
+    def make(scale):
+        return lambda inputs: torch.ones(len(inputs)) * scale
+
+    first, other = (lambda inputs: torch.zeros(len(inputs))), (lambda inputs: torch.ones(len(inputs)))
+    assert fingerprint(first)["run"] == fingerprint(other)["run"]  # both "<lambda>" ...
+    assert fingerprint(first) != fingerprint(other)  # ... but they do different things
+    assert fingerprint(make(2.0)) == fingerprint(make(2.0)) != fingerprint(make(3.0))  # captured values count
+    again = (lambda inputs: torch.zeros(len(inputs)))  # the same code defined again: a resume is allowed
+    assert fingerprint(again)["code"] == fingerprint(first)["code"]

@@ -104,9 +104,12 @@ def test_calls_liteattn_cannot_compute_run_dense(gen, reason, call):
     assert runtime.contexts["cond"].records[0].mode == "fallback"
 
 
-@pytest.mark.parametrize("dtype,head_dim,reason", [(torch.float32, 16, "dtype"), (torch.bfloat16, 12, "head_dim")])
-def test_inputs_the_kernel_does_not_take_run_dense(gen, kernel_device, dtype, head_dim, reason):
-    runtime, dense = _runtime(backend="triton")
+@pytest.mark.parametrize("dtype,head_dim,qk_dtype,reason", [
+    (torch.float32, 16, None, "dtype"), (torch.bfloat16, 12, None, "head_dim"),
+    (torch.bfloat16, 16, "int8", "head_dim for 8-bit QK"),  # the int8 products run 32 channels deep
+])
+def test_inputs_the_kernel_does_not_take_run_dense(gen, kernel_device, dtype, head_dim, qk_dtype, reason):
+    runtime, dense = _runtime(backend="triton", qk_dtype=qk_dtype)
     q, k, v = (torch.randn(1, S, H, head_dim, generator=gen).to(kernel_device, dtype) for _ in range(3))
     runtime.enter(ForwardInfo("cond", 0, 0), None)
     with pytest.warns(UserWarning, match=reason):
