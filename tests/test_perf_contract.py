@@ -140,7 +140,7 @@ def test_row_sums_stay_in_each_lane_until_the_end(lane_sums):
         assert shuffles == (4 if lane_sums else 8), shuffles
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.int8])
 def test_descriptors_reuse_one_layout_per_tile_shape(dtype):
     """The launch's four TMA descriptors take their shared-memory layout from a per-shape cache: the same object
     for every call, equal to the layout Gluon derives for that tile and dtype (deriving it took a quarter of the
@@ -150,10 +150,10 @@ def test_descriptors_reuse_one_layout_per_tile_shape(dtype):
     x = torch.empty(1, 3, 300, 64, dtype=dtype)
     first, again = sm90._descriptor(x, 64), sm90._descriptor(x[:, :2], 64)
     assert first.layout is again.layout
-    assert first.layout == gl.NVMMASharedLayout.get_default_for(
-        [1, 1, 64, 64], gl.float16 if dtype == torch.float16 else gl.bfloat16)
+    gl_dtype = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.int8: gl.int8}[dtype]
+    assert first.layout == gl.NVMMASharedLayout.get_default_for([1, 1, 64, 64], gl_dtype)
     assert first.block_shape == [1, 1, 64, 64] and again.shape == [1, 2, 300, 64]
-    assert sm90._descriptor(x, 128).layout is sm90._tile_layout(128, 64, dtype == torch.float16)
+    assert sm90._descriptor(x, 128).layout is sm90._tile_layout(128, 64, dtype)
 
 
 def test_device_capability_is_asked_once_per_gpu(monkeypatch):
@@ -180,13 +180,14 @@ def test_a_spec_is_resolved_once_per_key(monkeypatch):
     monkeypatch.setattr(dispatch, "_sm90_spec", lambda *args: built.append(args) or rule(*args))
     dispatch.resolve.cache_clear()
     try:
-        keys = [(128, "list", False), (128, "full", False), (128, "list", False), (64, "full", True),
-                (128, "full", False), (64, "full", True)]
-        specs = [dispatch.resolve(("cuda", (9, 0)), torch.bfloat16, 128, block_m, 128, walk, per_call)
-                 for block_m, walk, per_call in keys]
-        assert specs[0] is specs[2] and specs[1] is specs[4] and specs[3] is specs[5]
-        assert len({specs[0], specs[1], specs[3]}) == 3
-        assert built == [(128, 128, 128, "list", False), (128, 128, 128, "full", False),
-                         (128, 64, 128, "full", True)]
+        keys = [(128, "list", False, False), (128, "full", False, False), (128, "list", False, False),
+                (64, "full", True, False), (128, "full", False, False), (64, "full", True, False),
+                (128, "full", False, True), (128, "full", False, True)]
+        specs = [dispatch.resolve(("cuda", (9, 0)), torch.bfloat16, 128, block_m, 128, walk, per_call, qk8)
+                 for block_m, walk, per_call, qk8 in keys]
+        assert specs[0] is specs[2] and specs[1] is specs[4] and specs[3] is specs[5] and specs[6] is specs[7]
+        assert len({specs[0], specs[1], specs[3], specs[6]}) == 4
+        assert built == [(128, 128, 128, "list", False, False), (128, 128, 128, "full", False, False),
+                         (128, 64, 128, "full", True, False), (128, 128, 128, "full", False, True)]
     finally:
         dispatch.resolve.cache_clear()
