@@ -98,18 +98,18 @@ def _inputs(gen):
     return q, k, v, state, prot
 
 
-def _sm90_spec():
+def _sm90_spec(qk8=False):
     """The sm90 kernel's spec for a Hopper GPU, with index order: a CPU has no L2 size to apply the rule to."""
-    spec = dispatch.resolve(("cuda", (9, 0)), torch.float16, 128, 128, 128, "list")
+    spec = dispatch.resolve(("cuda", (9, 0)), torch.float16, 128, 128, 128, "list", False, qk8)
     assert spec.backend == "sm90", spec
     return dataclasses.replace(spec, work_order="index")
 
 
-def _run(q, k, v, state, prot):
+def _run(q, k, v, state, prot, qk8=False):
     counts, indices = state.next_buffers()
     call = KernelCall(q, k, v, state.kv_num_blocks, state.kv_indices, counts, indices, prot, prot, 32 ** -0.5, -2.0,
-                      128, 128, "list", True, True)
-    out, lse = dispatch.lite_attention_fwd(call, spec=_sm90_spec())
+                      128, 128, "list", True, True, qk8=qk8)
+    out, lse = dispatch.lite_attention_fwd(call, spec=_sm90_spec(qk8))
     return out, lse, (counts.clone(), indices.clone())
 
 
@@ -141,6 +141,30 @@ def test_a_gluon_build_failure_runs_the_portable_kernel(monkeypatch, gen, fresh_
         warnings.simplefilter("error", RuntimeWarning)
         again, _, _ = _run(q, k, v, state, prot)
     assert attempts == [1] and torch.equal(again, out)
+
+
+def test_a_build_failure_of_the_8_bit_kernel_leaves_the_16_bit_one(monkeypatch, gen, fresh_module_lookup):
+    """A Triton that cannot build the integer products (only the ``qk8`` specialization fails) still runs the 16-bit
+    sm90 kernel: the record of failed builds is per mode."""
+    from triton.compiler.errors import CompilationError
+
+    attempts = []
+
+    def launch(spec, *args, **kwargs):
+        attempts.append(spec.qk8)
+        if spec.qk8:
+            raise CompilationError(None, ast.parse("x").body[0], "no integer wgmma")
+        raise RuntimeError("CUDA error: reached the 16-bit launch")  # stands for running it, on a CPU
+
+    monkeypatch.setattr(dispatch, "sm90_module", lambda: SimpleNamespace(launch=launch))
+    monkeypatch.setattr(dispatch, "_GLUON_BUILD_FAILED", {})
+    q, k, v, state, prot = _inputs(gen)
+    with pytest.warns(RuntimeWarning, match="failed to build it with 8-bit QK"):
+        _run(q, k, v, state, prot, qk8=True)
+    _run(q, k, v, state, prot, qk8=True)  # straight to the portable kernel
+    with pytest.raises(RuntimeError, match="reached the 16-bit launch"):
+        _run(q, k, v, state, prot)
+    assert attempts == [True, False]
 
 
 def test_a_launch_error_is_not_taken_for_a_build_failure(monkeypatch, gen, fresh_module_lookup):

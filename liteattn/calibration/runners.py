@@ -13,6 +13,7 @@ calibration finds what an interrupted one measured).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Callable, Sequence
 
@@ -159,10 +160,14 @@ class CallableRunner(Runner):
 
 
 def code_digest(fn) -> str:
-    """A digest of what ``fn`` does: its code (bytecode, constants, names; nested functions' too) and the simple
-    values its closure captured; for a callable object, its ``__call__``'s. Why not the name: two lambdas share
-    one, so a journal made with one would be resumed with the other; the same function defined again in a new
-    process has the same digest. Captured objects other than numbers, strings and None count by type only."""
+    """A digest of what ``fn`` does: its code (bytecode, constants, names; nested functions' too), its argument
+    defaults and the values its closure captured; for a ``functools.partial``, its function's and its bound
+    arguments; for a callable object, its ``__call__``'s. Why not the name: two lambdas share one, so a journal
+    made with one would be resumed with the other; the same function defined again in a new process has the same
+    digest. Values other than numbers, strings, None and containers of them count by type only."""
+    if isinstance(fn, functools.partial):
+        parts = [code_digest(fn.func), _value_text(fn.args), _value_text(fn.keywords)]
+        return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
     fn = getattr(fn, "__func__", fn)
     code = getattr(fn, "__code__", None)
     if code is None:
@@ -170,18 +175,32 @@ def code_digest(fn) -> str:
         code = getattr(call, "__code__", None)
         if code is None:
             return type(fn).__qualname__
-    parts = [_code_text(code)]
+    parts = [_code_text(code), _value_text(getattr(fn, "__defaults__", None)),
+             _value_text(getattr(fn, "__kwdefaults__", None))]
     for cell in getattr(fn, "__closure__", None) or ():
         try:
-            value = cell.cell_contents
+            parts.append(_value_text(cell.cell_contents))
         except ValueError:  # an empty cell
-            value = None
-        parts.append(repr(value) if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__)
+            parts.append("")
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
 
+def _value_text(value) -> str:
+    """A text of ``value`` that is the same in every process: sets sorted (their order follows the string hash
+    seed), objects other than plain values by type."""
+    if isinstance(value, (int, float, str, bool, bytes, type(None))):
+        return repr(value)
+    if isinstance(value, (set, frozenset)):
+        return "{" + ",".join(sorted(_value_text(v) for v in value)) + "}"
+    if isinstance(value, (tuple, list)):
+        return "(" + ",".join(_value_text(v) for v in value) + ")"
+    if isinstance(value, dict):
+        return "{" + ",".join(sorted(f"{_value_text(k)}:{_value_text(v)}" for k, v in value.items())) + "}"
+    return type(value).__name__
+
+
 def _code_text(code) -> str:
-    consts = [_code_text(c) if hasattr(c, "co_code") else repr(c) for c in code.co_consts]
+    consts = [_code_text(c) if hasattr(c, "co_code") else _value_text(c) for c in code.co_consts]
     return f"{code.co_code.hex()}|{consts}|{code.co_names}"
 
 

@@ -289,9 +289,10 @@ def _warn_portable(reason: str) -> None:
                   "instead (same results, slower on Hopper)", RuntimeWarning, stacklevel=5)
 
 
-# Triton versions whose Gluon build of the sm90 kernel failed in this process: later calls go straight to the
-# portable kernel instead of failing to compile again on every call. A record of what happened, not a setting.
-_GLUON_BUILD_FAILED: dict[str, str] = {}
+# (Triton version, 8-bit QK) whose Gluon build of the sm90 kernel failed in this process: later such calls go
+# straight to the portable kernel instead of failing to compile again on every call; a release that cannot build
+# the integer products still runs the 16-bit kernel. A record of what happened, not a setting.
+_GLUON_BUILD_FAILED: dict[tuple[str, bool], str] = {}
 
 
 def _is_build_error(exc: BaseException) -> bool:
@@ -304,9 +305,9 @@ def _is_build_error(exc: BaseException) -> bool:
     return type(exc).__module__.startswith("triton.") and "CUDA" not in str(exc)
 
 
-def _launch_sm90(launch) -> bool:
-    """Run a Gluon launch; False where this Triton cannot build the kernel (one warning per process; the caller
-    then runs the portable kernel on the untouched buffers)."""
+def _launch_sm90(launch, qk8: bool) -> bool:
+    """Run a Gluon launch; False where this Triton cannot build the kernel (one warning per process and mode; the
+    caller then runs the portable kernel on the untouched buffers)."""
     try:
         launch()
     except Exception as exc:  # noqa: BLE001 - narrowed by _is_build_error, everything else is raised
@@ -314,8 +315,9 @@ def _launch_sm90(launch) -> bool:
             raise
         # Triton's compile errors start with the source location and excerpt; the reason is the last line.
         reason = ([line.strip() for line in str(exc).splitlines() if line.strip()] or [""])[-1][:300]
-        _GLUON_BUILD_FAILED[triton.__version__] = f"{type(exc).__name__}: {reason}"
-        _warn_portable(f"Triton {triton.__version__} failed to build it ({_GLUON_BUILD_FAILED[triton.__version__]})")
+        _GLUON_BUILD_FAILED[(triton.__version__, qk8)] = f"{type(exc).__name__}: {reason}"
+        _warn_portable(f"Triton {triton.__version__} failed to build it{' with 8-bit QK' if qk8 else ''} "
+                       f"({type(exc).__name__}: {reason})")
         return False
     return True
 
@@ -351,12 +353,12 @@ def lite_attention_fwd(call: KernelCall, spec: KernelSpec | None = None) -> tupl
     if spec.tma:
         triton.set_allocator(_tma_allocator)  # the portable kernel's device-side descriptors need scratch memory
     if spec.backend == "sm90":
-        module = sm90_module() if triton.__version__ not in _GLUON_BUILD_FAILED else None
+        module = sm90_module() if (triton.__version__, spec.qk8) not in _GLUON_BUILD_FAILED else None
         # A dense tensor torch allocates is always TMA-ready at the sm90 kernel's head_dims; the check keeps a
         # hand-made stride from reaching a tensor map.
         if module is not None and tma_ready(buffers.out):
             order = launch_order(call, longest_first(spec, call))
-            if _launch_sm90(lambda: module.launch(spec, call, buffers, order, rounded)):
+            if _launch_sm90(lambda: module.launch(spec, call, buffers, order, rounded), spec.qk8):
                 if rounded is not None:  # the query tiles the Hopper kernel left to 16 bits (non-finite tokens)
                     fallback = portable_spec(spec)
                     portable.launch(fallback, call, buffers, launch_order(call, longest_first(fallback, call)),

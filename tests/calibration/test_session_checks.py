@@ -4,7 +4,11 @@ two checkpoints of one architecture apart, and held-out testbed inputs never sha
 ones."""
 from __future__ import annotations
 
+import functools
 import math
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -89,3 +93,19 @@ def test_two_callable_runners_differ_by_what_they_do_not_by_their_name():
     assert fingerprint(make(2.0)) == fingerprint(make(2.0)) != fingerprint(make(3.0))  # captured values count
     again = (lambda inputs: torch.zeros(len(inputs)))  # the same code defined again: a resume is allowed
     assert fingerprint(again)["code"] == fingerprint(first)["code"]
+    bound = [lambda inputs, s=s: torch.ones(len(inputs)) * s for s in (1.0, 2.0)]  # defaults count
+    assert fingerprint(bound[0]) != fingerprint(bound[1])
+
+    def run(inputs, *, steps=20):
+        return torch.zeros(len(inputs)) + steps
+
+    assert fingerprint(functools.partial(run, steps=20)) != fingerprint(functools.partial(run, steps=30))
+
+
+def test_a_callable_runner_digest_is_the_same_in_another_process():
+    """Set constants are hashed sorted: their order in the code follows the string hash seed of the process."""
+    code = ("from liteattn.calibration.runners import code_digest; "
+            "print(code_digest(lambda x: x in {'alpha', 'beta', 'gamma', 'delta'}))")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env=dict(os.environ, PYTHONHASHSEED=str(seed))).stdout for seed in (1, 2, 3)}
+    assert len(digests) == 1
