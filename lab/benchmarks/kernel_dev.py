@@ -51,6 +51,18 @@ def interleaved_medians(calls: dict, rounds: int, reps: int) -> tuple[dict, dict
     return {key: statistics.median(t) for key, t in times.items()}, times
 
 
+def rows_against_cudnn(calls: dict, rounds: int, reps: int) -> tuple[dict, dict]:
+    """Every call run once (compiled and autotuned outside the timed rounds), then timed by
+    :func:`interleaved_medians`; returns ``{key: {"ms", "over_cudnn"}}`` (``calls`` has a ``"cudnn"`` entry) and
+    every round's time."""
+    for fn in calls.values():
+        fn()
+    torch.cuda.synchronize()
+    med, times = interleaved_medians(calls, rounds, reps)
+    rows = {key: {"ms": round(ms, 4), "over_cudnn": round(ms / med["cudnn"], 4)} for key, ms in med.items()}
+    return rows, times
+
+
 def bench(fn, reps=50):
     import triton.testing
     return triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median")

@@ -17,7 +17,7 @@ import json
 import torch
 
 import liteattn
-from kernel_dev import interleaved_medians, sdpa  # same folder: the script's directory is on sys.path
+from kernel_dev import rows_against_cudnn, sdpa  # same folder: the script's directory is on sys.path
 from kernel_variants import SHAPES
 from liteattn import SkipState
 from liteattn.bench.masks import build_mask
@@ -85,11 +85,7 @@ def measure_shape(name: str, fractions, rounds: int, reps: int) -> dict:
         calls[f"bf16@{f:g}"] = lambda st=state: liteattn.lite_attention(q, k, v, st, threshold=float("-inf"))
         calls[f"int8@{f:g}"] = lambda st=state: liteattn.lite_attention(q, k, v, st, threshold=float("-inf"),
                                                                         qk_dtype="int8")
-    for fn in calls.values():  # compile and autotune outside the timed rounds
-        fn()
-    torch.cuda.synchronize()
-    med, times = interleaved_medians(calls, rounds, reps)
-    rows = {key: {"ms": round(ms, 4), "over_cudnn": round(ms / med["cudnn"], 4)} for key, ms in med.items()}
+    rows, times = rows_against_cudnn(calls, rounds, reps)
     return {"shape": list(shape), "tiles": [bm, bn], "accuracy": acc, "skipped": skipped, "ms": rows,
             "rounds": times}
 

@@ -20,7 +20,7 @@ import json
 import torch
 
 import liteattn
-from kernel_dev import interleaved_medians, sdpa  # same folder: the script's directory is on sys.path
+from kernel_dev import rows_against_cudnn, sdpa  # same folder: the script's directory is on sys.path
 from kernel_variants import SHAPES
 from liteattn import SkipState
 from liteattn.bench.masks import keep_count
@@ -76,12 +76,7 @@ def time_shape(name: str, fractions, rounds: int, reps: int) -> dict:
     q, k, v, _ = data[fractions[0]]
     calls["cudnn"] = lambda: sdpa(q, k, v)
     calls["liteattn_full"] = lambda: liteattn.lite_attention(q, k, v, enabled=False)
-    for fn in calls.values():  # compile and autotune outside the timed rounds
-        fn()
-    torch.cuda.synchronize()
-    med, times = interleaved_medians(calls, rounds, reps)
-    cudnn = med["cudnn"]
-    rows = {key: {"ms": round(ms, 4), "over_cudnn": round(ms / cudnn, 4)} for key, ms in med.items()}
+    rows, times = rows_against_cudnn(calls, rounds, reps)
     return {"shape": list(shape), "tiles": [bm, bn], "threshold": THRESHOLD, "checks": checks, "ms": rows,
             "rounds": times}
 
