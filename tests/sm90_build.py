@@ -119,7 +119,7 @@ def tile_loops(sass_text: str) -> list[list[str]]:
         if any((lo, hi) != other and lo <= other[0] and other[1] <= hi for other in back):
             continue
         body = [ins for a, ins in code if lo <= a <= hi]
-        if any("HGMMA" in ins for ins in body):
+        if any("GMMA" in ins for ins in body):  # HGMMA (16-bit), IGMMA (int8), QGMMA (fp8)
             loops.append(body)
     return loops
 
