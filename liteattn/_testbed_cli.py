@@ -9,7 +9,11 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-__all__ = ["SIZES", "TestbedRun", "add_run_arguments", "check_out", "check_positive", "check_size_options", "parse_device", "prepare"]
+__all__ = ["SHIPPED_PROFILE", "SIZES", "TestbedRun", "add_run_arguments", "check_out", "check_positive",
+           "check_size_options", "load_profile", "parse_device", "prepare", "profile_covers"]
+
+# ``--profile shipped``: the testbed's calibration profile that comes with liteattn (the CPU size).
+SHIPPED_PROFILE = "shipped"
 
 # Per size: frames, frame size in pixels and denoising steps. small: a CPU's ~1 minute; large: the GPU default.
 SIZES = {"small": {"frames": 8, "pixels": 32, "steps": 20}, "large": {"frames": 32, "pixels": 64, "steps": 30}}
@@ -58,6 +62,26 @@ def check_positive(name: str, value: int | None, low: int = 1) -> None:
     """An int option (None: not given) must be at least ``low``."""
     if value is not None and value < low:
         raise ValueError(f"{name}: expected at least {low}, got {value}")
+
+
+def load_profile(text, option: str = "--profile"):
+    """A calibration profile from its file, or :data:`SHIPPED_PROFILE` for the testbed's (``ValueError`` naming
+    ``option`` for a missing or malformed one)."""
+    from .calibration import TESTBED_PROFILE
+    from .profile import Profile
+
+    try:
+        return Profile.load(TESTBED_PROFILE if text == SHIPPED_PROFILE else text)
+    except ValueError as err:
+        raise ValueError(f"{option}: {str(err).removeprefix('profile: ')}") from None
+
+
+def profile_covers(profile, tokens: int, option: str = "--profile") -> None:
+    """Refuse, before any generation, a profile whose token rule does not cover a run of ``tokens`` tokens."""
+    try:
+        profile.adjusted(-1.0, tokens)
+    except ValueError as err:
+        raise ValueError(f"{option}: {str(err).removeprefix('profile: ')}") from None
 
 
 def check_size_options(args) -> None:

@@ -7,8 +7,8 @@ Errors a user can act on. A bad value is reported as one line on stderr,
 ``liteattn <command>: <option>: <what was expected>, got <value>``, with exit
 code 2 and no traceback, and before any work starts:
 
-- argparse's own usage errors (unknown options, values its ``type=`` rejects)
-  exit 2 as argparse does;
+- argparse's own usage errors (unknown options, values its ``type=`` rejects) are
+  one line too (:class:`_OneLineParser`), not argparse's usage block;
 - a subcommand module may define ``check_args(args)``, called after parsing
   and before ``run(args)``, which raises ``ValueError`` with the message
   starting with the option, e.g. ``ValueError("--steps: expected at least 1,
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 _SUBCOMMANDS = {
@@ -37,8 +38,19 @@ _SUBCOMMANDS = {
 USAGE_ERROR = 2  # argparse's exit code for a bad command line; bad values caught later use it too
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with its usage errors in the command line's convention: ``liteattn <command>: <option>: <what>``
+    on one line, exit code 2. argparse prints its usage block first, which buries the one line that matters; the
+    options are one ``--help`` away. Subcommand parsers are made of the same class."""
+
+    def error(self, message: str):
+        message = re.sub(r"^argument ([^:]+): \1: ", r"\1: ", message)  # a type function that named the option too
+        message = re.sub(r"^argument ([^:]+): ", r"\1: ", message)
+        self.exit(USAGE_ERROR, f"{self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="liteattn", description="Temporal sparse attention for video DiTs.")
+    parser = _OneLineParser(prog="liteattn", description="Temporal sparse attention for video DiTs.")
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, (module_name, help_text) in _SUBCOMMANDS.items():

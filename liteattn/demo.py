@@ -36,7 +36,8 @@ import math
 import sys
 from pathlib import Path
 
-from ._testbed_cli import add_run_arguments, check_positive, check_size_options, prepare
+from ._testbed_cli import (SHIPPED_PROFILE, add_run_arguments, check_positive, check_size_options, load_profile,
+                           prepare, profile_covers)
 
 __all__ = ["DEFAULT_DENSE_STEPS", "DEFAULT_PROMPT", "DEFAULT_THRESHOLD", "add_arguments", "check_args", "choose_setting",
            "run"]
@@ -55,9 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="liteattn-demo", help="output folder (default: liteattn-demo)")
     add_run_arguments(parser)
     parser.add_argument("--profile", default="auto",
-                        help="a calibration profile (liteattn calibrate), 'none' for one threshold, or 'auto' "
-                             "(default): the shipped testbed profile where the run has its token count and steps "
-                             "(the CPU size), else one threshold")
+                        help=f"a calibration profile (liteattn calibrate; '{SHIPPED_PROFILE}': the testbed's, "
+                             "which comes with liteattn), 'none' for one threshold, or 'auto' (default): the shipped "
+                             "profile where the run has its token count and steps (the CPU size), else one threshold")
     parser.add_argument("--threshold", type=float, default=None,
                         help=f"run one negative log2 skip threshold instead of a profile (default without a profile: "
                              f"{DEFAULT_THRESHOLD:g}, chosen for the testbed on an H200)")
@@ -88,22 +89,13 @@ def check_args(args) -> None:
             given = "--threshold" if args.threshold is not None else "--dense-steps"
             raise ValueError(f"{given}: a profile sets every layer's thresholds and the dense steps; expected "
                              f"--profile none (or auto) with {given}, got --profile {args.profile}")
-        _load_profile(args.profile)
+        load_profile(args.profile)
     if not args.guidance >= 0:
         raise ValueError(f"--guidance: expected a number >= 0, got {args.guidance:g}")
     try:
         encode_prompt(args.prompt)
     except ValueError as err:
         raise ValueError(f"--prompt: {str(err).removeprefix('prompt: ')}") from None
-
-
-def _load_profile(path: str):
-    from .profile import Profile
-
-    try:
-        return Profile.load(path)
-    except ValueError as err:
-        raise ValueError(f"--profile: {str(err).removeprefix('profile: ')}") from None
 
 
 def choose_setting(args, tokens: int, steps: int) -> dict:
@@ -117,18 +109,15 @@ def choose_setting(args, tokens: int, steps: int) -> dict:
     if args.profile == "none" or args.threshold is not None or args.dense_steps is not None:
         return dict(plain, why="one threshold (asked for)")
     if args.profile != "auto":
-        profile = _load_profile(args.profile)
-        try:
-            profile.adjusted(-1.0, tokens)  # refused here, before any generation, if its token rule does not cover it
-        except ValueError as err:
-            raise ValueError(f"--profile: {str(err).removeprefix('profile: ')}") from None
+        profile = load_profile(args.profile)
+        profile_covers(profile, tokens)  # refused here, before any generation
         return {"profile": profile, "threshold": None, "dense_steps": profile.dense_steps,
                 "why": f"profile {args.profile}"}
     from .calibration import TESTBED_PROFILE
 
     if not TESTBED_PROFILE.is_file():
         return dict(plain, why="measured defaults (no shipped profile in this installation)")
-    profile = _load_profile(TESTBED_PROFILE)
+    profile = load_profile(SHIPPED_PROFILE)
     if (profile.tokens, profile.steps) == (tokens, steps):
         return {"profile": profile, "threshold": None, "dense_steps": profile.dense_steps,
                 "why": "the shipped calibration profile"}

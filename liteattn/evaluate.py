@@ -2,13 +2,14 @@
 
 For every prompt x seed pair the testbed generates one video with dense
 attention and one per liteattn setting (a threshold and a number of dense
-first steps; several settings make a sweep). Each video is scored on its own
+first steps, several making a sweep; or a calibration profile, ``--profile``,
+as ``liteattn calibrate`` writes it and ``liteattn demo`` runs it). Each video is scored on its own
 by the testbed's evaluator (prompt adherence, subject consistency, motion
 smoothness, background stability), and the liteattn videos also against the
 dense ones (PSNR, SSIM). Reported per setting: the mean of each score with a
 95% bootstrap confidence interval, the paired difference to dense with its
 interval, whether every mean falls inside dense's interval ("no
-degradation"), the skipped fraction, and, on a GPU, the wall time of one
+degradation"; not judged from a single pair, whose interval is a point), the skipped fraction, and, on a GPU, the wall time of one
 generation (batch 1, CUDA graphs, as ``liteattn demo`` runs) and its
 attention kernel time. Writes eval.json, eval.md and pareto.png.
 """
@@ -21,7 +22,8 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from ._testbed_cli import add_run_arguments, check_positive, check_size_options, prepare
+from ._testbed_cli import (SHIPPED_PROFILE, add_run_arguments, check_positive, check_size_options, load_profile,
+                           prepare, profile_covers)
 from .demo import DEFAULT_DENSE_STEPS, DEFAULT_THRESHOLD
 
 __all__ = ["add_arguments", "check_args", "run"]
@@ -34,10 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
     parser.add_argument("--prompts", type=int, default=16, help="random prompts (default: 16)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default: 2; 32 pairs in all)")
-    parser.add_argument("--threshold", type=float, nargs="+", default=[DEFAULT_THRESHOLD],
-                        help=f"one or more thresholds to sweep (default: {DEFAULT_THRESHOLD:g})")
-    parser.add_argument("--dense-steps", type=int, nargs="+", default=[DEFAULT_DENSE_STEPS],
-                        help=f"one or more numbers of dense first steps to sweep (default: {DEFAULT_DENSE_STEPS})")
+    parser.add_argument("--threshold", type=float, nargs="+", default=None,
+                        help=f"one or more thresholds to sweep (default: {DEFAULT_THRESHOLD:g}; none with --profile)")
+    parser.add_argument("--dense-steps", type=int, nargs="+", default=None,
+                        help=f"one or more numbers of dense first steps to sweep with the thresholds (default: "
+                             f"{DEFAULT_DENSE_STEPS})")
+    parser.add_argument("--profile", nargs="+", default=[],
+                        help=f"one or more calibration profiles to judge, each a setting of its own (liteattn "
+                             f"calibrate's files; '{SHIPPED_PROFILE}': the testbed's, which comes with liteattn)")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default: 4)")
     parser.add_argument("--qk-dtype", choices=["int8"], default=None,
                         help="liteattn's settings compute Q.K^T from 8-bit q and k (default: as they are)")
@@ -53,11 +59,16 @@ def check_args(args) -> None:
     check_size_options(args)
     for name in ("prompts", "seeds", "batch"):
         check_positive(f"--{name}", getattr(args, name))
-    for t in args.threshold:
+    for t in args.threshold or ():
         if not t < 0:
             raise ValueError(f"--threshold: expected negative numbers (log2 units, e.g. -2), got {t:g}")
-    for d in args.dense_steps:
+    for d in args.dense_steps or ():
         check_positive("--dense-steps", d, 0)
+    if args.profile and args.dense_steps and not args.threshold:
+        raise ValueError("--dense-steps: sweeps with --threshold; a profile has its own dense steps (give "
+                         "--threshold too, or leave --dense-steps out)")
+    for text in args.profile:
+        load_profile(text)
     if not args.guidance >= 0:
         raise ValueError(f"--guidance: expected a number >= 0, got {args.guidance:g}")
     check_positive("--workers", args.workers, 0)
@@ -93,6 +104,19 @@ def _stats(per_video: list[dict], dense: list[dict] | None) -> dict:
     return out
 
 
+def _settings(args, tokens: int) -> list[dict]:
+    """The liteattn settings judged: the thresholds x dense steps sweep, then each profile (refused here, before any
+    generation, where its token rule does not cover ``tokens``)."""
+    thresholds = args.threshold or ([] if args.profile else [DEFAULT_THRESHOLD])
+    settings = [{"threshold": float(t), "dense_steps": int(d), "profile": None, "loaded": None}
+                for t, d in itertools.product(thresholds, args.dense_steps or [DEFAULT_DENSE_STEPS])]
+    for text in args.profile:
+        profile = load_profile(text)
+        profile_covers(profile, tokens)
+        settings.append({"threshold": None, "dense_steps": profile.dense_steps, "profile": text, "loaded": profile})
+    return settings
+
+
 def run(args) -> int:
     check_args(args)
     setup = prepare(args, "eval")
@@ -115,53 +139,53 @@ def run(args) -> int:
     all_prompts = torch.stack([prompts[p] for p, _ in pairs])
     all_seeds = [1000 + s for _, s in pairs]
     workers = args.workers or min(16, os.cpu_count() or 1)
-    settings = [(float(t), int(d)) for t, d in itertools.product(args.threshold, args.dense_steps)]
+    settings = _settings(args, testbed.tokens_per_video(frames, pixels))
     graphs = device.type == "cuda" and not args.no_cuda_graph
     print(f"liteattn eval: {len(pairs)} prompt x seed pairs, {frames} frames of {pixels}px "
           f"({testbed.tokens_per_video(frames, pixels)} tokens), {steps} steps, {len(settings)} liteattn setting(s)"
           f"{', 8-bit QK' if args.qk_dtype else ''}, {device} {str(dtype).replace('torch.', '')}")
 
-    def videos_of(threshold, dense_steps):
+    def videos_of(setting):
         chunks, sparsity, calls = [], 0.0, 0
         for start in range(0, len(pairs), args.batch):
             gen = generate(testbed, all_prompts[start:start + args.batch], all_seeds[start:start + args.batch],
-                           frames=frames, size=pixels, steps=steps, guidance=args.guidance, threshold=threshold,
-                           dense_steps=dense_steps, cuda_graph=False, warmup=0, kernel_times=False,
-                           qk_dtype=args.qk_dtype if threshold is not None else None,
-                           show_progress=not args.no_progress, desc="dense" if threshold is None else
-                           f"threshold {threshold:g}, {dense_steps} dense")
+                           frames=frames, size=pixels, steps=steps, guidance=args.guidance, cuda_graph=False,
+                           warmup=0, kernel_times=False, show_progress=not args.no_progress,
+                           desc="dense" if setting is None else _label(setting), **_options(setting, steps, args))
             chunks.append(gen.video)
             n = len(gen.summary.calls)
             sparsity, calls = sparsity + gen.summary.sparsity * n, calls + n
         return torch.cat(chunks), sparsity / max(calls, 1)
 
-    def timing(threshold, dense_steps):
+    def timing(setting):
         if device.type != "cuda" or args.no_timing:
             return {}
         gen = generate(testbed, all_prompts[:1], all_seeds[:1], frames=frames, size=pixels, steps=steps,
-                       guidance=args.guidance, threshold=threshold, dense_steps=dense_steps, cuda_graph=graphs,
-                       qk_dtype=args.qk_dtype if threshold is not None else None)
+                       guidance=args.guidance, cuda_graph=graphs, **_options(setting, steps, args))
         return {"wall_s": gen.wall_s, "attention_s": gen.attention_s, "kernels_s": gen.kernels_s}
 
-    dense_videos, _ = videos_of(None, steps)
+    dense_videos, _ = videos_of(None)
     dense_scores = _score_all(dense_videos, all_prompts, workers)
     report = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "frames": frames, "pixels": pixels, "tokens_per_video": testbed.tokens_per_video(frames, pixels),
               "steps": steps, "guidance": args.guidance, "cuda_graphs": graphs, "qk_dtype": args.qk_dtype,
               "pairs": [{"prompt": describe_prompt(prompts[p]), "seed": 1000 + s} for p, s in pairs],
-              "dense": {"scores": _stats(dense_scores, None), "timing": timing(None, steps)}, "settings": []}
-    for threshold, dense_steps in settings:
-        videos, sparsity = videos_of(threshold, dense_steps)
+              "dense": {"scores": _stats(dense_scores, None), "timing": timing(None)}, "settings": []}
+    for setting in settings:
+        videos, sparsity = videos_of(setting)
         scores = _score_all(videos, all_prompts, workers)
         fidelity = [(psnr(v[None], d[None]), ssim(v[None], d[None])) for v, d in zip(videos, dense_videos)]
         stats = _stats(scores, dense_scores)
-        inside = all(report["dense"]["scores"][d]["low"] <= stats[d]["mean"] <= report["dense"]["scores"][d]["high"]
-                     for d in DIMENSIONS)
+        # One pair's interval is a point: "inside" would only say whether two numbers are equal.
+        inside = None if len(pairs) < 2 else all(
+            report["dense"]["scores"][d]["low"] <= stats[d]["mean"] <= report["dense"]["scores"][d]["high"]
+            for d in DIMENSIONS)
         finite = [p for p, _ in fidelity if p != float("inf")]
-        entry = {"threshold": threshold, "dense_steps": dense_steps, "sparsity": sparsity, "scores": stats,
+        entry = {"threshold": setting["threshold"], "dense_steps": setting["dense_steps"], "profile": setting["profile"],
+                 "sparsity": sparsity, "scores": stats,
                  "inside_dense_interval": inside,
                  "psnr_db_mean": sum(finite) / len(finite) if finite else float("inf"),
-                 "ssim_mean": sum(s for _, s in fidelity) / len(fidelity), "timing": timing(threshold, dense_steps)}
+                 "ssim_mean": sum(s for _, s in fidelity) / len(fidelity), "timing": timing(setting)}
         dense_wall = report["dense"]["timing"].get("wall_s")
         if dense_wall and entry["timing"].get("wall_s"):
             entry["speedup_wall"] = dense_wall / entry["timing"]["wall_s"]
@@ -170,8 +194,7 @@ def run(args) -> int:
         (out / "eval.json").write_text(json.dumps(report, indent=1, default=str) + "\n")  # kept if a later one fails
     best = [e for e in report["settings"] if e["inside_dense_interval"]]
     key = (lambda e: e.get("speedup_wall", e["sparsity"]))
-    report["chosen"] = ({"threshold": max(best, key=key)["threshold"], "dense_steps": max(best, key=key)["dense_steps"]}
-                        if best else None)
+    report["chosen"] = ({k: max(best, key=key)[k] for k in ("threshold", "dense_steps", "profile")} if best else None)
     (out / "eval.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out / "eval.md").write_text(_markdown(report))
     _plot(report, out / "pareto.png")
@@ -180,11 +203,30 @@ def run(args) -> int:
     return 0
 
 
+def _options(setting: dict | None, steps: int, args) -> dict:
+    """:func:`liteattn.testbed.runs.generate`'s options for a setting (None: dense)."""
+    if setting is None:
+        return dict(threshold=None, dense_steps=steps)
+    return dict(threshold=setting["threshold"], dense_steps=setting["dense_steps"], profile=setting["loaded"],
+                qk_dtype=args.qk_dtype)
+
+
+def _label(e: dict) -> str:
+    if e["profile"] is not None:
+        return f"profile {e['profile']} ({e['dense_steps']} dense steps)"
+    return f"threshold {e['threshold']:g}, {e['dense_steps']} dense steps"
+
+
+# Whether every score's mean is inside dense's interval: (in a line, in the table); None: one pair, no interval.
+_VERDICT = {True: ("inside dense's intervals", "yes"), False: ("OUTSIDE dense's intervals", "no"),
+            None: ("one pair: no interval to judge", "-")}
+
+
 def _line(e: dict) -> str:
     speed = f", wall {e['speedup_wall']:.2f}x" if "speedup_wall" in e else ""
-    return (f"threshold {e['threshold']:g}, {e['dense_steps']} dense steps: skipped {100 * e['sparsity']:.1f}%{speed}, "
-            f"overall {e['scores']['overall']['mean']:.3f}, PSNR {e['psnr_db_mean']:.1f} dB, "
-            f"{'inside' if e['inside_dense_interval'] else 'OUTSIDE'} dense's intervals")
+    verdict = _VERDICT[e["inside_dense_interval"]][0]
+    return (f"{_label(e)}: skipped {100 * e['sparsity']:.1f}%{speed}, overall {e['scores']['overall']['mean']:.3f}, "
+            f"PSNR {e['psnr_db_mean']:.1f} dB, {verdict}")
 
 
 def _cell(s: dict) -> str:
@@ -202,13 +244,11 @@ def _markdown(r: dict) -> str:
              "| dense | 0 % | 1.00x | - | " + " | ".join(_cell(r["dense"]["scores"][d]) for d in DIMENSIONS) + " | - |"]
     for e in r["settings"]:
         speed = f"{e['speedup_wall']:.2f}x" if "speedup_wall" in e else "-"
-        lines.append(f"| threshold {e['threshold']:g}, {e['dense_steps']} dense steps | {100 * e['sparsity']:.1f} % | "
-                     f"{speed} | {e['psnr_db_mean']:.1f} dB | "
+        lines.append(f"| {_label(e)} | {100 * e['sparsity']:.1f} % | {speed} | {e['psnr_db_mean']:.1f} dB | "
                      + " | ".join(_cell(e["scores"][d]) for d in DIMENSIONS)
-                     + f" | {'yes' if e['inside_dense_interval'] else 'no'} |")
+                     + f" | {_VERDICT[e['inside_dense_interval']][1]} |")
     if r.get("chosen"):
-        lines += ["", f"Fastest setting inside dense's intervals: threshold {r['chosen']['threshold']:g}, "
-                      f"{r['chosen']['dense_steps']} dense steps."]
+        lines += ["", f"Fastest setting inside dense's intervals: {_label(r['chosen'])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -227,17 +267,18 @@ def _plot(r: dict, path: Path) -> None:
             if x is None:
                 continue
             s = e["scores"]["overall"]
-            color = "tab:green" if e["inside_dense_interval"] else "tab:red"
+            color = {True: "tab:green", False: "tab:red", None: "tab:gray"}[e["inside_dense_interval"]]
             ax.errorbar([x], [s["mean"]], yerr=[[s["mean"] - s["low"]], [s["high"] - s["mean"]]], fmt="o",
                         color=color, capsize=3)
-            ax.annotate(f"{e['threshold']:g}/{e['dense_steps']}", (x, s["mean"]), textcoords="offset points",
+            name = Path(e["profile"]).stem if e["profile"] is not None else f"{e['threshold']:g}/{e['dense_steps']}"
+            ax.annotate(name, (x, s["mean"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=7)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("overall score (mean of the 4 dimensions)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle("liteattn settings (threshold / dense first steps): green = every score inside dense's interval, "
-                 "red = outside", fontsize=9)
+    fig.suptitle("liteattn settings (threshold / dense first steps, or a profile): green = every score inside "
+                 "dense's interval, red = outside", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -60,12 +60,21 @@ def test_other_errors_keep_their_traceback(fake):
         cli.main(["fake"])
 
 
-def test_argparse_errors_and_help_return_their_exit_codes(fake, capsys):
+def test_argparse_errors_are_one_line_and_help_returns_0(fake, capsys):
     assert cli.main(["fake", "--steps", "many"]) == 2
-    assert "--steps: invalid int value: 'many'" in capsys.readouterr().err
+    assert capsys.readouterr().err == ("liteattn fake: --steps: invalid int value: 'many' "
+                                       "(see liteattn fake --help)\n")
     assert cli.main(["fake", "--unknown"]) == 2
+    assert capsys.readouterr().err == "liteattn: unrecognized arguments: --unknown (see liteattn --help)\n"
     assert cli.main(["--help"]) == 0
     assert fake.ran == []
+
+
+def test_a_type_function_naming_its_option_is_not_named_twice(capsys):
+    """bench's list options raise ``--shapes: ...`` from their type function; argparse adds ``argument --shapes:``."""
+    assert cli.main(["bench", "--shapes", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("liteattn bench: --shapes: unknown name(s) ['nope']") and err.count("\n") == 1, err
 
 
 def test_run_exit_codes_pass_through(fake):

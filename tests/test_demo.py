@@ -81,7 +81,49 @@ def test_eval_runs_its_settings_with_8bit_qk(tmp_path, monkeypatch):
                "--qk-dtype", "int8"])
     assert rc == 0
     assert seen == [None, "int8"]  # the dense run, then the setting
-    assert json.loads((tmp_path / "eval.json").read_text())["qk_dtype"] == "int8"
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["qk_dtype"] == "int8"
+    # One pair: its "interval" is a point, so no verdict and no chosen setting.
+    assert report["settings"][0]["inside_dense_interval"] is None and report["chosen"] is None
+    assert "| - |" in (tmp_path / "eval.md").read_text()
+
+
+def test_eval_judges_a_calibration_profile(tmp_path, monkeypatch):
+    """``--profile`` is a setting of its own: the profile reaches the patch (its thresholds and dense steps, no
+    default threshold sweep beside it), and the report names it."""
+    import dataclasses
+
+    import liteattn.integrations as integrations
+    from liteattn._testbed_cli import load_profile
+
+    profile = dataclasses.replace(load_profile("shipped"), token_rule="same", dense_steps=1, range_starts=(1, 2))
+    path = profile.save(tmp_path / "tiny.json")
+    seen = []
+    apply = integrations.apply
+    monkeypatch.setattr(integrations, "apply", lambda *a, **kw: seen.append(kw.get("profile")) or apply(*a, **kw))
+    rc = main(["eval", "--out", str(tmp_path / "ev"), "--device", "cpu", "--frames", "2", "--steps", "3",
+               "--prompts", "2", "--seeds", "1", "--profile", str(path), "--workers", "1", "--no-progress"])
+    assert rc == 0
+    assert seen[0] is None and seen[1] is not None and seen[1].range_starts == (1, 2) and len(seen) == 2
+    (setting,) = json.loads((tmp_path / "ev" / "eval.json").read_text())["settings"]
+    assert setting["profile"] == str(path) and setting["threshold"] is None and setting["dense_steps"] == 1
+    assert 0.0 < setting["sparsity"] < 1.0 and isinstance(setting["inside_dense_interval"], bool)
+    assert f"| profile {path} (1 dense steps) |" in (tmp_path / "ev" / "eval.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--profile", "missing.json"], "liteattn eval: --profile: expected the path of a calibration profile file"),
+    (["--profile", "shipped", "--dense-steps", "2"], "liteattn eval: --dense-steps: sweeps with --threshold"),
+    (["--profile", "shipped"], "liteattn eval: --profile: calibrated for 2048 tokens and its token rule is 'exact'"),
+])
+def test_eval_refuses_a_profile_it_cannot_run_before_any_generation(argv, message, tmp_path, capsys, monkeypatch):
+    import liteattn.testbed.runs as runs
+
+    monkeypatch.setattr(runs, "generate", lambda *a, **kw: pytest.fail("generated before refusing"))
+    rc = main(["eval", "--out", str(tmp_path), "--device", "cpu", "--frames", "2", "--steps", "3", *argv])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and "\n" not in err, err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -8,7 +8,7 @@ and the ratios that matter (targets: dense <= 1.00 x cuDNN, detection
 <= 1.03 x dense, sparse <= 1.10 x the ideal (1-s) x dense), and writes
 bench.json, bench.txt and bench.png into --out.
 
-Needs an NVIDIA GPU; the default run takes a few minutes on an H100.
+Needs an NVIDIA GPU; the default run takes a few minutes on an H100 or H200.
 Examples:
   liteattn bench --quick                      # smoke run, small shapes
   liteattn bench --shapes wan1.3b-480p --fractions 0.5,0.9
