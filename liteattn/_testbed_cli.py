@@ -6,11 +6,12 @@ must refuse a bad one the same way, before any work (``check_args``), with a
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from pathlib import Path
 
 __all__ = ["SHIPPED_PROFILE", "SIZES", "TestbedRun", "add_run_arguments", "check_out", "check_positive",
-           "check_size_options", "load_profile", "parse_device", "prepare", "profile_covers"]
+           "check_size_options", "parse_device", "prepare", "profile_covers", "profile_option"]
 
 # ``--profile shipped``: the testbed's calibration profile that comes with liteattn (the CPU size).
 SHIPPED_PROFILE = "shipped"
@@ -64,24 +65,31 @@ def check_positive(name: str, value: int | None, low: int = 1) -> None:
         raise ValueError(f"{name}: expected at least {low}, got {value}")
 
 
-def load_profile(text, option: str = "--profile"):
-    """A calibration profile from its file, or :data:`SHIPPED_PROFILE` for the testbed's (``ValueError`` naming
-    ``option`` for a missing or malformed one)."""
+def profile_option(text: str):
+    """``--profile``'s calibration profile: a file, or :data:`SHIPPED_PROFILE` for the testbed's (``ValueError``
+    naming the option for a missing or malformed one)."""
     from .calibration import TESTBED_PROFILE
     from .profile import Profile
 
-    try:
+    if text == SHIPPED_PROFILE and not TESTBED_PROFILE.is_file():
+        raise ValueError(f"--profile: {SHIPPED_PROFILE!r}: this installation has no shipped testbed profile")
+    with _as_profile_option():
         return Profile.load(TESTBED_PROFILE if text == SHIPPED_PROFILE else text)
-    except ValueError as err:
-        raise ValueError(f"{option}: {str(err).removeprefix('profile: ')}") from None
 
 
-def profile_covers(profile, tokens: int, option: str = "--profile") -> None:
-    """Refuse, before any generation, a profile whose token rule does not cover a run of ``tokens`` tokens."""
-    try:
+def profile_covers(profile, tokens: int) -> None:
+    """Refuse, before any generation, a ``--profile`` whose token rule does not cover a run of ``tokens`` tokens."""
+    with _as_profile_option():
         profile.adjusted(-1.0, tokens)
+
+
+@contextlib.contextmanager
+def _as_profile_option():
+    """A profile's ``ValueError`` (``profile: ...``) as the option's (``--profile: ...``)."""
+    try:
+        yield
     except ValueError as err:
-        raise ValueError(f"{option}: {str(err).removeprefix('profile: ')}") from None
+        raise ValueError(f"--profile: {str(err).removeprefix('profile: ')}") from None
 
 
 def check_size_options(args) -> None:

@@ -46,25 +46,29 @@ class _OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         message = re.sub(r"^argument ([^:]+): \1: ", r"\1: ", message)  # a type function that named the option too
         message = re.sub(r"^argument ([^:]+): ", r"\1: ", message)
-        self.exit(USAGE_ERROR, f"{self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+        message = re.sub(r"\s*\n\s*", " ", message.strip())  # one line; the user's own values keep their spaces
+        self.exit(USAGE_ERROR, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _OneLineParser(prog="liteattn", description="Temporal sparse attention for video DiTs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    modules = {}
+    modules, parsers = {}, {}
     for name, (module_name, help_text) in _SUBCOMMANDS.items():
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:  # one broken subcommand must not take the others down
             modules[name] = exc
-            sub.add_parser(name, help=f"{help_text} (unavailable: {exc})")
+            parsers[name] = sub.add_parser(name, help=f"{help_text} (unavailable: {exc})")
             continue
         modules[name] = module
-        module.add_arguments(sub.add_parser(name, help=help_text, description=module.__doc__,
-                                            formatter_class=argparse.RawDescriptionHelpFormatter))
+        parsers[name] = sub.add_parser(name, help=help_text, description=module.__doc__,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(parsers[name])
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # left over after the subcommand's options: its error, not the top-level parser's
+            parsers[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # argparse printed its usage error (exit 2) or the help (exit 0)
         return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else USAGE_ERROR
     module = modules[args.command]

@@ -36,7 +36,7 @@ import math
 import sys
 from pathlib import Path
 
-from ._testbed_cli import (SHIPPED_PROFILE, add_run_arguments, check_positive, check_size_options, load_profile,
+from ._testbed_cli import (SHIPPED_PROFILE, add_run_arguments, check_positive, check_size_options, profile_option,
                            prepare, profile_covers)
 
 __all__ = ["DEFAULT_DENSE_STEPS", "DEFAULT_PROMPT", "DEFAULT_THRESHOLD", "add_arguments", "check_args", "choose_setting",
@@ -89,7 +89,7 @@ def check_args(args) -> None:
             given = "--threshold" if args.threshold is not None else "--dense-steps"
             raise ValueError(f"{given}: a profile sets every layer's thresholds and the dense steps; expected "
                              f"--profile none (or auto) with {given}, got --profile {args.profile}")
-        load_profile(args.profile)
+        profile_option(args.profile)
     if not args.guidance >= 0:
         raise ValueError(f"--guidance: expected a number >= 0, got {args.guidance:g}")
     try:
@@ -109,7 +109,7 @@ def choose_setting(args, tokens: int, steps: int) -> dict:
     if args.profile == "none" or args.threshold is not None or args.dense_steps is not None:
         return dict(plain, why="one threshold (asked for)")
     if args.profile != "auto":
-        profile = load_profile(args.profile)
+        profile = profile_option(args.profile)
         profile_covers(profile, tokens)  # refused here, before any generation
         return {"profile": profile, "threshold": None, "dense_steps": profile.dense_steps,
                 "why": f"profile {args.profile}"}
@@ -117,7 +117,7 @@ def choose_setting(args, tokens: int, steps: int) -> dict:
 
     if not TESTBED_PROFILE.is_file():
         return dict(plain, why="measured defaults (no shipped profile in this installation)")
-    profile = load_profile(SHIPPED_PROFILE)
+    profile = profile_option(SHIPPED_PROFILE)
     if (profile.tokens, profile.steps) == (tokens, steps):
         return {"profile": profile, "threshold": None, "dense_steps": profile.dense_steps,
                 "why": "the shipped calibration profile"}

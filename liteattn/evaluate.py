@@ -3,15 +3,16 @@
 For every prompt x seed pair the testbed generates one video with dense
 attention and one per liteattn setting (a threshold and a number of dense
 first steps, several making a sweep; or a calibration profile, ``--profile``,
-as ``liteattn calibrate`` writes it and ``liteattn demo`` runs it). Each video is scored on its own
-by the testbed's evaluator (prompt adherence, subject consistency, motion
-smoothness, background stability), and the liteattn videos also against the
-dense ones (PSNR, SSIM). Reported per setting: the mean of each score with a
-95% bootstrap confidence interval, the paired difference to dense with its
-interval, whether every mean falls inside dense's interval ("no
-degradation"; not judged from a single pair, whose interval is a point), the skipped fraction, and, on a GPU, the wall time of one
-generation (batch 1, CUDA graphs, as ``liteattn demo`` runs) and its
-attention kernel time. Writes eval.json, eval.md and pareto.png.
+as ``liteattn calibrate`` writes it and ``liteattn demo`` runs it). Each video
+is scored on its own by the testbed's evaluator (prompt adherence, subject
+consistency, motion smoothness, background stability), and the liteattn videos
+also against the dense ones (PSNR, SSIM). Reported per setting: the mean of
+each score with a 95% bootstrap confidence interval, the paired difference to
+dense with its interval, whether every mean falls inside dense's interval ("no
+degradation"; not judged from a single pair, whose interval is a point), the
+skipped fraction, and, on a GPU, the wall time of one generation (batch 1, CUDA
+graphs, as ``liteattn demo`` runs) and its attention kernel time. Writes
+eval.json, eval.md and pareto.png.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from ._testbed_cli import (SHIPPED_PROFILE, add_run_arguments, check_positive, check_size_options, load_profile,
+from ._testbed_cli import (SHIPPED_PROFILE, add_run_arguments, check_positive, check_size_options, profile_option,
                            prepare, profile_covers)
 from .demo import DEFAULT_DENSE_STEPS, DEFAULT_THRESHOLD
 
@@ -68,7 +69,7 @@ def check_args(args) -> None:
         raise ValueError("--dense-steps: sweeps with --threshold; a profile has its own dense steps (give "
                          "--threshold too, or leave --dense-steps out)")
     for text in args.profile:
-        load_profile(text)
+        profile_option(text)
     if not args.guidance >= 0:
         raise ValueError(f"--guidance: expected a number >= 0, got {args.guidance:g}")
     check_positive("--workers", args.workers, 0)
@@ -111,7 +112,7 @@ def _settings(args, tokens: int) -> list[dict]:
     settings = [{"threshold": float(t), "dense_steps": int(d), "profile": None, "loaded": None}
                 for t, d in itertools.product(thresholds, args.dense_steps or [DEFAULT_DENSE_STEPS])]
     for text in args.profile:
-        profile = load_profile(text)
+        profile = profile_option(text)
         profile_covers(profile, tokens)
         settings.append({"threshold": None, "dense_steps": profile.dense_steps, "profile": text, "loaded": profile})
     return settings
@@ -181,8 +182,8 @@ def run(args) -> int:
             report["dense"]["scores"][d]["low"] <= stats[d]["mean"] <= report["dense"]["scores"][d]["high"]
             for d in DIMENSIONS)
         finite = [p for p, _ in fidelity if p != float("inf")]
-        entry = {"threshold": setting["threshold"], "dense_steps": setting["dense_steps"], "profile": setting["profile"],
-                 "sparsity": sparsity, "scores": stats,
+        entry = {"threshold": setting["threshold"], "dense_steps": setting["dense_steps"],
+                 "profile": setting["profile"], "sparsity": sparsity, "scores": stats,
                  "inside_dense_interval": inside,
                  "psnr_db_mean": sum(finite) / len(finite) if finite else float("inf"),
                  "ssim_mean": sum(s for _, s in fidelity) / len(fidelity), "timing": timing(setting)}
@@ -252,6 +253,13 @@ def _markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short_name(profile: str) -> str:
+    """A profile's label in the plot: its file's stem, or its folder's name for ``liteattn calibrate``'s
+    ``DIR/profile.json``."""
+    p = Path(profile)
+    return p.parent.name if p.stem == "profile" and p.parent.name else p.stem
+
+
 def _plot(r: dict, path: Path) -> None:
     from .testbed.plots import _pyplot
 
@@ -270,7 +278,7 @@ def _plot(r: dict, path: Path) -> None:
             color = {True: "tab:green", False: "tab:red", None: "tab:gray"}[e["inside_dense_interval"]]
             ax.errorbar([x], [s["mean"]], yerr=[[s["mean"] - s["low"]], [s["high"] - s["mean"]]], fmt="o",
                         color=color, capsize=3)
-            name = Path(e["profile"]).stem if e["profile"] is not None else f"{e['threshold']:g}/{e['dense_steps']}"
+            name = _short_name(e["profile"]) if e["profile"] is not None else f"{e['threshold']:g}/{e['dense_steps']}"
             ax.annotate(name, (x, s["mean"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=7)
         ax.set_xlabel(xlabel)
@@ -278,7 +286,7 @@ def _plot(r: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower left")
     fig.suptitle("liteattn settings (threshold / dense first steps, or a profile): green = every score inside "
-                 "dense's interval, red = outside", fontsize=9)
+                 "dense's interval, red = outside, gray = one pair, not judged", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

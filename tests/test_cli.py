@@ -65,7 +65,9 @@ def test_argparse_errors_are_one_line_and_help_returns_0(fake, capsys):
     assert capsys.readouterr().err == ("liteattn fake: --steps: invalid int value: 'many' "
                                        "(see liteattn fake --help)\n")
     assert cli.main(["fake", "--unknown"]) == 2
-    assert capsys.readouterr().err == "liteattn: unrecognized arguments: --unknown (see liteattn --help)\n"
+    assert capsys.readouterr().err == "liteattn fake: unrecognized arguments: --unknown (see liteattn fake --help)\n"
+    assert cli.main(["fake", "--steps", "a  b"]) == 2  # the value as given, spaces and all
+    assert capsys.readouterr().err == "liteattn fake: --steps: invalid int value: 'a  b' (see liteattn fake --help)\n"
     assert cli.main(["--help"]) == 0
     assert fake.ran == []
 
