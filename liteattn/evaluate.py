@@ -23,8 +23,8 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from ._testbed_cli import (SHIPPED_PROFILE, add_run_arguments, check_positive, check_size_options, profile_option,
-                           prepare, profile_covers)
+from ._testbed_cli import (SHIPPED_PROFILE, add_run_arguments, check_positive, check_size_options, prepare,
+                           profile_covers, profile_option)
 from .demo import DEFAULT_DENSE_STEPS, DEFAULT_THRESHOLD
 
 __all__ = ["add_arguments", "check_args", "run"]
