@@ -3,6 +3,7 @@ documentation cannot drift from the code. A block that cannot run here (a GPU, a
 reason, ``<!-- no-test: needs a GPU and a model download -->``, and is only checked to compile."""
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -56,3 +57,14 @@ def test_doc_block_runs(doc, line, code, reason):
     if reason is not None:
         pytest.skip(f"{doc}:{line}: {reason}")
     exec(compiled, {"__name__": f"doc_block_{line}"})
+
+
+def test_the_readme_example_skips_what_its_comment_says(capsys):
+    """The README's first block states, in a comment, the skipped fractions it prints: the code must print them (the
+    example exists to show skipping; random inputs showed none)."""
+    doc, line, code, reason = next(b for b in BLOCKS if b[0] == "README.md")
+    said = re.search(r"print\(attn\.history\).*?\[([-\d., ]+)\]", code)
+    assert reason is None and said, "the README's first block prints attn.history and says what it prints"
+    exec(compile(code, f"{doc}:{line}", "exec"), {"__name__": f"doc_block_{line}"})
+    printed = capsys.readouterr().out.splitlines()[0]  # the block's only print
+    assert [round(h, 2) for h in ast.literal_eval(printed)] == [float(x) for x in said.group(1).split(",")]
