@@ -195,7 +195,8 @@ def run(args) -> int:
         (out / "eval.json").write_text(json.dumps(report, indent=1, default=str) + "\n")  # kept if a later one fails
     best = [e for e in report["settings"] if e["inside_dense_interval"]]
     key = (lambda e: e.get("speedup_wall", e["sparsity"]))
-    report["chosen"] = ({k: max(best, key=key)[k] for k in ("threshold", "dense_steps", "profile")} if best else None)
+    chosen = max(best, key=key) if best else None
+    report["chosen"] = {k: chosen[k] for k in ("threshold", "dense_steps", "profile")} if chosen else None
     (out / "eval.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out / "eval.md").write_text(_markdown(report))
     _plot(report, out / "pareto.png")
