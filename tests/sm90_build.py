@@ -111,6 +111,22 @@ def sass(cubin: bytes) -> str:
 
 def tile_loops(sass_text: str) -> list[list[str]]:
     """The innermost loops (a backward branch with none inside) that issue wgmma: the consumers' tile loops."""
+    return [[ins for _, ins in body] for body in _tile_loops(sass_text)]
+
+
+def unskipped(sass_text: str) -> list[list[str]]:
+    """Each tile loop's instructions outside every stretch that a forward branch inside the loop jumps over: what
+    runs on every tile, whichever way the loop's branches go."""
+    paths = []
+    for body in _tile_loops(sass_text):
+        hi = body[-1][0]
+        skipped = [(a, int(t, 16)) for a, ins in body for t in re.findall(r"\bBRA\b.*?0x([0-9a-f]+)", ins)
+                   if a < int(t, 16) <= hi]
+        paths.append([ins for a, ins in body if not any(b < a < t for b, t in skipped)])
+    return paths
+
+
+def _tile_loops(sass_text: str) -> list[list[tuple[int, str]]]:
     code = [(int(a, 16), ins.strip()) for a, ins in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass_text)]
     back = [(int(t, 16), a) for a, ins in code for t in re.findall(r"\bBRA\b.*?0x([0-9a-f]+)", ins)
             if int(t, 16) <= a]
@@ -118,8 +134,8 @@ def tile_loops(sass_text: str) -> list[list[str]]:
     for lo, hi in back:
         if any((lo, hi) != other and lo <= other[0] and other[1] <= hi for other in back):
             continue
-        body = [ins for a, ins in code if lo <= a <= hi]
-        if any("GMMA" in ins for ins in body):  # HGMMA (16-bit), IGMMA (int8), QGMMA (fp8)
+        body = [(a, ins) for a, ins in code if lo <= a <= hi]
+        if any("GMMA" in ins for _, ins in body):  # HGMMA (16-bit), IGMMA (int8), QGMMA (fp8)
             loops.append(body)
     return loops
 

@@ -20,7 +20,7 @@ sm90 = pytest.importorskip("liteattn.kernels.sm90")
 from liteattn.kernels import common, dispatch  # noqa: E402
 from liteattn.kernels._gluon import triton_version  # noqa: E402
 from sm90_build import (compile_portable_sm90, compile_sm90, longest_fmnmx_chain, sass, tile_loops,  # noqa: E402
-                        unconditional_loads)
+                        unconditional_loads, unskipped)
 
 
 @pytest.mark.parametrize("regs", [None, (24, 240)])
@@ -80,6 +80,21 @@ def test_int8_qk_sm90_kernel_builds_with_integer_tensor_cores(head_dim, walk, wr
     assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\.bf16\.bf16", ptx), "no bf16 P.V"
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
     assert spills and max(spills) == 0, report
+
+
+@pytest.mark.parametrize("head_dim,walk,write_state", [(128, "full", False), (128, "list", True), (64, "list", True)])
+def test_int8_scores_need_no_conversion_and_the_ragged_mask_stays_behind_its_branch(head_dim, walk, write_state):
+    """The sm90 ``qk8`` tile loop reads Q·Kᵀ's int32 sums as floats (the product accumulates onto the bits of
+    1.5 * 2^23), so no conversion runs per score; and the last key tile's mask stays behind its branch instead of
+    becoming selects and predicate copies on every tile. Before, both cost 130-190 instructions per tile, 25-35 % of
+    the loop (lab/kernel-notes.md, v20)."""
+    code = sass(compile_sm90(head_dim, 128, walk, write_state, qk8=True)["cubin"])
+    loops, every_tile = tile_loops(code), unskipped(code)
+    assert len(loops) == 2, "one tile loop per consumer"
+    for body, path in zip(loops, every_tile):
+        assert not [ins for ins in body if re.search(r"\bI2F", ins)], "a conversion per score"
+        selects = [ins for ins in path if re.search(r"\b(FSEL|PLOP3)\b", ins)]
+        assert len(selects) < 16, selects[:8]
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

@@ -61,6 +61,10 @@ from .quant import QK8
 
 __all__ = ["compile_offline", "launch"]
 
+# With QK8, Q·Kᵀ accumulates onto the int32 bits of 1.5 * 2^23 (_score_init, _tile_scores).
+QK8_OFFSET = gl.constexpr(12582912.0)
+QK8_OFFSET_BITS = gl.constexpr(0x4B400000)
+
 # The producer's compaction: 32 list positions per step, one per lane of its single warp.
 ONE_WARP = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))
 
@@ -147,16 +151,39 @@ def _row_sums(l_i, row_layout: gl.constexpr, LANE_SUMS: gl.constexpr):
 
 
 @gluon.jit
+def _mask_columns(s, j, SEQ_K, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    """Key tile ``j``'s scores with -inf past ``SEQ_K``, in instructions the compiler may not move out of the branch
+    that runs this on the last key tile only.
+
+    Why: in the int8 build LLVM speculated that branch into two selects per score plus predicate copies on every
+    tile, 130-190 instructions per tile (the 16-bit build keeps its branch). Assembly with side effects stays where
+    it is written: the mask is an ``add.f32`` of 0 or -inf, and the tile index passes an opaque move, so that the
+    column offsets are not hoisted out of the loop as invariants (kept live, they spilled registers)."""
+    j = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [j], dtype=gl.int32, is_pure=False, pack=1)
+    cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    s, add = gl.broadcast(s, gl.expand_dims(gl.where(cols < SEQ_K, 0.0, float("-inf")), 0))
+    return gl.inline_asm_elementwise("add.f32 $0, $1, $2;", "=r,r,r", [s, add], dtype=gl.float32, is_pure=False,
+                                     pack=1)
+
+
+@gluon.jit
 def _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, threshold, SEQ_K, KT,
             BLOCK_N: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, TREE_MAX: gl.constexpr,
-            s_layout: gl.constexpr):
+            QK8: gl.constexpr, s_layout: gl.constexpr):
     """Online-softmax step on one raw score tile (the ``t``-th visited, key tile ``j``): mask, detection bits,
-    new max, P in fp32, row scale."""
+    new max, P in fp32, row scale. With ``QK8`` the raw scores carry :data:`QK8_OFFSET` (:func:`_tile_scores`),
+    taken off the row maxima and folded into each row's exp2 bias."""
     if RAGGED_K:
         if j == KT - 1:  # only the last key tile has columns past SEQ_K
-            cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            s = gl.where(gl.expand_dims(cols < SEQ_K, 0), s, float("-inf"))
-    tile_max = _row_max(s, TREE_MAX, s_layout) * qk_scale
+            if QK8:
+                s = _mask_columns(s, j, SEQ_K, BLOCK_N, s_layout)
+            else:
+                cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+                s = gl.where(gl.expand_dims(cols < SEQ_K, 0), s, float("-inf"))
+    if QK8:
+        tile_max = (_row_max(s, TREE_MAX, s_layout) - QK8_OFFSET) * qk_scale  # exact before the scale (one binade)
+    else:
+        tile_max = _row_max(s, TREE_MAX, s_layout) * qk_scale
     if WRITE_STATE:
         # Per row, bit (t % 32) says "this tile is not negligible for me"; merged across rows in memory
         # once per 32 tiles (lab/kernel-notes.md, v5). Only a finite margin below the threshold finds the tile
@@ -173,7 +200,10 @@ def _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, thres
     # A row whose scores so far are all -inf subtracts 0, not -inf (-inf - -inf is NaN): its weights stay 0 and a
     # later finite score counts as in dense attention.
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-    p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
+    bias = m_use
+    if QK8:
+        bias = gl.fma(gl.full_like(m_use, QK8_OFFSET), qk_scale, m_use)
+    p = gl.exp2(s * qk_scale - gl.expand_dims(bias, 1))
     alpha = gl.exp2(m_i - m_use)
     return p, alpha, m_new, bits
 
@@ -188,15 +218,28 @@ def _tile_scale(qk_scale, k_scales, j, QK8: gl.constexpr):
 
 
 @gluon.jit
-def _tile_scores(s, QK8: gl.constexpr):
-    """Raw scores in fp32; with ``QK8`` from the int8 products' int32 sums (``|sum| <= 127^2 * D < 2^24``: exact).
-
-    A conversion instruction per score, on the unit that also runs the softmax's exp2. Adding the integer to the
-    bits of 1.5 * 2^23 and subtracting that again (two adds on the full-rate units, just as exact) ran 7 % slower
-    on an H200: the two adds lengthen each score's dependency chain, and the loop is bound by the softmax's
-    latency (lab/kernel-notes.md, v17)."""
+def _score_init(ROWS: gl.constexpr, BLOCK_N: gl.constexpr, QK8: gl.constexpr, s_layout: gl.constexpr):
+    """What Q·Kᵀ accumulates onto: nothing (``use_acc=False``) in 16 bits; with ``QK8`` the int32 bits of
+    :data:`QK8_OFFSET`, so that the integer sum ``d`` leaves the product as the bits of the float ``QK8_OFFSET + d``
+    (:func:`_tile_scores`)."""
     if QK8:
-        s = s.to(gl.float32)
+        init = gl.full([ROWS, BLOCK_N], QK8_OFFSET_BITS, gl.int32, layout=s_layout)
+    else:
+        init = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    return init
+
+
+@gluon.jit
+def _tile_scores(s, QK8: gl.constexpr):
+    """Raw scores in fp32. With ``QK8`` the product's int32 result, read as a float, is ``QK8_OFFSET + d`` exactly:
+    ``|d| <= 127^2 * D < 2^22`` keeps every sum in the binade [2^23, 2^24), where a float's bits count its integers.
+
+    Why not convert: a conversion per score (I2FP) sits on each score's dependency chain and cost 3 % of a dense
+    call at head_dim 128 on an H200; converting by two adds cost 7 % (lab/kernel-notes.md, v17, v20). The offset
+    costs a constant accumulator (register moves before the product, off the chain), and per row only: the row max
+    subtracts it, and the exp2's bias absorbs it (:func:`_scores`)."""
+    if QK8:
+        s = s.to(gl.float32, bitcast=True)
     return s
 
 
@@ -239,14 +282,14 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
     ROWS: gl.constexpr = q_rows.shape[0]
     dtype: gl.constexpr = v_bufs.dtype
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    zero_s = gl.zeros([ROWS, BLOCK_N], gl.int32 if QK8 else gl.float32, layout=s_layout)
+    s_init = _score_init(ROWS, BLOCK_N, QK8, s_layout)
     bits = gl.zeros([ROWS], gl.int32, layout=gl.SliceLayout(1, s_layout))
     # Tile 0: no P·V to overlap yet.
     stage = g % STAGES
     if PINGPONG:
         mbarrier.wait(turn_bars.index(TURN), (g & 1) ^ TURN ^ 1)
     mbarrier.wait(k_ready.index(stage), (g // STAGES) & 1)
-    s_tok = warpgroup_mma(q_rows, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    s_tok = warpgroup_mma(q_rows, k_bufs.index(stage).permute((1, 0)), s_init, use_acc=QK8, is_async=True)
     if PINGPONG:
         mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
     j = 0
@@ -256,7 +299,7 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
     s = warpgroup_mma_wait(0, deps=(s_tok, ))
     mbarrier.arrive(k_empty.index(stage), count=1)
     p, alpha, m_i, bits = _scores(_tile_scores(s, QK8), 0, j, m_i, bits, row_valid, flag_words, n_active, tile_scale,
-                                  threshold, SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, TREE_MAX, s_layout)
+                                  threshold, SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, TREE_MAX, QK8, s_layout)
     l_part = _lane_sums(p, LANE_SUMS)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     for t in range(1, n_active):
@@ -270,7 +313,7 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
         if PINGPONG:  # consumer TURN issues its t-th products after the other one issued theirs
             mbarrier.wait(turn_bars.index(TURN), (gt & 1) ^ TURN ^ 1)
         mbarrier.wait(k_ready.index(stage), (gt // STAGES) & 1)
-        s_tok = warpgroup_mma(q_rows, k_bufs.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s_tok = warpgroup_mma(q_rows, k_bufs.index(stage).permute((1, 0)), s_init, use_acc=QK8, is_async=True)
         mbarrier.wait(v_ready.index(prev), ((gt - 1) // STAGES) & 1)
         o_tok = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
         if PINGPONG:
@@ -279,7 +322,7 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
         mbarrier.arrive(k_empty.index(stage), count=1)
         p, alpha, m_i, bits = _scores(_tile_scores(s, QK8), t, j, m_i, bits, row_valid, flag_words, n_active,
                                       tile_scale, threshold, SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, TREE_MAX,
-                                      s_layout)
+                                      QK8, s_layout)
         l_part = _rescaled_sums(l_part, alpha, _lane_sums(p, LANE_SUMS), LANE_SUMS)
         acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
         mbarrier.arrive(v_empty.index(prev), count=1)
