@@ -20,8 +20,9 @@ import triton
 
 def compile_sm90(head_dim: int, block_n: int, walk: str, write_state: bool, **overrides) -> dict:
     """One specialization of the sm90 kernel, compiled for sm90a: the spec :mod:`liteattn.kernels.dispatch` resolves
-    for an sm90 GPU (bf16, 128-row query tiles), with ``overrides`` of its fields (e.g. ``pingpong=True``), ragged
-    keys and LSE on. Returns ``ptx``, the ``cubin`` Triton's ptxas made and that run's ``-v`` report (``log``,
+    for an sm90 GPU (bf16; ``block_m``, ``per_call`` and ``qk8`` among ``overrides`` are resolved for, by default
+    128-row query tiles and the carried rule in 16 bits), with the other ``overrides`` replacing its fields (e.g.
+    ``pingpong=True``), ragged keys and LSE on. Returns ``ptx``, the ``cubin`` Triton's ptxas made and that run's ``-v`` report (``log``,
     printed with TRITON_DUMP_PTXAS_LOG). Built once per test session and specialization (a build takes seconds)."""
     return _compile(head_dim, block_n, walk, write_state, tuple(sorted(overrides.items())))
 
@@ -29,12 +30,15 @@ def compile_sm90(head_dim: int, block_n: int, walk: str, write_state: bool, **ov
 @functools.lru_cache(maxsize=None)
 def _compile(head_dim: int, block_n: int, walk: str, write_state: bool, overrides: tuple) -> dict:
     overrides = dict(overrides)
-    qk8 = overrides.pop("qk8", False)  # a mode the spec is resolved for (its ring depth differs), not an override
+    # Modes and tiles the spec is resolved for (its ring depth and register split follow them), not overrides.
+    qk8 = overrides.pop("qk8", False)
+    per_call = overrides.pop("per_call", False)
+    block_m = overrides.pop("block_m", 128)
     with tempfile.TemporaryDirectory() as d:
         ptx_path, cubin_path = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
         code = ("import dataclasses, sys, torch; from liteattn.kernels import dispatch, sm90; "
-                f"spec = dispatch.resolve(('cuda', (9, 0)), torch.bfloat16, {head_dim}, 128, {block_n}, {walk!r}, "
-                f"False, {qk8}); "
+                f"spec = dispatch.resolve(('cuda', (9, 0)), torch.bfloat16, {head_dim}, {block_m}, {block_n}, {walk!r}, "
+                f"{per_call}, {qk8}); "
                 "assert spec.backend == 'sm90', spec; "
                 f"spec = dataclasses.replace(spec, **{overrides!r}); "
                 f"k = sm90.compile_offline(spec, head_dim={head_dim}, write_state={write_state}); "
