@@ -95,7 +95,7 @@ class LiteAttentionConfig:
             each call's skipped fraction is recorded from the call itself.
         qk_dtype (`str`, *optional*):
             ``"int8"``: attention scores from q and k rounded to int8 (k smoothed, one scale per tile;
-            :func:`liteattn.lite_attention`), as accurate as 16 bits but not faster yet; ``"fp8"`` with
+            :func:`liteattn.lite_attention`), as accurate as 16 bits, faster only near dense; ``"fp8"`` with
             ``backend="torch"`` only.
             Default None: scores from q and k as they are.
     """
