@@ -95,8 +95,8 @@ class LiteAttentionConfig:
             each call's skipped fraction is recorded from the call itself.
         qk_dtype (`str`, *optional*):
             ``"int8"``: attention scores from q and k rounded to int8 (k smoothed, one scale per tile;
-            :func:`liteattn.lite_attention`), as accurate as 16 bits, faster only near dense; ``"fp8"`` with
-            ``backend="torch"`` only.
+            :func:`liteattn.lite_attention`), as accurate as 16 bits, faster on large head_dim-128 models
+            (docs/api.md); ``"fp8"`` with ``backend="torch"`` only.
             Default None: scores from q and k as they are.
     """
 
