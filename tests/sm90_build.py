@@ -20,10 +20,11 @@ import triton
 
 def compile_sm90(head_dim: int, block_n: int, walk: str, write_state: bool, **overrides) -> dict:
     """One specialization of the sm90 kernel, compiled for sm90a: the spec :mod:`liteattn.kernels.dispatch` resolves
-    for an sm90 GPU (bf16; ``block_m``, ``per_call`` and ``qk8`` among ``overrides`` are resolved for, by default
-    128-row query tiles and the carried rule in 16 bits), with the other ``overrides`` replacing its fields (e.g.
-    ``pingpong=True``), ragged keys and LSE on. Returns ``ptx``, the ``cubin`` Triton's ptxas made and that run's ``-v`` report (``log``,
-    printed with TRITON_DUMP_PTXAS_LOG). Built once per test session and specialization (a build takes seconds)."""
+    for an sm90 GPU in bf16, ragged keys and LSE on. ``block_m``, ``per_call`` and ``qk8`` in ``overrides``
+    choose what the spec is resolved for (default: 128-row query tiles, the carried rule, 16-bit scores); the
+    other ``overrides`` replace its fields (e.g. ``pingpong=True``). Returns ``ptx``, the ``cubin`` Triton's
+    ptxas made and that run's ``-v`` report (``log``, printed with TRITON_DUMP_PTXAS_LOG). Built once per test
+    session and specialization (a build takes seconds)."""
     return _compile(head_dim, block_n, walk, write_state, tuple(sorted(overrides.items())))
 
 
@@ -37,8 +38,8 @@ def _compile(head_dim: int, block_n: int, walk: str, write_state: bool, override
     with tempfile.TemporaryDirectory() as d:
         ptx_path, cubin_path = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
         code = ("import dataclasses, sys, torch; from liteattn.kernels import dispatch, sm90; "
-                f"spec = dispatch.resolve(('cuda', (9, 0)), torch.bfloat16, {head_dim}, {block_m}, {block_n}, {walk!r}, "
-                f"{per_call}, {qk8}); "
+                "spec = dispatch.resolve(('cuda', (9, 0)), torch.bfloat16, "
+                f"{head_dim}, {block_m}, {block_n}, {walk!r}, {per_call}, {qk8}); "
                 "assert spec.backend == 'sm90', spec; "
                 f"spec = dataclasses.replace(spec, **{overrides!r}); "
                 f"k = sm90.compile_offline(spec, head_dim={head_dim}, write_state={write_state}); "

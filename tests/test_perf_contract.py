@@ -86,7 +86,7 @@ def test_int8_qk_sm90_kernel_builds_with_integer_tensor_cores(head_dim, walk, wr
 def test_int8_scores_need_no_conversion_and_the_ragged_mask_stays_behind_its_branch(head_dim, walk, write_state):
     """The sm90 ``qk8`` tile loop reads Q·Kᵀ's int32 sums as floats (the product accumulates onto the bits of
     1.5 * 2^23), so no conversion runs per score; and the last key tile's mask stays behind its branch instead of
-    becoming selects and predicate copies on every tile. Before, both cost 130-190 instructions per tile, 25-35 % of
+    becoming selects and predicate copies on every tile. Before, both cost 130-200 instructions per tile, 20-30 % of
     the loop (lab/kernel-notes.md, v20)."""
     code = sass(compile_sm90(head_dim, 128, walk, write_state, qk8=True)["cubin"])
     loops, every_tile = tile_loops(code), unskipped(code)

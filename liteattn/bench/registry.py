@@ -81,8 +81,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 # The default run: every method but the 8-bit mode, which is opt-in (--methods ...,liteattn-int8 or 'all'): it is
-# faster than 16 bits only on large head_dim-128 shapes (docs/benchmarks.md) and its rows would lengthen every
-# run by about half.
+# faster than 16 bits dense at head_dim 128, and with tiles skipped only at large shapes (docs/benchmarks.md), and
+# its rows would lengthen every run by about half.
 DEFAULT_METHODS = tuple(name for name in METHODS if not name.startswith("liteattn-int8"))
 
 PATTERNS: dict[str, Pattern] = {p.name: p for p in (
