@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 
 from liteattn.integrations.comfyui import (
-    NEVER_SKIP, BlockIndexPatch, LiteAttentionOverride, check_calibration_profile, threshold_from_input,
+    NEVER_SKIP, QK_DTYPE_CHOICES, BlockIndexPatch, LiteAttentionOverride, check_calibration_profile,
+    qk_dtype_from_input, threshold_from_input,
 )
 from liteattn.integrations.config import LiteAttentionConfig
 
@@ -31,7 +32,7 @@ DEFAULT_DENSE_STEPS = 2
 
 
 def apply_lite_attention(model, threshold: float = DEFAULT_THRESHOLD, dense_steps: int = DEFAULT_DENSE_STEPS,
-                         calibration_profile: str = ""):
+                         calibration_profile: str = "", qk_dtype: str = "16-bit"):
     """A clone of the ComfyUI MODEL ``model`` (a Wan 2.1 / 2.2 model) with liteattn's self-attention.
 
     Applying it to a model that already has it replaces the earlier settings
@@ -41,7 +42,8 @@ def apply_lite_attention(model, threshold: float = DEFAULT_THRESHOLD, dense_step
     from comfy.ldm.wan.model import WanModel
 
     check_calibration_profile(calibration_profile)
-    config = LiteAttentionConfig(threshold=threshold_from_input(threshold), dense_steps=dense_steps)
+    config = LiteAttentionConfig(threshold=threshold_from_input(threshold), dense_steps=dense_steps,
+                                 qk_dtype=qk_dtype_from_input(qk_dtype))
     diffusion_model = model.get_model_object("diffusion_model")
     if not isinstance(diffusion_model, WanModel):
         raise ValueError(f"model: expected a Wan 2.1 / 2.2 model (ComfyUI's WanModel and its variants), got "
@@ -103,11 +105,16 @@ class LiteAttention:
                     "default": "",
                     "tooltip": "Path of a calibration profile file. Leave empty: profiles are made for diffusers "
                                "pipelines, and the node refuses them until it can match their layers."}),
+                "qk_dtype": (list(QK_DTYPE_CHOICES), {
+                    "default": "16-bit",
+                    "tooltip": "Precision of the attention scores. int8 rounds q and k to 8 bits (as SageAttention "
+                               "does): on an H200 it took 12-16 % less attention time at Wan 14B's size, with 99.9 % "
+                               "of the skip decisions unchanged, but more at Wan 1.3B's once tiles are skipped."}),
             },
         }
 
-    def patch(self, model, threshold, dense_steps, calibration_profile=""):
-        return (apply_lite_attention(model, threshold, dense_steps, calibration_profile),)
+    def patch(self, model, threshold, dense_steps, calibration_profile="", qk_dtype="16-bit"):
+        return (apply_lite_attention(model, threshold, dense_steps, calibration_profile, qk_dtype),)
 
 
 NODE_CLASS_MAPPINGS = {"LiteAttention": LiteAttention}

@@ -40,7 +40,8 @@ from .layer import CallRecord, count_fallback, input_fallback_reason
 from .report import AttentionCall, Summary
 
 __all__ = ["BLOCK_KEY", "NEVER_SKIP", "BlockIndexPatch", "Chunk", "GenerationTracker", "LiteAttentionOverride",
-           "block_of", "check_calibration_profile", "split_chunks", "step_from_sigmas", "threshold_from_input"]
+           "QK_DTYPE_CHOICES", "block_of", "check_calibration_profile", "qk_dtype_from_input", "split_chunks",
+           "step_from_sigmas", "threshold_from_input"]
 
 # The key under which a BlockIndexPatch passes its block's index down to the attention calls of that block.
 BLOCK_KEY = "liteattn_block"
@@ -51,6 +52,8 @@ SELF_ATTENTION_DONE_KEY = "liteattn_self_attention_done"
 # its minimum stands for liteattn's -inf, "never mark a tile". 2**-100 of the row max is far below anything a
 # tile could contribute in bf16/fp16/fp32 accumulation, so no finite setting near it would differ in practice.
 NEVER_SKIP = -100.0
+# The node's score-precision choices (a ComfyUI combo holds strings) and the qk_dtype each stands for.
+QK_DTYPE_CHOICES = {"16-bit": None, "int8": "int8"}
 # ComfyUI's cond_or_uncond entries: the index of the conditioning list in the guider, 0 positive, 1 negative.
 BRANCH_NAMES = {0: "cond", 1: "uncond"}
 # Relative tolerance for finding the current sigma in the schedule (the one ComfyUI's context windows use).
@@ -69,6 +72,15 @@ def threshold_from_input(value) -> float:
         raise ValueError(f"threshold: expected a negative number in log2 units (e.g. -10.0; {NEVER_SKIP:g} or "
                          f"lower never skips), got {value!r}")
     return -math.inf if value <= NEVER_SKIP else float(value)
+
+
+def qk_dtype_from_input(value) -> str | None:
+    """The node's score-precision choice as a ``qk_dtype``: ``"16-bit"`` (scores from q and k as they are) or
+    ``"int8"`` (8-bit Q·Kᵀ, :func:`liteattn.lite_attention`). A workflow saved with another value names it in the
+    error instead of running with a setting it did not choose."""
+    if not isinstance(value, str) or value not in QK_DTYPE_CHOICES:
+        raise ValueError(f"qk_dtype: expected one of {list(QK_DTYPE_CHOICES)}, got {value!r}")
+    return QK_DTYPE_CHOICES[value]
 
 
 def check_calibration_profile(path) -> None:
@@ -446,8 +458,10 @@ class LiteAttentionOverride:
                                            timing.elapsed_ms(r.timer)))
         blocks = len({slot.block for slot in self._slots.values()})
         tiles = "default" if self.config.block_size is None else "x".join(map(str, self.config.block_size))
+        scores = "" if self.config.qk_dtype is None else f", scores {self.config.qk_dtype}"
         header = (f"liteattn (ComfyUI): threshold {describe_threshold(self.config)}, dense_steps "
-                  f"{self.config.dense_steps}, tiles {tiles}, backend {self.config.backend}, {blocks} blocks seen")
+                  f"{self.config.dense_steps}, tiles {tiles}, backend {self.config.backend}{scores}, {blocks} blocks "
+                  "seen")
         return Summary(calls, [], dict(self.fallbacks), header)
 
     def summary_line(self) -> str:

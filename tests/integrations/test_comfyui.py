@@ -22,7 +22,7 @@ from liteattn import LiteAttention
 from liteattn.integrations import LiteAttentionConfig
 from liteattn.integrations.comfyui import (
     BLOCK_KEY, NEVER_SKIP, BlockIndexPatch, Chunk, GenerationTracker, LiteAttentionOverride, block_of,
-    check_calibration_profile, split_chunks, step_from_sigmas, threshold_from_input,
+    check_calibration_profile, qk_dtype_from_input, split_chunks, step_from_sigmas, threshold_from_input,
 )
 
 S, H, D = 64, 2, 16
@@ -90,6 +90,17 @@ def test_threshold_from_input(value, expected):
 def test_threshold_from_input_refuses(value):
     with pytest.raises(ValueError, match="^threshold: expected a negative number"):
         threshold_from_input(value)
+
+
+@pytest.mark.parametrize("value, expected", [("16-bit", None), ("int8", "int8")])
+def test_qk_dtype_from_input(value, expected):
+    assert qk_dtype_from_input(value) == expected
+
+
+@pytest.mark.parametrize("value", ["fp8", "INT8", "", None, 8])
+def test_qk_dtype_from_input_refuses(value):
+    with pytest.raises(ValueError, match=r"^qk_dtype: expected one of \['16-bit', 'int8'\], got "):
+        qk_dtype_from_input(value)
 
 
 def test_calibration_profile(tmp_path):
@@ -251,6 +262,24 @@ def test_batched_and_split_cfg_match_liteattention(local_qkv, gen):
         assert _sparsity(override, "uncond") == expected_sparsity[1]
     assert expected_sparsity[0][-1] > 0.1 and expected_sparsity[1][-1] > 0.1  # the test skips something
     assert expected_sparsity[0] != expected_sparsity[1]  # and the two branches differ
+
+
+def test_int8_scores_are_liteattentions(local_qkv, gen):
+    """With ``qk_dtype="int8"`` each state's calls are LiteAttention's with 8-bit scores, bit for bit, and the
+    summary says which scores ran."""
+    steps = _steps(local_qkv, gen, branches=1)
+    override, func = LiteAttentionOverride(_config(qk_dtype="int8")), CountingAttention()
+    attention = LiteAttention(THRESHOLD, block_size=TILES, backend="torch", qk_dtype="int8")
+    sixteen = LiteAttention(THRESHOLD, block_size=TILES, backend="torch")
+    for step, qkvs in enumerate(steps):
+        out = _call(override, func, *qkvs[0], _options(step))
+        want = attention(*(x.unflatten(-1, (H, -1)) for x in qkvs[0])).flatten(-2)
+        other = sixteen(*(x.unflatten(-1, (H, -1)) for x in qkvs[0])).flatten(-2)
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        assert not torch.equal(out, other)  # the scores did change precision
+    assert func.calls == 0
+    assert _sparsity(override, "cond") == attention.history and attention.history[-1] > 0.1
+    assert "backend torch, scores int8, 1 blocks seen" in str(override.summary())
 
 
 def test_cfg_batching_may_change_between_steps(local_qkv, gen):
