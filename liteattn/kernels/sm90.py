@@ -22,9 +22,9 @@ keeps three partitions alive over many work items (query tile x batch*head):
   so the detection bits cost no spills.
 
 With ``QK8`` (``qk_dtype="int8"``) Q and K arrive rounded to int8 (:mod:`.quant`): Q·Kᵀ is an integer wgmma whose
-int32 scores are scaled by the query and key tiles' scales, the output leaves through a bf16 buffer of its own,
-and the producer passes over query tiles flagged to compute in 16 bits, which the launcher leaves to the portable
-kernel.
+int32 scores, read as floats (:func:`_tile_scores`), are scaled by the query and key tiles' scales, the output
+leaves through a bf16 buffer of its own, and the producer passes over query tiles flagged to compute in 16 bits,
+which the launcher leaves to the portable kernel.
 
 Ordering within a consumer partition: its four warps issue the detection atomics and the two halves of the output
 store, but one thread arrives on ``flags_bars`` and ``q_empty``; Triton precedes every ``mbarrier.arrive`` of a
@@ -156,7 +156,7 @@ def _mask_columns(s, j, SEQ_K, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
     that runs this on the last key tile only.
 
     Why: in the int8 build LLVM speculated that branch into two selects per score plus predicate copies on every
-    tile, 130-190 instructions per tile (the 16-bit build keeps its branch). Assembly with side effects stays where
+    tile, 130-200 instructions per tile (the 16-bit build keeps its branch). Assembly with side effects stays where
     it is written: the mask is an ``add.f32`` of 0 or -inf, and the tile index passes an opaque move, so that the
     column offsets are not hoisted out of the loop as invariants (kept live, they spilled registers)."""
     j = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [j], dtype=gl.int32, is_pure=False, pack=1)
