@@ -29,6 +29,7 @@ import numbers
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Callable, Sequence
 
 import torch
@@ -53,7 +54,7 @@ SELF_ATTENTION_DONE_KEY = "liteattn_self_attention_done"
 # tile could contribute in bf16/fp16/fp32 accumulation, so no finite setting near it would differ in practice.
 NEVER_SKIP = -100.0
 # The node's score-precision choices (a ComfyUI combo holds strings) and the qk_dtype each stands for.
-QK_DTYPE_CHOICES = {"16-bit": None, "int8": "int8"}
+QK_DTYPE_CHOICES = MappingProxyType({"16-bit": None, "int8": "int8"})
 # ComfyUI's cond_or_uncond entries: the index of the conditioning list in the guider, 0 positive, 1 negative.
 BRANCH_NAMES = {0: "cond", 1: "uncond"}
 # Relative tolerance for finding the current sigma in the schedule (the one ComfyUI's context windows use).
