@@ -4,6 +4,7 @@
 #
 # Run on the GPU machine:  bash lab/qk8_gpu.sh OUTDIR [PHASES] [SHAPES]
 # PHASES: any of tests,lse,timing,eval (default: all); SHAPES: qk8_timing.py's --shapes (default wan1.3b,hdim64).
+# TIMING_ARGS: more options for qk8_timing.py (e.g. "--clocks").
 # eval: the testbed at the GPU size over 16 prompt x seed pairs, dense against int8 with nothing skipped (threshold
 # -1000) and int8 with the default skipping (-1, 3 dense steps); needs the diffusers wheel in .whl/.
 set -uo pipefail
@@ -23,7 +24,7 @@ if has lse; then
 fi
 if has timing; then
     (cd lab/benchmarks && timeout 300 python3 qk8_timing.py --shapes "$shapes" --rounds "${ROUNDS:-5}" --reps 3 \
-        --out "$out/qk8-timing.json") > "$out/timing.txt" 2>&1
+        --out "$out/qk8-timing.json" ${TIMING_ARGS:-}) > "$out/timing.txt" 2>&1
     echo "timing rc=$?" >> "$out/timing.txt"
 fi
 if has eval; then

@@ -126,7 +126,7 @@ def test_the_16_bit_pass_computes_only_the_flagged_query_tiles(local_qkv, gen, k
     torch.testing.assert_close(out[flagged][finite], want.float()[flagged][finite], rtol=0, atol=2e-2)
 
 
-@pytest.mark.parametrize("seq_k", [70, 600])  # one chunk of keys in the mean pass, or three
+@pytest.mark.parametrize("seq_k", [70, 600, 4700])  # the mean pass: 1, 2 or 10 chunks of keys (over 8: two steps)
 def test_the_rounding_pass_is_the_references(seq_k, kernel_device):
     """quantize_qk's values, scales, shifts and bad-tile flags are the reference's (GQA, ragged tiles, strided views,
     a non-finite query row and key): bit for bit, except that the key mean is summed in another order, so a
@@ -159,10 +159,13 @@ def test_the_rounding_pass_is_the_references(seq_k, kernel_device):
 
 _ROUNDING_KERNELS = {
     "_key_sums": ({"K": "*bf16", "SUMS": "*fp32", "COUNTS": "*i32", "BAD": "*i32"},
-                  {"BLOCK_S": 64, "BLOCK_D": 128, "KEYS_PER_CHUNK": 256}),
-    "_round_keys": ({"K": "*bf16", "MU": "*fp32", "K8": "*i8", "K_SCALE": "*fp32"}, {"BLOCK_N": 128, "BLOCK_D": 128}),
+                  {"BLOCK_S": 32, "BLOCK_D": 128, "KEYS_PER_CHUNK": 512}),
+    "_key_means": ({"SUMS": "*fp32", "COUNTS": "*i32", "BAD": "*i32", "MU": "*fp32", "HEAD_BAD": "*i8"},
+                   {"BLOCK_C": 8, "BLOCK_D": 128}),
+    "_round_keys": ({"K": "*bf16", "MU": "*fp32", "K8": "*i8", "K_SCALE": "*fp32"},
+                    {"BLOCK_N": 128, "BLOCK_D": 128, "ROWS": 32}),
     "_round_queries": ({"Q": "*bf16", "MU": "*fp32", "HEAD_BAD": "*i8", "Q8": "*i8", "Q_SCALE": "*fp32",
-                        "SHIFT": "*fp32", "SIXTEEN": "*i8"}, {"BLOCK_M": 128, "BLOCK_D": 128}),
+                        "SHIFT": "*fp32", "SIXTEEN": "*i8"}, {"BLOCK_M": 128, "BLOCK_D": 128, "ROWS": 32}),
 }
 
 

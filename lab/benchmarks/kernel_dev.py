@@ -33,13 +33,15 @@ def err(a, b):
     return {"max_abs": d.max().item(), "rel_l2": (d.norm() / b.float().norm()).item()}
 
 
-def interleaved_medians(calls: dict, rounds: int, reps: int) -> tuple[dict, dict]:
+def interleaved_medians(calls: dict, rounds: int, reps: int, windows: dict | None = None) -> tuple[dict, dict]:
     """Each call's median time over ``rounds`` rounds of ``reps`` timed runs (CUDA events), the calls of a round in a
     new seeded order: under the power cap a call's speed depends on what ran before it. Returns the medians and every
-    round's time, by key."""
+    round's time, by key; ``windows``, if given, gets each key's host time spans (for
+    :func:`liteattn.bench.clocks.summarize`)."""
     import random
     import statistics
 
+    from liteattn.bench.clocks import host_now
     from liteattn.bench.timing import time_cuda
 
     times = {key: [] for key in calls}
@@ -47,19 +49,37 @@ def interleaved_medians(calls: dict, rounds: int, reps: int) -> tuple[dict, dict
         order = list(calls)
         random.Random(r).shuffle(order)
         for key in order:
+            t0 = host_now()
             times[key].append(time_cuda(calls[key], budget_ms=0, min_reps=reps, max_reps=reps).median_ms)
+            if windows is not None:
+                windows.setdefault(key, []).append((t0, host_now()))
     return {key: statistics.median(t) for key, t in times.items()}, times
 
 
-def rows_against_cudnn(calls: dict, rounds: int, reps: int) -> tuple[dict, dict]:
+def rows_against_cudnn(calls: dict, rounds: int, reps: int, clocks: bool = False) -> tuple[dict, dict]:
     """Every call run once (compiled and autotuned outside the timed rounds), then timed by
-    :func:`interleaved_medians`; returns ``{key: {"ms", "over_cudnn"}}`` (``calls`` has a ``"cudnn"`` entry) and
-    every round's time."""
+    :func:`interleaved_medians`; returns ``{key: {"ms", "over_cudnn"}}`` (``calls`` has a ``"cudnn"`` entry; with
+    ``clocks``, also each key's median SM clock and board power while it ran, sampled by ``nvidia-smi``) and every
+    round's time."""
+    from liteattn.bench import clocks as sm_clocks
+
     for fn in calls.values():
         fn()
     torch.cuda.synchronize()
-    med, times = interleaved_medians(calls, rounds, reps)
+    windows = {}
+    if clocks:
+        with sm_clocks.ClockSampler(sm_clocks.device_id()) as sampler:
+            sampler.wait_for_first_sample()
+            med, times = interleaved_medians(calls, rounds, reps, windows)
+            samples = sampler.stop()
+        if sampler.error:
+            print("clocks:", sampler.error)
+    else:
+        med, times = interleaved_medians(calls, rounds, reps)
     rows = {key: {"ms": round(ms, 4), "over_cudnn": round(ms / med["cudnn"], 4)} for key, ms in med.items()}
+    for key, spans in windows.items():
+        c = sm_clocks.summarize(samples, spans)
+        rows[key].update(sm_clock_mhz=c.sm_clock_mhz, power_w=c.power_w)
     return rows, times
 
 

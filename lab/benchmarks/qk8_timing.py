@@ -7,7 +7,9 @@ a DiT's keys have; smoothing K is what keeps 8 bits accurate there). Skip decisi
 detection leaves, int8 against 16 bits, on inputs with spatial locality (a fraction of every row negligible).
 
 Run on a GPU: ``python lab/benchmarks/qk8_timing.py [--shapes wan1.3b] [--fractions 0.5,0.9] [--rounds 7]
-[--reps 5] [--out FILE]``. Medians of interleaved rounds (each in a new seeded order), CUDA events.
+[--reps 5] [--clocks] [--out FILE]``. Medians of interleaved rounds (each in a new seeded order), CUDA events;
+``--clocks`` adds each call's median SM clock and board power (``nvidia-smi``), since the large shapes run at the
+board's power cap.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ def local_inputs(shape, seed: int):
     return tuple(x.to(torch.bfloat16) for x in (q, k, v))
 
 
-def measure_shape(name: str, fractions, rounds: int, reps: int) -> dict:
+def measure_shape(name: str, fractions, rounds: int, reps: int, clocks: bool = False) -> dict:
     shape = SHAPES[name]
     b, s, h, d = shape
     bm, bn = default_block_sizes(d)
@@ -85,7 +87,7 @@ def measure_shape(name: str, fractions, rounds: int, reps: int) -> dict:
         calls[f"bf16@{f:g}"] = lambda st=state: liteattn.lite_attention(q, k, v, st, threshold=float("-inf"))
         calls[f"int8@{f:g}"] = lambda st=state: liteattn.lite_attention(q, k, v, st, threshold=float("-inf"),
                                                                         qk_dtype="int8")
-    rows, times = rows_against_cudnn(calls, rounds, reps)
+    rows, times = rows_against_cudnn(calls, rounds, reps, clocks)
     return {"shape": list(shape), "tiles": [bm, bn], "accuracy": acc, "skipped": skipped, "ms": rows,
             "rounds": times}
 
@@ -96,13 +98,14 @@ def main():
     p.add_argument("--fractions", default="0.5,0.9")
     p.add_argument("--rounds", type=_positive(int), default=7)
     p.add_argument("--reps", type=_positive(int), default=5)
+    p.add_argument("--clocks", action="store_true", help="record each call's median SM clock and board power")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     fractions = [float(x) for x in args.fractions.split(",")]
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rounds": args.rounds,
               "reps": args.reps, "shapes": {}}
     for name in args.shapes.split(","):
-        r = result["shapes"][name] = measure_shape(name, fractions, args.rounds, args.reps)
+        r = result["shapes"][name] = measure_shape(name, fractions, args.rounds, args.reps, args.clocks)
         print(name, json.dumps(r["accuracy"]), json.dumps(r["ms"]), flush=True)
     if args.out:
         with open(args.out, "w") as fh:

@@ -3,8 +3,9 @@
 Why a separate pass before the attention kernel: smoothing K needs its mean over every key token, which no single
 program of the attention kernel sees; and one scale per tile must be known before a tile's integer product is
 scaled. The pass is three small Triton kernels, linear in the sequence length where the attention call is
-quadratic: per-chunk sums of the finite keys (their mean is a tiny reduction in PyTorch), then one program per K
-tile and one per Q tile, each reading its tile once and writing int8. Its share of a call is part of what the
+quadratic: per-chunk sums of the finite keys, their mean per kv-head, then one program per K tile and one per Q
+tile, each sweeping its tile twice (its scale, then the rounding) a few rows at a time and writing int8. Its share of
+a call is part of what the
 bench's ``liteattn-int8`` rows time.
 
 What the attention kernels receive, per the reference's rules a-d:
@@ -37,7 +38,10 @@ import triton.language as tl
 __all__ = ["QK8", "quantize_qk"]
 
 QMAX = tl.constexpr(127.0)
-_KEYS_PER_CHUNK = 256  # keys summed by one program of the mean pass
+_KEYS_PER_CHUNK = 512  # keys summed by one program of the mean pass
+# Elements a rounding program holds at once (16 rows at head_dim 128, 32 at 64): few registers per thread, so enough
+# programs share an SM to hide the loads (on an H200 faster than 1024, 4096 or 8192: lab/results/qk8/rounding-h200).
+_CHUNK_ELEMENTS = 2048
 
 
 @dataclass(frozen=True)
@@ -66,69 +70,113 @@ def _tile(x_ptr, bh, rows0, stride_b, stride_h, stride_s, H, S, D, BLOCK_S: tl.c
 
 
 @triton.jit
-def _round_store(x, rows, cols, valid, out_ptr, scale_ptr, S, D, BLOCK_D: tl.constexpr):
-    """Round a tile with one scale (its absmax / 127; 1 for zeros) into int8 rows of a contiguous (.., S, D) head."""
-    absmax = tl.max(tl.max(tl.abs(x), 1), 0)
-    scale = tl.where(absmax > 0, tl.math.div_rn(absmax, QMAX), 1.0)
+def _tile_scale(absmax):
+    """A tile's scale from its absolute maximum (elementwise over a block): absmax / 127, or 1 for a tile of zeros."""
+    top = tl.max(tl.max(absmax, 1), 0)
+    return tl.where(top > 0, tl.math.div_rn(top, QMAX), 1.0)
+
+
+@triton.jit
+def _round_rows(x, rows, cols, valid, scale, out_ptr, D):
+    """Round rows of a tile with its scale into int8 rows of a contiguous (.., S, D) head."""
     y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -QMAX), QMAX)
     y = (y + 12582912.0) - 12582912.0  # 1.5 * 2^23: rounds |y| < 2^22 to the nearest integer, half to even
     ptr = out_ptr + rows[:, None].to(tl.int64) * D + cols[None, :]
     tl.store(ptr, y.to(tl.int8), mask=valid[:, None] & (cols < D)[None, :])
-    tl.store(scale_ptr, scale)
 
 
 @triton.jit
 def _key_sums(K, SUMS, COUNTS, BAD, stride_b, stride_h, stride_s, H_KV, S_K, D, CHUNKS,
               BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, KEYS_PER_CHUNK: tl.constexpr):
-    """Per (batch * kv-head, chunk of keys): the sum of the finite keys, their count and whether a key is bad."""
+    """Per (batch * kv-head, chunk of keys): the sum of the finite keys, their count and whether a key is bad.
+    Accumulates elementwise and reduces across rows once, not once per block of rows."""
     bh = tl.program_id(0)
     chunk = tl.program_id(1)
-    total = tl.zeros([BLOCK_D], dtype=tl.float32)
-    count = 0
-    bad = 0
+    total = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+    count = tl.zeros([BLOCK_S], dtype=tl.int32)
+    bad = tl.zeros([BLOCK_S], dtype=tl.int32)
     for r in range(0, KEYS_PER_CHUNK, BLOCK_S):
         x, rows, cols, valid, finite = _tile(K, bh, chunk * KEYS_PER_CHUNK + r, stride_b, stride_h, stride_s, H_KV,
                                              S_K, D, BLOCK_S, BLOCK_D)
         good = valid & finite
-        total += tl.sum(tl.where(good[:, None], x, 0.0), 0)
-        count += tl.sum(good.to(tl.int32), 0)
-        bad = bad | tl.max((valid & ~finite).to(tl.int32), 0)
+        total += tl.where(good[:, None], x, 0.0)
+        count += good.to(tl.int32)
+        bad = bad | (valid & ~finite).to(tl.int32)
     out = bh.to(tl.int64) * CHUNKS + chunk
-    tl.store(SUMS + out * BLOCK_D + tl.arange(0, BLOCK_D), total)
-    tl.store(COUNTS + out, count)
-    tl.store(BAD + out, bad)
+    tl.store(SUMS + out * BLOCK_D + tl.arange(0, BLOCK_D), tl.sum(total, 0))
+    tl.store(COUNTS + out, tl.sum(count, 0))
+    tl.store(BAD + out, tl.max(bad, 0))
+
+
+@triton.jit
+def _key_means(SUMS, COUNTS, BAD, MU, HEAD_BAD, CHUNKS, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per (batch * kv-head): the mean of its finite keys (0 if none) from the chunks' sums, and whether a key is
+    bad. One launch where the tensor arithmetic on the sums would take six."""
+    bh = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    total = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+    count = tl.zeros([BLOCK_C], dtype=tl.int32)
+    bad = tl.zeros([BLOCK_C], dtype=tl.int32)
+    for c in range(0, CHUNKS, BLOCK_C):
+        chunk = c + tl.arange(0, BLOCK_C)
+        inside = chunk < CHUNKS
+        at = bh.to(tl.int64) * CHUNKS + chunk
+        total += tl.load(SUMS + at[:, None] * BLOCK_D + cols[None, :], mask=inside[:, None], other=0.0)
+        count += tl.load(COUNTS + at, mask=inside, other=0)
+        bad = bad | tl.load(BAD + at, mask=inside, other=0)
+    n = tl.maximum(tl.sum(count, 0), 1).to(tl.float32)
+    tl.store(MU + bh.to(tl.int64) * BLOCK_D + cols, tl.math.div_rn(tl.sum(total, 0), n))
+    tl.store(HEAD_BAD + bh, tl.max(bad, 0).to(tl.int8))
 
 
 @triton.jit
 def _round_keys(K, MU, K8, K_SCALE, stride_b, stride_h, stride_s, H_KV, S_K, D, KT,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One key tile: ``k - mu`` (zero for a bad key), rounded with the tile's scale."""
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    """One key tile: ``k - mu`` (zero for a bad key), rounded with the tile's scale. Two sweeps of ``ROWS`` rows
+    each (the scale, then the rounding; the second reads the tile from cache)."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
-    x, rows, cols, valid, finite = _tile(K, bh, tile * BLOCK_N, stride_b, stride_h, stride_s, H_KV, S_K, D, BLOCK_N,
-                                         BLOCK_D)
-    mu = tl.load(MU + bh.to(tl.int64) * BLOCK_D + cols)
-    x = tl.where((valid & finite)[:, None], x - mu[None, :], 0.0)
-    _round_store(x, rows, cols, valid, K8 + bh.to(tl.int64) * S_K * D, K_SCALE + bh.to(tl.int64) * KT + tile, S_K, D,
-                 BLOCK_D)
+    mu = tl.load(MU + bh.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D))
+    absmax = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for r in range(0, BLOCK_N, ROWS):
+        x, rows, cols, valid, finite = _tile(K, bh, tile * BLOCK_N + r, stride_b, stride_h, stride_s, H_KV, S_K, D,
+                                             ROWS, BLOCK_D)
+        absmax = tl.maximum(absmax, tl.abs(tl.where((valid & finite)[:, None], x - mu[None, :], 0.0)))
+    scale = _tile_scale(absmax)
+    tl.store(K_SCALE + bh.to(tl.int64) * KT + tile, scale)
+    for r in range(0, BLOCK_N, ROWS):
+        x, rows, cols, valid, finite = _tile(K, bh, tile * BLOCK_N + r, stride_b, stride_h, stride_s, H_KV, S_K, D,
+                                             ROWS, BLOCK_D)
+        x = tl.where((valid & finite)[:, None], x - mu[None, :], 0.0)
+        _round_rows(x, rows, cols, valid, scale, K8 + bh.to(tl.int64) * S_K * D, D)
 
 
 @triton.jit
 def _round_queries(Q, MU, HEAD_BAD, Q8, Q_SCALE, SHIFT, SIXTEEN, stride_b, stride_h, stride_s, H, GROUP, S_Q, D, QT,
-                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One query tile: its rows rounded (zero for a bad row), whether it computes in 16 bits, and ``q . mu``."""
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    """One query tile: its rows rounded (zero for a bad row), whether it computes in 16 bits, and ``q . mu``. Two
+    sweeps, as :func:`_round_keys`."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
-    x, rows, cols, valid, finite = _tile(Q, bh, tile * BLOCK_M, stride_b, stride_h, stride_s, H, S_Q, D, BLOCK_M,
-                                         BLOCK_D)
     kv = (bh // H) * (H // GROUP) + (bh % H) // GROUP
-    sixteen = tl.max((valid & ~finite).to(tl.int32), 0) | tl.load(HEAD_BAD + kv).to(tl.int32)
-    _round_store(tl.where(finite[:, None], x, 0.0), rows, cols, valid, Q8 + bh.to(tl.int64) * S_Q * D,
-                 Q_SCALE + bh.to(tl.int64) * QT + tile, S_Q, D, BLOCK_D)
-    mu = tl.load(MU + kv.to(tl.int64) * BLOCK_D + cols)
-    shift = tl.where(sixteen != 0, 0.0, tl.sum(x * mu[None, :], 1))
-    tl.store(SHIFT + bh.to(tl.int64) * S_Q + rows, shift, mask=valid)
+    absmax = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    bad_rows = tl.zeros([ROWS], dtype=tl.int32)
+    for r in range(0, BLOCK_M, ROWS):
+        x, rows, cols, valid, finite = _tile(Q, bh, tile * BLOCK_M + r, stride_b, stride_h, stride_s, H, S_Q, D,
+                                             ROWS, BLOCK_D)
+        absmax = tl.maximum(absmax, tl.abs(tl.where(finite[:, None], x, 0.0)))
+        bad_rows = bad_rows | (valid & ~finite).to(tl.int32)
+    sixteen = tl.max(bad_rows, 0) | tl.load(HEAD_BAD + kv).to(tl.int32)
+    scale = _tile_scale(absmax)
+    tl.store(Q_SCALE + bh.to(tl.int64) * QT + tile, scale)
     tl.store(SIXTEEN + bh.to(tl.int64) * QT + tile, sixteen.to(tl.int8))
+    mu = tl.load(MU + kv.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D))
+    for r in range(0, BLOCK_M, ROWS):
+        x, rows, cols, valid, finite = _tile(Q, bh, tile * BLOCK_M + r, stride_b, stride_h, stride_s, H, S_Q, D,
+                                             ROWS, BLOCK_D)
+        _round_rows(tl.where(finite[:, None], x, 0.0), rows, cols, valid, scale, Q8 + bh.to(tl.int64) * S_Q * D, D)
+        shift = tl.where(sixteen != 0, 0.0, tl.sum(x * mu[None, :], 1))
+        tl.store(SHIFT + bh.to(tl.int64) * S_Q + rows, shift, mask=valid)
 
 
 def quantize_qk(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int) -> QK8:
@@ -144,16 +192,18 @@ def quantize_qk(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int) ->
     counts = torch.empty(bsz * kv_heads, chunks, dtype=torch.int32, device=dev)
     bad = torch.empty(bsz * kv_heads, chunks, dtype=torch.int32, device=dev)
     _key_sums[(bsz * kv_heads, chunks)](k, sums, counts, bad, k.stride(0), k.stride(1), k.stride(2), kv_heads, seq_k,
-                                        dim, chunks, BLOCK_S=64, BLOCK_D=block_d, KEYS_PER_CHUNK=_KEYS_PER_CHUNK)
-    mu = (sums.sum(1) / counts.sum(1, keepdim=True).clamp(min=1)).contiguous()  # (B * H_kv, BLOCK_D)
-    head_bad = bad.amax(1).to(torch.int8)
+                                        dim, chunks, BLOCK_S=32, BLOCK_D=block_d, KEYS_PER_CHUNK=_KEYS_PER_CHUNK)
+    mu = torch.empty(bsz * kv_heads, block_d, device=dev)
+    head_bad = torch.empty(bsz * kv_heads, dtype=torch.int8, device=dev)
+    _key_means[(bsz * kv_heads,)](sums, counts, bad, mu, head_bad, chunks, BLOCK_C=8, BLOCK_D=block_d)
     out = QK8(torch.empty(bsz, heads, seq_q, dim, dtype=torch.int8, device=dev),
               torch.empty(bsz, kv_heads, seq_k, dim, dtype=torch.int8, device=dev),
               torch.empty(bsz, heads, qt, device=dev), torch.empty(bsz, kv_heads, kt, device=dev),
               torch.empty(bsz, heads, seq_q, device=dev), torch.empty(bsz, heads, qt, dtype=torch.int8, device=dev))
+    rows = min(max(_CHUNK_ELEMENTS // block_d, 1), block_m, block_n)
     _round_keys[(kt, bsz * kv_heads)](k, mu, out.k8, out.k_scale, k.stride(0), k.stride(1), k.stride(2), kv_heads,
-                                      seq_k, dim, kt, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8)
+                                      seq_k, dim, kt, BLOCK_N=block_n, BLOCK_D=block_d, ROWS=rows)
     _round_queries[(qt, bsz * heads)](q, mu, head_bad, out.q8, out.q_scale, out.shift, out.sixteen, q.stride(0),
                                       q.stride(1), q.stride(2), heads, heads // kv_heads, seq_q, dim, qt,
-                                      BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8)
+                                      BLOCK_M=block_m, BLOCK_D=block_d, ROWS=rows)
     return out
