@@ -163,9 +163,9 @@ _ROUNDING_KERNELS = {
     "_key_means": ({"SUMS": "*fp32", "COUNTS": "*i32", "BAD": "*i32", "MU": "*fp32", "HEAD_BAD": "*i8"},
                    {"BLOCK_C": 8, "BLOCK_D": 128}),
     "_round_keys": ({"K": "*bf16", "MU": "*fp32", "K8": "*i8", "K_SCALE": "*fp32"},
-                    {"BLOCK_N": 128, "BLOCK_D": 128, "ROWS": 32}),
+                    {"BLOCK_N": 128, "BLOCK_D": 128, "ROWS": 16}),
     "_round_queries": ({"Q": "*bf16", "MU": "*fp32", "HEAD_BAD": "*i8", "Q8": "*i8", "Q_SCALE": "*fp32",
-                        "SHIFT": "*fp32", "SIXTEEN": "*i8"}, {"BLOCK_M": 128, "BLOCK_D": 128, "ROWS": 32}),
+                        "SHIFT": "*fp32", "SIXTEEN": "*i8"}, {"BLOCK_M": 128, "BLOCK_D": 128, "ROWS": 16}),
 }
 
 

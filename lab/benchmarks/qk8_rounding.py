@@ -5,8 +5,9 @@ rounds), each kernel's device time (torch.profiler), and the bandwidth the pass 
 Why apart from ``ab_revisions.py --qk-dtype int8``: the pass is 1-4 % of a dense int8 call, below what a whole call's
 timing resolves, but a quarter of a call at 90 % skipped at Wan 1.3B.
 
-Run on a GPU: ``python lab/benchmarks/qk8_rounding.py [--other NAME=DIR/liteattn ...] [--shapes wan1.3b,wan14b]
-[--rounds 9] [--reps 10] [--out FILE]`` (make a copy with ``git archive REV liteattn | tar -x -C DIR``).
+Run on a GPU: ``python lab/benchmarks/qk8_rounding.py [--other NAME=DIR/liteattn[@LABEL] ...] [--shapes
+wan1.3b,wan14b] [--rounds 9] [--reps 10] [--out FILE]`` (make a copy with ``git archive REV liteattn | tar -x -C
+DIR``; LABEL, e.g. the revision, is what the JSON records for the copy in place of its folder).
 """
 from __future__ import annotations
 
@@ -97,19 +98,21 @@ def measure(name: str, packages: dict, rounds: int, reps: int) -> dict:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--other", action="append", default=[], metavar="NAME=DIR",
-                   help="a copy of the package to compare, imported as NAME (repeatable)")
+    p.add_argument("--other", action="append", default=[], metavar="NAME=DIR[@LABEL]",
+                   help="a copy of the package to compare, imported as NAME, recorded as LABEL (repeatable)")
     p.add_argument("--shapes", default="wan1.3b,wan14b", help=f"comma-separated, of {sorted(SHAPES)}")
     p.add_argument("--rounds", type=_positive(int), default=9)
     p.add_argument("--reps", type=_positive(int), default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    packages = {"this": liteattn}
+    packages, labels = {"this": liteattn}, {}
     for item in args.other:
-        pkg, _, folder = item.partition("=")
+        pkg, _, where = item.partition("=")
+        folder, _, label = where.partition("@")
         packages[pkg] = load_copy(pkg, folder)
+        labels[pkg] = label or folder
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rounds": args.rounds,
-              "reps": args.reps, "others": args.other, "shapes": {}}
+              "reps": args.reps, "others": labels, "shapes": {}}
     for name in args.shapes.split(","):
         r = result["shapes"][name] = measure(name, packages, args.rounds, args.reps)
         summary = {pkg: {key: row[key] for key in row if key != "kernels"} for pkg, row in r["rows"].items()}

@@ -2,11 +2,10 @@
 
 Why a separate pass before the attention kernel: smoothing K needs its mean over every key token, which no single
 program of the attention kernel sees; and one scale per tile must be known before a tile's integer product is
-scaled. The pass is three small Triton kernels, linear in the sequence length where the attention call is
-quadratic: per-chunk sums of the finite keys, their mean per kv-head, then one program per K tile and one per Q
-tile, each sweeping its tile twice (its scale, then the rounding) a few rows at a time and writing int8. Its share of
-a call is part of what the
-bench's ``liteattn-int8`` rows time.
+scaled. The pass is four small Triton kernels, linear in the sequence length where the attention call is quadratic:
+per-chunk sums of the finite keys, their mean per kv-head, then one program per K tile and one per Q tile, each
+sweeping its tile twice (its scale, then the rounding) a few rows at a time and writing int8. Its share of a call is
+part of what the bench's ``liteattn-int8`` rows time.
 
 What the attention kernels receive, per the reference's rules a-d:
 
@@ -40,7 +39,8 @@ __all__ = ["QK8", "quantize_qk"]
 QMAX = tl.constexpr(127.0)
 _KEYS_PER_CHUNK = 512  # keys summed by one program of the mean pass
 # Elements a rounding program holds at once (16 rows at head_dim 128, 32 at 64): few registers per thread, so enough
-# programs share an SM to hide the loads (on an H200 faster than 1024, 4096 or 8192: lab/results/qk8/rounding-h200).
+# programs share an SM to hide the loads (on an H200 the fastest at head_dim 128, equal to 4096 at head_dim 64:
+# lab/results/qk8/rounding-h200).
 _CHUNK_ELEMENTS = 2048
 
 
@@ -111,7 +111,7 @@ def _key_sums(K, SUMS, COUNTS, BAD, stride_b, stride_h, stride_s, H_KV, S_K, D, 
 @triton.jit
 def _key_means(SUMS, COUNTS, BAD, MU, HEAD_BAD, CHUNKS, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per (batch * kv-head): the mean of its finite keys (0 if none) from the chunks' sums, and whether a key is
-    bad. One launch where the tensor arithmetic on the sums would take six."""
+    bad. One launch where the tensor arithmetic on the sums would take five."""
     bh = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     total = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
