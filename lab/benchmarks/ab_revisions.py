@@ -65,6 +65,20 @@ def load_copy(name: str, package_dir: str) -> types.ModuleType:
     return module
 
 
+def load_others(parser: argparse.ArgumentParser, specs: list[str]) -> tuple[dict, dict]:
+    """This checkout's package and every ``--other NAME=DIR[@LABEL]`` copy, by NAME (``"this"`` for the checkout),
+    and the label each is recorded under."""
+    packages, labels = {"this": liteattn}, {"this": "this checkout"}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        path, _, label = rest.partition("@")
+        if not sep or not path:
+            parser.error(f"--other: expected NAME=DIR[@LABEL], got {spec!r}")
+        packages[name] = load_copy(name, os.path.abspath(path))
+        labels[name] = label or name
+    return packages, labels
+
+
 def cases_for(pkg, q, k, v, masks, qk_dtype=None):
     """The timed calls of one package: the full walk (enabled=False), detection on a full list, and two random states, built
     from ``masks`` (skipped fraction -> (B, H, QT, KT) bool, True = computed; shared by every package); every call
@@ -149,14 +163,7 @@ def main():
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         p.error(f"--shapes: unknown {unknown}; known: {sorted(SHAPES)}")
-    packages, labels = {"this": liteattn}, {"this": "this checkout"}
-    for spec in args.other:
-        name, sep, rest = spec.partition("=")
-        path, _, label = rest.partition("@")
-        if not sep or not path:
-            p.error(f"--other: expected NAME=DIR[@LABEL], got {spec!r}")
-        packages[name] = load_copy(name, os.path.abspath(path))
-        labels[name] = label or name
+    packages, labels = load_others(p, args.other)
     result = {"device": torch.cuda.get_device_name(), "packages": labels, "rounds": args.rounds,
               "reps": args.reps, "qk_dtype": args.qk_dtype, "shapes": {}}
     for shape in args.shapes.split(","):

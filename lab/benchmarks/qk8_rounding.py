@@ -18,8 +18,7 @@ import statistics
 
 import torch
 
-import liteattn
-from ab_revisions import load_copy  # same folder: the script's directory is on sys.path
+from ab_revisions import load_others  # same folder: the script's directory is on sys.path
 from kernel_variants import SHAPES
 from liteattn.bench.run import _positive
 from liteattn.bench.timing import time_cuda
@@ -105,14 +104,9 @@ def main():
     p.add_argument("--reps", type=_positive(int), default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    packages, labels = {"this": liteattn}, {}
-    for item in args.other:
-        pkg, _, where = item.partition("=")
-        folder, _, label = where.partition("@")
-        packages[pkg] = load_copy(pkg, folder)
-        labels[pkg] = label or folder
+    packages, labels = load_others(p, args.other)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rounds": args.rounds,
-              "reps": args.reps, "others": labels, "shapes": {}}
+              "reps": args.reps, "packages": labels, "shapes": {}}
     for name in args.shapes.split(","):
         r = result["shapes"][name] = measure(name, packages, args.rounds, args.reps)
         summary = {pkg: {key: row[key] for key in row if key != "kernels"} for pkg, row in r["rows"].items()}
