@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import statistics
 
 import torch
 
 from ab_revisions import load_others  # same folder: the script's directory is on sys.path
+from kernel_dev import interleaved_medians
 from kernel_variants import SHAPES
 from liteattn.bench.run import _positive
-from liteattn.bench.timing import time_cuda
 from liteattn.kernels import default_block_sizes
 
 
@@ -74,23 +72,17 @@ def measure(name: str, packages: dict, rounds: int, reps: int) -> dict:
         if not (c["q8_equal"] and c["q_scale_equal"] and c["sixteen_equal"]) or c["k8_max_diff"] > 1 \
                 or c["k8_moved_fraction"] > 1e-3:
             raise SystemExit(f"{name}: {pkg}'s rounding differs from this checkout's beyond ties: {c}")
-    times = {pkg: [] for pkg in calls}
-    for r in range(rounds):
-        order = list(calls)
-        random.Random(r).shuffle(order)
-        for pkg in order:
-            times[pkg].append(time_cuda(calls[pkg], budget_ms=0, min_reps=reps, max_reps=reps).median_ms)
+    med, times = interleaved_medians(calls, rounds, reps)
     b, s, h, d = shape
     moved = b * s * h * d * (2 + 2 * 2 + 1 + 1)  # read Q once and K twice (bf16), write both in int8
     rows = {}
-    for pkg, t in times.items():
-        ms = statistics.median(t)
+    for pkg, ms in med.items():
         kernels = kernel_times(calls[pkg], reps)
         device_us = sum(r["us_per_call"] for r in kernels.values())
         rows[pkg] = {"ms": round(ms, 4), "device_us": round(device_us, 1),
                      "tb_per_s_device": round(moved / (device_us * 1e-6) / 1e12, 2), "kernels": kernels}
         if pkg != "this":
-            rows[pkg]["over_this"] = round(ms / statistics.median(times["this"]), 3)
+            rows[pkg]["over_this"] = round(ms / med["this"], 3)
     return {"shape": list(shape), "tiles": [bm, bn], "bytes_moved": moved, "checks": checks, "rows": rows,
             "rounds": times}
 
