@@ -182,6 +182,23 @@ def summarize(rows, thresholds, key) -> dict:
     return out
 
 
+def observe_generations(testbed, observe, args) -> None:
+    """Generate ``args.prompts`` of :data:`PROMPTS` (seed = index) with the testbed, every self-attention call
+    passing through liteattn's PyTorch path, where ``observe`` (a layer runtime's ``steer``) sees its q, k, v."""
+    start = time.perf_counter()
+    for i, text in enumerate(PROMPTS[:args.prompts]):
+        # a finite threshold routes every self-attention call through liteattn, where the observer runs
+        handle = apply(testbed.transformer, threshold=-1.0, backend="torch")
+        try:
+            for runtime in handle.layer_runtimes().values():
+                runtime.steer = observe
+            sample_video(testbed, encode_prompt(text)[None], frames=args.frames, size=args.size, steps=args.steps,
+                         guidance=4.0, seed=i, show_progress=False)
+        finally:
+            remove(testbed.transformer)
+        print(f"prompt {i + 1}/{args.prompts} done, {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -190,16 +207,21 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    """The generations an accuracy study observes (:func:`observe_generations`) and the input dtype it measures."""
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--measure-every", type=int, default=2, help="measure every n-th step (0, n, 2n, ...)")
-    p.add_argument("--bucket", type=int, default=5, help="steps per bucket of the per-layer table")
     p.add_argument("--prompts", type=int, default=3, help=f"how many of the {len(PROMPTS)} prompts (seed = index)")
-    p.add_argument("--thresholds", type=float, nargs="+", default=[-1.0, -3.0])
     p.add_argument("--input-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_generation_arguments(p)
+    p.add_argument("--bucket", type=int, default=5, help="steps per bucket of the per-layer table")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[-1.0, -3.0])
     p.add_argument("--out", default="lab/results/qk8/accuracy-cpu.json")
     args = p.parse_args()
 
@@ -208,17 +230,7 @@ def main():
     steps_measured = set(range(0, args.steps, args.measure_every))
     study = Study(args.thresholds, steps_measured, getattr(torch, args.input_dtype))
     start = time.perf_counter()
-    for i, text in enumerate(PROMPTS[:args.prompts]):
-        # a finite threshold routes every self-attention call through liteattn, where the observer runs
-        handle = apply(testbed.transformer, threshold=-1.0, backend="torch")
-        try:
-            for runtime in handle.layer_runtimes().values():
-                runtime.steer = study.observe
-            sample_video(testbed, encode_prompt(text)[None], frames=args.frames, size=args.size, steps=args.steps,
-                         guidance=4.0, seed=i, show_progress=False)
-        finally:
-            remove(testbed.transformer)
-        print(f"prompt {i + 1}/{args.prompts} done, {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    observe_generations(testbed, study.observe, args)
 
     def bucket(step):
         first = step - step % args.bucket

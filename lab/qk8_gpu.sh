@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# GPU run of the 8-bit Q.K^T mode (docs/benchmarks.md, "8-bit Q.K^T"): its tests against the reference, then its
-# timing and accuracy beside cuDNN and the 16-bit kernel (lab/benchmarks/qk8_timing.py).
+# GPU run of the 8-bit modes (docs/benchmarks.md, "8-bit Q.K^T"): their tests against the reference, then their
+# timing and accuracy beside cuDNN and the 16-bit kernel (lab/benchmarks/qk8_timing.py: int8 Q.K^T, alone and with
+# fp8 P.V).
 #
 # Run on the GPU machine:  bash lab/qk8_gpu.sh OUTDIR [PHASES] [SHAPES]
 # PHASES: any of tests,lse,timing,eval (default: all); SHAPES: qk8_timing.py's --shapes (default wan1.3b,hdim64).
 # TIMING_ARGS: more options for qk8_timing.py (e.g. "--clocks").
 # eval: the testbed at the GPU size over 16 prompt x seed pairs, dense against int8 with nothing skipped (threshold
-# -1000) and int8 with the default skipping (-1, 3 dense steps); needs the diffusers wheel in .whl/.
+# -1000) and int8 with the default skipping (-1, 3 dense steps), EVAL_ARGS="--pv-dtype fp8" for fp8 P.V as well;
+# needs the diffusers wheel in .whl/.
 set -uo pipefail
 out="$1"; phases="${2:-tests,lse,timing,eval}"; shapes="${3:-wan1.3b,hdim64}"
 mkdir -p "$out"
@@ -14,7 +16,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 has() { [[ ",$phases," == *",$1,"* ]]; }
 
 if has tests; then
-    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_qk_int8_kernel.py ${TESTS:-} 2>&1 \
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_qk_int8_kernel.py tests/test_pv_fp8.py \
+        ${TESTS:-} 2>&1 \
         | tail -40 > "$out/tests.txt"
     echo "tests rc=${PIPESTATUS[0]}" >> "$out/tests.txt"
 fi

@@ -59,6 +59,22 @@ def check_out(path: str, option: str = "--out") -> Path:
     return out
 
 
+def add_precision_arguments(parser, subject: str) -> None:
+    """``--qk-dtype`` and ``--pv-dtype``: the 8-bit modes of ``subject`` (what runs through liteattn)."""
+    parser.add_argument("--qk-dtype", choices=["int8"], default=None,
+                        help=f"{subject} computes Q.K^T from 8-bit q and k (default: as they are)")
+    parser.add_argument("--pv-dtype", choices=["fp8"], default=None,
+                        help=f"with --qk-dtype int8: {subject} computes P.V from P and V in fp8 (a Hopper GPU or "
+                             "the CPU; default: 16 bits)")
+
+
+def check_pv_dtype(args) -> None:
+    """fp8 P.V comes with 8-bit Q.K^T (:func:`liteattn.lite_attention`)."""
+    if args.pv_dtype is not None and args.qk_dtype is None:
+        raise ValueError(f"--pv-dtype: fp8 P.V comes with 8-bit Q.K^T; expected --qk-dtype int8 with --pv-dtype "
+                         f"{args.pv_dtype}")
+
+
 def check_positive(name: str, value: int | None, low: int = 1) -> None:
     """An int option (None: not given) must be at least ``low``."""
     if value is not None and value < low:

@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .kernels.config import SUPPORTED_HEAD_DIMS
+from .reference import check_pv_dtype
 
 LAYOUTS = ("bshd", "bhsd")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -179,6 +180,18 @@ def validate_qk_dtype(qk_dtype, backend: str, head_dim: int) -> str | None:
         raise ValueError(f"qk_dtype='int8': the kernels take head_dims that are multiples of 16 from 32, got "
                          f"head_dim={head_dim}; use qk_dtype=None or backend='torch'")
     return qk_dtype
+
+
+def validate_pv_dtype(pv_dtype, qk_dtype: str | None, backend: str, head_dim: int) -> str | None:
+    """None (P.V in 16 bits) or ``"fp8"`` (P and V rounded to float8 e4m3), which comes with 8-bit Q.K^T: the
+    kernels build it on the int8 path, in the Hopper kernel only (head_dim 64 or 128; :mod:`liteattn.kernels`
+    says where else a call goes and refuses it there)."""
+    if check_pv_dtype(pv_dtype, qk_dtype) is None:
+        return None
+    if backend == "triton" and head_dim not in (64, 128):
+        raise ValueError(f"pv_dtype='fp8': the Hopper kernel computes fp8 P.V at head_dim 64 or 128, got "
+                         f"head_dim={head_dim}; use pv_dtype=None or backend='torch'")
+    return pv_dtype
 
 
 def validate_backend(backend: str, device: torch.device, triton_available: bool) -> str:

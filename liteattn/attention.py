@@ -86,6 +86,7 @@ def lite_attention(
     block_size: tuple[int, int] | None = None,
     backend: str = "auto",
     qk_dtype: str | None = None,
+    pv_dtype: str | None = None,
 ):
     """Attention over the key tiles ``state`` keeps active; marks new negligible tiles.
 
@@ -118,6 +119,10 @@ def lite_attention(
             int8 after subtracting k's mean over the keys (which changes no softmax and no skip decision), one
             scale per tile, as SageAttention rounds them; P.V stays in 16 bits. ``"fp8"`` (e4m3) in the PyTorch
             path only. The rules: :mod:`liteattn.reference`; its accuracy on a DiT's q/k: ``lab/results/qk8``.
+        pv_dtype: ``None`` (default): P.V in 16 bits. ``"fp8"``: from P and V rounded to float8 e4m3 (V one scale
+            per channel), as SageAttention2 computes it; needs ``qk_dtype="int8"``, and on a GPU the Hopper
+            kernel (head_dim 64 or 128). It pays where a call is long enough to run at the GPU's power limit
+            (docs/benchmarks.md).
 
     NaN or infinite values in q, k, v give what dense attention over the same tiles gives (NaN rows where
     SDPA has them), and no skip decision made from non-finite scores reaches ``next_state``: a query tile that
@@ -131,6 +136,7 @@ def lite_attention(
     layout, backend, (bsz, nheads, seq_q, seq_k, dim), threshold, scale, ranges = _validated(
         q, k, v, layout, backend, threshold, scale, must_do, return_lse)
     qk_dtype = V.validate_qk_dtype(qk_dtype, backend, dim)
+    pv_dtype = V.validate_pv_dtype(pv_dtype, qk_dtype, backend, dim)
     if state is not None and block_size is None and isinstance(state, SkipState):
         block_size = (state.block_m, state.block_n)
     block_size = V.validate_block_size(block_size) or default_block_sizes(dim)
@@ -143,8 +149,8 @@ def lite_attention(
         out, lse, (counts, indices) = lite_attention_reference(
             qh, kh, vh, state, threshold, scale, ranges,
             compute_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
-            write_state=write, qk_dtype=qk_dtype,
-        ) if enabled else _dense_reference(qh, kh, vh, state, scale, qk_dtype)
+            write_state=write, qk_dtype=qk_dtype, pv_dtype=pv_dtype,
+        ) if enabled else _dense_reference(qh, kh, vh, state, scale, qk_dtype, pv_dtype)
         if write:  # same buffer discipline as the kernel: the next state lives in the spare pair
             spare_counts, spare_indices = state.next_buffers()
             counts, indices = spare_counts.copy_(counts), spare_indices.copy_(indices)
@@ -162,7 +168,7 @@ def lite_attention(
             # can be marked; with detection on, the list walk takes it (full rows ascend there too, whatever the
             # list holds), which was 1.5-5 % faster than the full walk at 75k-119k tokens (lab/kernel-notes.md v10).
             FULL_WALK if not enabled or (state.is_fresh() and not write) else LIST_WALK, write, return_lse,
-            qk8=qk_dtype == "int8",
+            qk8=qk_dtype == "int8", pv8=pv_dtype == "fp8",
         ))
     next_state = state.advanced(counts, indices) if write else state
     out = out.transpose(1, 2) if layout == "bshd" else out
@@ -228,12 +234,13 @@ def skip_softmax_attention(
     return (out, lse, used) if return_lse else (out, used)
 
 
-def _dense_reference(qh, kh, vh, state: SkipState, scale: float, qk_dtype: str | None = None):
+def _dense_reference(qh, kh, vh, state: SkipState, scale: float, qk_dtype: str | None = None,
+                     pv_dtype: str | None = None):
     full = SkipState.full(*state.shape[:2], state.seq_len_q, state.seq_len_k, state.block_m, state.block_n, qh.device)
     out, lse, _ = lite_attention_reference(
         qh, kh, vh, full, float("-inf"), scale,
         compute_dtype=torch.float64 if qh.dtype == torch.float64 else torch.float32, write_state=False,
-        qk_dtype=qk_dtype)
+        qk_dtype=qk_dtype, pv_dtype=pv_dtype)
     return out, lse, (state.kv_num_blocks, state.kv_indices)
 
 
@@ -258,6 +265,7 @@ class LiteAttention(nn.Module):
         block_size: ``(block_m, block_n)`` tile sizes, default per head_dim.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         qk_dtype: None, ``"int8"`` or ``"fp8"``: 8-bit Q.K^T (see :func:`lite_attention`).
+        pv_dtype: None or ``"fp8"``: fp8 P.V, with 8-bit Q.K^T (see :func:`lite_attention`).
 
     Example::
 
@@ -271,9 +279,11 @@ class LiteAttention(nn.Module):
     def __init__(self, threshold: float | Sequence[float] = -10.0, *, enabled: bool = True,
                  must_do: Sequence[tuple[int, int]] | None = None, layout: str = "bshd",
                  block_size: tuple[int, int] | None = None, backend: str = "auto",
-                 must_do_list: Sequence[int] | None = None, qk_dtype: str | None = None):
+                 must_do_list: Sequence[int] | None = None, qk_dtype: str | None = None,
+                 pv_dtype: str | None = None):
         super().__init__()
         V.validate_qk_dtype(qk_dtype, "torch", 64)  # the name; what the backend and head_dim take, at the call
+        V.validate_pv_dtype(pv_dtype, qk_dtype, "torch", 64)
         self.set_threshold(threshold)
         self.enabled = bool(enabled)
         if must_do_list is not None:
@@ -283,7 +293,7 @@ class LiteAttention(nn.Module):
         self.must_do = list(must_do) if must_do is not None else None
         self.layout = V.validate_layout(layout)
         self.block_size = V.validate_block_size(block_size)
-        self.backend, self.qk_dtype = backend, qk_dtype
+        self.backend, self.qk_dtype, self.pv_dtype = backend, qk_dtype, pv_dtype
         self.state: SkipState | None = None
         self._spent: SkipState | None = None  # the state before the last reset(), its buffers reused when they fit
         self.step = 0
@@ -375,7 +385,7 @@ class LiteAttention(nn.Module):
         result = lite_attention(
             q, k, v, self.state, threshold=threshold, scale=scale, must_do=must_do, layout=self.layout,
             return_lse=return_lse, enabled=self.enabled, block_size=self.block_size, backend=self.backend,
-            qk_dtype=self.qk_dtype,
+            qk_dtype=self.qk_dtype, pv_dtype=self.pv_dtype,
         )
         next_state = result[-1]
         if self.enabled:

@@ -36,8 +36,8 @@ import math
 import sys
 from pathlib import Path
 
-from ._testbed_cli import (SHIPPED_PROFILE, add_run_arguments, check_positive, check_size_options, prepare,
-                           profile_covers, profile_option)
+from ._testbed_cli import (SHIPPED_PROFILE, add_precision_arguments, add_run_arguments, check_positive,
+                           check_pv_dtype, check_size_options, prepare, profile_covers, profile_option)
 
 __all__ = ["DEFAULT_DENSE_STEPS", "DEFAULT_PROMPT", "DEFAULT_THRESHOLD", "add_arguments", "check_args", "choose_setting",
            "run"]
@@ -65,8 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense-steps", type=int, default=None,
                         help=f"with one threshold, the first steps run dense before liteattn starts skipping (default: "
                              f"{DEFAULT_DENSE_STEPS})")
-    parser.add_argument("--qk-dtype", choices=["int8"], default=None,
-                        help="the liteattn run computes Q.K^T from 8-bit q and k (default: as they are)")
+    add_precision_arguments(parser, "the liteattn run")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default: 4)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT,
@@ -92,6 +91,7 @@ def check_args(args) -> None:
         profile_option(args.profile)
     if not args.guidance >= 0:
         raise ValueError(f"--guidance: expected a number >= 0, got {args.guidance:g}")
+    check_pv_dtype(args)
     try:
         encode_prompt(args.prompt)
     except ValueError as err:
@@ -220,7 +220,7 @@ def run(args) -> int:
     blocks = len(testbed.transformer.blocks)
     lite = generate(testbed, tokens, [args.seed], threshold=setting["threshold"], dense_steps=setting["dense_steps"],
                     profile=setting["profile"], mask_layers=tuple(sorted({0, blocks // 2, blocks - 1})),
-                    desc="liteattn", qk_dtype=args.qk_dtype, **common)
+                    desc="liteattn", qk_dtype=args.qk_dtype, pv_dtype=args.pv_dtype, **common)
 
     per_step = {int(k): v["sparsity"] for k, v in lite.summary.per_step().items()}
     last = per_step[max(per_step)] if per_step else 0.0
@@ -229,7 +229,7 @@ def run(args) -> int:
     tokens_per_frame = tokens_per_video // frames
     report = {
         "prompt": describe_prompt(tokens[0]), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-        "qk_dtype": args.qk_dtype,
+        "qk_dtype": args.qk_dtype, "pv_dtype": args.pv_dtype,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "backend": "triton" if device.type == "cuda" else "torch (reference; no speed-up on a CPU)",
         "cuda_graphs": graphs, "size": size, "frames": frames, "pixels": pixels, "tokens_per_video": tokens_per_video,

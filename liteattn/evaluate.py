@@ -23,8 +23,8 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from ._testbed_cli import (SHIPPED_PROFILE, add_run_arguments, check_positive, check_size_options, prepare,
-                           profile_covers, profile_option)
+from ._testbed_cli import (SHIPPED_PROFILE, add_precision_arguments, add_run_arguments, check_positive,
+                           check_pv_dtype, check_size_options, prepare, profile_covers, profile_option)
 from .demo import DEFAULT_DENSE_STEPS, DEFAULT_THRESHOLD
 
 __all__ = ["add_arguments", "check_args", "run"]
@@ -46,8 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"one or more calibration profiles to judge, each a setting of its own (liteattn "
                              f"calibrate's files; '{SHIPPED_PROFILE}': the testbed's, which comes with liteattn)")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default: 4)")
-    parser.add_argument("--qk-dtype", choices=["int8"], default=None,
-                        help="liteattn's settings compute Q.K^T from 8-bit q and k (default: as they are)")
+    add_precision_arguments(parser, "each liteattn setting")
     parser.add_argument("--batch", type=int, default=32, help="videos generated at once (default: 32)")
     parser.add_argument("--workers", type=int, default=0, help="processes scoring videos (default: CPU cores, max 16)")
     parser.add_argument("--no-timing", action="store_true", help="GPU: skip the batch-1 timings")
@@ -73,6 +72,7 @@ def check_args(args) -> None:
     if not args.guidance >= 0:
         raise ValueError(f"--guidance: expected a number >= 0, got {args.guidance:g}")
     check_positive("--workers", args.workers, 0)
+    check_pv_dtype(args)
 
 
 def _score(item):
@@ -144,7 +144,8 @@ def run(args) -> int:
     graphs = device.type == "cuda" and not args.no_cuda_graph
     print(f"liteattn eval: {len(pairs)} prompt x seed pairs, {frames} frames of {pixels}px "
           f"({testbed.tokens_per_video(frames, pixels)} tokens), {steps} steps, {len(settings)} liteattn setting(s)"
-          f"{', 8-bit QK' if args.qk_dtype else ''}, {device} {str(dtype).replace('torch.', '')}")
+          f"{', 8-bit QK' if args.qk_dtype else ''}{', fp8 P.V' if args.pv_dtype else ''}, {device} "
+          f"{str(dtype).replace('torch.', '')}")
 
     def videos_of(setting):
         chunks, sparsity, calls = [], 0.0, 0
@@ -170,6 +171,7 @@ def run(args) -> int:
     report = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "frames": frames, "pixels": pixels, "tokens_per_video": testbed.tokens_per_video(frames, pixels),
               "steps": steps, "guidance": args.guidance, "cuda_graphs": graphs, "qk_dtype": args.qk_dtype,
+              "pv_dtype": args.pv_dtype,
               "pairs": [{"prompt": describe_prompt(prompts[p]), "seed": 1000 + s} for p, s in pairs],
               "dense": {"scores": _stats(dense_scores, None), "timing": timing(None)}, "settings": []}
     for setting in settings:
@@ -210,7 +212,7 @@ def _options(setting: dict | None, steps: int, args) -> dict:
     if setting is None:
         return dict(threshold=None, dense_steps=steps)
     return dict(threshold=setting["threshold"], dense_steps=setting["dense_steps"], profile=setting["loaded"],
-                qk_dtype=args.qk_dtype)
+                qk_dtype=args.qk_dtype, pv_dtype=args.pv_dtype)
 
 
 def _label(e: dict) -> str:

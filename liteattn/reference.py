@@ -92,6 +92,31 @@ kernels flag bad tokens when they quantize and compute every query tile that
 meets one (a bad row of its own, or a bad key of its kv-head) by the rules
 without 8-bit QK: the same non-finite rows and kept lists, and 16-bit scores
 for that tile's finite rows (liteattn.kernels.quant).
+
+fp8 P.V (``pv_dtype="fp8"``, opt-in, only with an 8-bit ``qk_dtype``): step
+4's product ``e^{s-m'} v_j`` takes P and V rounded to float8 e4m3, as
+SageAttention2 computes it; the running max, the sums ``l`` (from the
+unrounded P), the skip rule and the lse are as above.
+
+e. *V*, one scale per (batch, kv-head, channel) over the valid keys:
+   ``scale = absmax / 448`` (1 for a channel of zeros), values ``v / scale``
+   rounded to e4m3 (nearest, ties to even). Why per channel: V's channels
+   differ in range and the scale is one multiply of the output's channel.
+f. *P* of each tile, ``e^{s-m'}`` in ``[0, 1]``, times 448 (the e4m3 range),
+   rounded to float16 and then to e4m3, divided by 448: the kernel's exp2
+   gives P in float32, which crosses its loop as float16 pairs and is rounded
+   to e4m3 where the product is issued, and the reference rounds the same
+   two ways. The sums use the unrounded P, so a row's weights need not sum
+   to one exactly (their error is P's rounding, about 3 % per weight). Each
+   term of the product is exact; the sum is rounded as the kernel's tensor
+   cores accumulate (Hopper's fp8 products keep fewer bits than float32),
+   which the reference does not model.
+g. A kv-head whose V holds a non-finite value computes P.V unrounded (one
+   NaN would otherwise set the scale of its channel). The kernels compute
+   every query tile they compute in 16 bits (a bad query row or key, as
+   above, or a non-finite value of its kv-head's V) without 8-bit QK and
+   without fp8 P.V: the same non-finite rows, and 16-bit P.V for that
+   tile's finite rows where the reference rounds it.
 """
 from __future__ import annotations
 
@@ -115,7 +140,9 @@ def _tiles(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 QK_DTYPES = (None, "int8", "fp8")
+PV_DTYPES = (None, "fp8")
 _QMAX = {"int8": 127.0, "fp8": 448.0}
+_FP8_MAX = 448.0
 
 
 def _check_qk_dtype(qk_dtype):
@@ -126,6 +153,39 @@ def _check_qk_dtype(qk_dtype):
     hint = " (pass the string, e.g. 'int8')" if isinstance(qk_dtype, torch.dtype) else ""
     raise ValueError(f"qk_dtype: expected one of {QK_DTYPES} (None: Q and K unrounded; 'int8' or 'fp8': "
                      f"8-bit Q.K^T with smoothed K, one scale per tile), got {qk_dtype!r}{hint}")
+
+
+def check_pv_dtype(pv_dtype, qk_dtype):
+    """None or ``"fp8"``, which needs an 8-bit ``qk_dtype`` (the rule for every entry point; ValueError naming
+    ``pv_dtype`` otherwise)."""
+    if pv_dtype is None:
+        return None
+    if not (isinstance(pv_dtype, str) and pv_dtype in PV_DTYPES):
+        hint = " (pass the string 'fp8')" if isinstance(pv_dtype, torch.dtype) else ""
+        raise ValueError(f"pv_dtype: expected None or 'fp8' (None: P.V in 16 bits; 'fp8': P and V rounded to float8 "
+                         f"e4m3), got {pv_dtype!r}{hint}")
+    if qk_dtype is None:
+        raise ValueError("pv_dtype='fp8': fp8 P.V comes with 8-bit Q.K^T; expected qk_dtype='int8' (or 'fp8') with "
+                         "it, got qk_dtype=None")
+    if not hasattr(torch, "float8_e4m3fn"):
+        raise ValueError("pv_dtype='fp8': this torch has no torch.float8_e4m3fn; use pv_dtype=None")
+    return pv_dtype
+
+
+def _rounded_v(v: torch.Tensor) -> torch.Tensor:
+    """V (B, H_kv, S_k, D) as fp8 P.V reads it (rules e, g): rounded to e4m3 per channel and scaled back, or
+    unrounded for a kv-head holding a non-finite value."""
+    finite = v.isfinite()
+    absmax = torch.where(finite, v.abs(), 0.0).amax(2, keepdim=True)  # [B, H_kv, 1, D]
+    scale = torch.where(absmax > 0, absmax / _FP8_MAX, torch.ones_like(absmax))
+    rounded = (v / scale).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn).to(v.dtype) * scale
+    bad_head = ~finite.flatten(2).all(-1)  # [B, H_kv]
+    return torch.where(bad_head[..., None, None], v, rounded)
+
+
+def _rounded_p(p: torch.Tensor) -> torch.Tensor:
+    """P in [0, 1] as fp8 P.V reads it (rule f): times 448, to float16, to e4m3, divided by 448."""
+    return (p * _FP8_MAX).to(torch.float16).to(torch.float8_e4m3fn).to(p.dtype) / _FP8_MAX
 
 
 def _round8(x: torch.Tensor, block: int, qk_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,6 +257,7 @@ def lite_attention_reference(
     return_scores: bool = False,
     skip_softmax: bool = False,
     qk_dtype: str | None = None,
+    pv_dtype: str | None = None,
 ):
     """Reference forward on BHSD tensors.
 
@@ -215,6 +276,8 @@ def lite_attention_reference(
             are the tiles used.
         qk_dtype: ``None`` (default) computes Q.K^T from q and k in ``compute_dtype``; ``"int8"`` or ``"fp8"``
             from q and mean-smoothed k rounded to 8 bits with one scale per tile (module docstring, a-d).
+        pv_dtype: ``None`` (default) computes P.V in ``compute_dtype``; ``"fp8"`` from P and V rounded to float8
+            e4m3 (module docstring, e-g); needs an 8-bit ``qk_dtype``.
 
     Returns:
         ``out (B, H, S_q, D)`` in q's dtype, ``lse (B, H, S_q)`` float32,
@@ -228,6 +291,7 @@ def lite_attention_reference(
     dev = q.device
     scale = dim ** -0.5 if scale is None else scale
     qk_dtype = _check_qk_dtype(qk_dtype)
+    pv_dtype = check_pv_dtype(pv_dtype, qk_dtype)
 
     if qk_dtype is None:
         rounded = None
@@ -235,7 +299,12 @@ def lite_attention_reference(
         ks = _tiles(k.to(compute_dtype).repeat_interleave(group, 1), bn)  # [B, H, KT, BN, D]
     else:
         rounded = _RoundedQK(q, k, bm, bn, group, scale, qk_dtype, compute_dtype)
-    vs = _tiles(v.to(compute_dtype).repeat_interleave(group, 1), bn)
+    vf = v.to(compute_dtype)
+    v8 = pv_dtype is not None
+    vs = _tiles((_rounded_v(vf) if v8 else vf).repeat_interleave(group, 1), bn)
+    v_bad = None
+    if v8:  # rule g: a kv-head with a non-finite value of V computes P.V from the unrounded P
+        v_bad = (~vf.isfinite().flatten(2).all(-1)).repeat_interleave(group, 1)[..., None, None]  # [B, H, 1, 1]
     row_valid = (torch.arange(qt * bm, device=dev) < seq_q).view(qt, bm)  # [QT, BM]
     col_valid = (torch.arange(kt * bn, device=dev) < seq_k).view(kt, bn)  # [KT, BN]
     q_prot = tile_protection(must_do, seq_q, bm, dev).bool()  # [QT]
@@ -277,7 +346,8 @@ def lite_attention_reference(
         alpha = torch.exp(m - m_use)
         upd = (active & ~mark if skip_softmax else active)[..., None]
         l = torch.where(upd, l * alpha + p.sum(-1), l)
-        acc = torch.where(upd[..., None], acc * alpha[..., None] + p @ vs[bi, hi, j], acc)
+        p_v = torch.where(v_bad[..., None], p, _rounded_p(p)) if v8 else p
+        acc = torch.where(upd[..., None], acc * alpha[..., None] + p_v @ vs[bi, hi, j], acc)
         m = torch.where(upd, m_new, m)
 
         keep = active & ~mark

@@ -20,8 +20,9 @@ import triton
 
 def compile_sm90(head_dim: int, block_n: int, walk: str, write_state: bool, **overrides) -> dict:
     """One specialization of the sm90 kernel, compiled for sm90a: the spec :mod:`liteattn.kernels.dispatch` resolves
-    for an sm90 GPU in bf16, ragged keys and LSE on. ``block_m``, ``per_call`` and ``qk8`` in ``overrides``
-    choose what the spec is resolved for (default: 128-row query tiles, the carried rule, 16-bit scores); the
+    for an sm90 GPU in bf16, ragged keys and LSE on. ``block_m``, ``per_call``, ``qk8`` and ``pv8`` in
+    ``overrides`` choose what the spec is resolved for (default: 128-row query tiles, the carried rule, 16-bit
+    scores and P.V); the
     other ``overrides`` replace its fields (e.g. ``pingpong=True``). Returns ``ptx``, the ``cubin`` Triton's
     ptxas made and that run's ``-v`` report (``log``, printed with TRITON_DUMP_PTXAS_LOG). Built once per test
     session and specialization (a build takes seconds)."""
@@ -33,13 +34,14 @@ def _compile(head_dim: int, block_n: int, walk: str, write_state: bool, override
     overrides = dict(overrides)
     # Modes and tiles the spec is resolved for (its ring depth and register split follow them), not overrides.
     qk8 = overrides.pop("qk8", False)
+    pv8 = overrides.pop("pv8", False)
     per_call = overrides.pop("per_call", False)
     block_m = overrides.pop("block_m", 128)
     with tempfile.TemporaryDirectory() as d:
         ptx_path, cubin_path = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
         code = ("import dataclasses, sys, torch; from liteattn.kernels import dispatch, sm90; "
                 "spec = dispatch.resolve(('cuda', (9, 0)), torch.bfloat16, "
-                f"{head_dim}, {block_m}, {block_n}, {walk!r}, {per_call}, {qk8}); "
+                f"{head_dim}, {block_m}, {block_n}, {walk!r}, {per_call}, {qk8}, {pv8}); "
                 "assert spec.backend == 'sm90', spec; "
                 f"spec = dataclasses.replace(spec, **{overrides!r}); "
                 f"k = sm90.compile_offline(spec, head_dim={head_dim}, write_state={write_state}); "

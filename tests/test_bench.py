@@ -55,7 +55,9 @@ def test_quick_uses_small_shapes_and_few_reps():
     assert quick.budget_ms < full.budget_ms and quick.max_reps < full.max_reps
     assert quick.fractions == full.fractions == list(registry.DEFAULT_FRACTIONS)
     assert [m.name for m in quick.methods] == [m.name for m in full.methods] == list(registry.DEFAULT_METHODS)
-    assert set(registry.METHODS) - set(registry.DEFAULT_METHODS) == {"liteattn-int8", "liteattn-int8-sparse"}
+    assert set(registry.METHODS) - set(registry.DEFAULT_METHODS) == {"liteattn-int8", "liteattn-int8-sparse",
+                                                                      "liteattn-int8-fp8pv",
+                                                                      "liteattn-int8-fp8pv-sparse"}
 
 
 def test_cases_without_a_mask_get_more_runs_in_ten_rounds_by_default():
@@ -272,6 +274,11 @@ def test_compare_and_tolerances():
     wrong[:, :, :10] = torch.randn(2, 3, 10, 16)
     assert not results.judge_errors(*methods.compare(wrong, ref))
     assert not results.judge_errors(float("nan"), float("nan"), 1.0)
+    # fp8 P.V's tolerance takes its rounding (about 4 % relative L2 on random inputs), not a wrong tile
+    fp8_like = ref + 0.03 * ref.abs() * torch.randn_like(ref).clamp(-2, 2)
+    assert not results.judge_errors(*methods.compare(fp8_like, ref))
+    assert results.judge_errors(*methods.compare(fp8_like, ref), results.FP8_PV_TOLERANCE)
+    assert not results.judge_errors(*methods.compare(wrong, ref), results.FP8_PV_TOLERANCE)
     with pytest.raises(ValueError, match="actual"):
         methods.compare(ref[:1], ref)
 

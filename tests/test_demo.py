@@ -70,23 +70,32 @@ def test_eval_reports_intervals_and_a_choice(tmp_path):
 
 
 def test_eval_runs_its_settings_with_8bit_qk(tmp_path, monkeypatch):
-    """``--qk-dtype int8`` reaches every liteattn setting's patch (not the dense reference) and the report."""
+    """``--qk-dtype int8 --pv-dtype fp8`` reach every liteattn setting's patch (not the dense reference) and the
+    report."""
     import liteattn.integrations as integrations
 
     seen = []
     apply = integrations.apply
-    monkeypatch.setattr(integrations, "apply", lambda *a, **kw: seen.append(kw.get("qk_dtype")) or apply(*a, **kw))
+    monkeypatch.setattr(integrations, "apply", lambda *a, **kw: seen.append((kw.get("qk_dtype"), kw.get("pv_dtype")))
+                        or apply(*a, **kw))
     rc = main(["eval", "--out", str(tmp_path), "--device", "cpu", "--frames", "2", "--steps", "3", "--prompts", "1",
                "--seeds", "1", "--threshold", "-1", "--dense-steps", "1", "--workers", "1", "--no-progress",
-               "--qk-dtype", "int8"])
+               "--qk-dtype", "int8", "--pv-dtype", "fp8"])
     assert rc == 0
-    assert seen == [None, "int8"]  # the dense run, then the setting
+    assert seen == [(None, None), ("int8", "fp8")]  # the dense run, then the setting
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert report["qk_dtype"] == "int8"
+    assert report["qk_dtype"] == "int8" and report["pv_dtype"] == "fp8"
     # One pair: its "interval" is a point, so no verdict and no chosen setting.
     assert report["settings"][0]["inside_dense_interval"] is None and report["chosen"] is None
     (row,) = [line for line in (tmp_path / "eval.md").read_text().splitlines() if line.startswith("| threshold")]
     assert row.endswith("| - |"), row
+
+
+@pytest.mark.parametrize("command", ["demo", "eval"])
+def test_fp8_pv_without_int8_scores_is_refused_in_one_line(command, tmp_path, capsys):
+    assert main([command, "--out", str(tmp_path), "--device", "cpu", "--pv-dtype", "fp8"]) == 2
+    assert capsys.readouterr().err == (f"liteattn {command}: --pv-dtype: fp8 P.V comes with 8-bit Q.K^T; expected "
+                                       "--qk-dtype int8 with --pv-dtype fp8\n")
 
 
 def test_eval_judges_a_calibration_profile(tmp_path, monkeypatch):

@@ -195,14 +195,17 @@ def test_a_spec_is_resolved_once_per_key(monkeypatch):
     monkeypatch.setattr(dispatch, "_sm90_spec", lambda *args: built.append(args) or rule(*args))
     dispatch.resolve.cache_clear()
     try:
-        keys = [(128, "list", False, False), (128, "full", False, False), (128, "list", False, False),
-                (64, "full", True, False), (128, "full", False, False), (64, "full", True, False),
-                (128, "full", False, True), (128, "full", False, True)]
-        specs = [dispatch.resolve(("cuda", (9, 0)), torch.bfloat16, 128, block_m, 128, walk, per_call, qk8)
-                 for block_m, walk, per_call, qk8 in keys]
+        keys = [(128, "list", False, False, False), (128, "full", False, False, False),
+                (128, "list", False, False, False), (64, "full", True, False, False),
+                (128, "full", False, False, False), (64, "full", True, False, False), (128, "full", False, True, False),
+                (128, "full", False, True, False), (128, "full", False, True, True), (128, "full", False, True, True)]
+        specs = [dispatch.resolve(("cuda", (9, 0)), torch.bfloat16, 128, block_m, 128, walk, per_call, qk8, pv8)
+                 for block_m, walk, per_call, qk8, pv8 in keys]
         assert specs[0] is specs[2] and specs[1] is specs[4] and specs[3] is specs[5] and specs[6] is specs[7]
-        assert len({specs[0], specs[1], specs[3], specs[6]}) == 4
-        assert built == [(128, 128, 128, "list", False, False), (128, 128, 128, "full", False, False),
-                         (128, 64, 128, "full", True, False), (128, 128, 128, "full", False, True)]
+        assert specs[8] is specs[9]
+        assert len({specs[0], specs[1], specs[3], specs[6], specs[8]}) == 5
+        assert built == [(128, 128, 128, "list", False, False, False), (128, 128, 128, "full", False, False, False),
+                         (128, 64, 128, "full", True, False, False), (128, 128, 128, "full", False, True, False),
+                         (128, 128, 128, "full", False, True, True)]
     finally:
         dispatch.resolve.cache_clear()

@@ -98,18 +98,18 @@ def _inputs(gen):
     return q, k, v, state, prot
 
 
-def _sm90_spec(qk8=False):
+def _sm90_spec(qk8=False, pv8=False):
     """The sm90 kernel's spec for a Hopper GPU, with index order: a CPU has no L2 size to apply the rule to."""
-    spec = dispatch.resolve(("cuda", (9, 0)), torch.float16, 128, 128, 128, "list", False, qk8)
+    spec = dispatch.resolve(("cuda", (9, 0)), torch.float16, 128, 128, 128, "list", False, qk8, pv8)
     assert spec.backend == "sm90", spec
     return dataclasses.replace(spec, work_order="index")
 
 
-def _run(q, k, v, state, prot, qk8=False):
+def _run(q, k, v, state, prot, qk8=False, pv8=False):
     counts, indices = state.next_buffers()
     call = KernelCall(q, k, v, state.kv_num_blocks, state.kv_indices, counts, indices, prot, prot, 32 ** -0.5, -2.0,
-                      128, 128, "list", True, True, qk8=qk8)
-    out, lse = dispatch.lite_attention_fwd(call, spec=_sm90_spec(qk8))
+                      128, 128, "list", True, True, qk8=qk8, pv8=pv8)
+    out, lse = dispatch.lite_attention_fwd(call, spec=_sm90_spec(qk8, pv8))
     return out, lse, (counts.clone(), indices.clone())
 
 
@@ -165,6 +165,35 @@ def test_a_build_failure_of_the_8_bit_kernel_leaves_the_16_bit_one(monkeypatch, 
     with pytest.raises(RuntimeError, match="reached the 16-bit launch"):
         _run(q, k, v, state, prot)
     assert attempts == [True, False]
+
+
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+def test_a_build_failure_of_fp8_pv_refuses_the_call(monkeypatch, gen, fresh_module_lookup):
+    """fp8 P.V runs only in the Hopper kernel: where this Triton cannot build it, the call is refused with the reason
+    (the portable kernel would compute P.V in 16 bits under the mode's name), without trying to build it again; the
+    int8 kernel without it is still tried. The record of failed builds is per mode."""
+    from triton.compiler.errors import CompilationError
+
+    attempts = []
+
+    def launch(spec, *args, **kwargs):
+        attempts.append((spec.qk8, spec.pv8))
+        if spec.pv8:
+            raise CompilationError(None, ast.parse("x").body[0], "no fp8 wgmma")
+        raise RuntimeError("CUDA error: reached the int8 launch")  # stands for running it, on a CPU
+
+    monkeypatch.setattr(dispatch, "sm90_module", lambda: SimpleNamespace(launch=launch))
+    monkeypatch.setattr(dispatch, "_GLUON_BUILD_FAILED", {})
+    q, k, v, state, prot = _inputs(gen)
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # refused, not run elsewhere with a warning
+            with pytest.raises(ValueError, match=r"pv_dtype='fp8': .*failed to build it \(CompilationError: .*no fp8 "
+                                                 r"wgmma\); use pv_dtype=None"):
+                _run(q, k, v, state, prot, qk8=True, pv8=True)
+    with pytest.raises(RuntimeError, match="reached the int8 launch"):
+        _run(q, k, v, state, prot, qk8=True)
+    assert attempts == [(True, True), (True, False)]
 
 
 def test_a_launch_error_is_not_taken_for_a_build_failure(monkeypatch, gen, fresh_module_lookup):

@@ -1,5 +1,5 @@
-"""8-bit Q.K^T (``qk_dtype="int8"``) beside the 16-bit kernel and cuDNN, in one process: time dense and at set
-skipped fractions, and accuracy against the 16-bit kernel's output.
+"""8-bit Q.K^T (``qk_dtype="int8"``), with P.V in 16 bits and in fp8 (``pv_dtype="fp8"``), beside the 16-bit kernel
+and cuDNN, in one process: time dense and at set skipped fractions, and accuracy against the 16-bit kernel's output.
 
 Accuracy is measured as SageAttention reports it (cosine similarity and relative L1 of the output against 16-bit
 attention) on two kinds of inputs: random normal q, k, v, and the same with a shared offset added to every key (as
@@ -25,7 +25,9 @@ from liteattn import SkipState
 from liteattn.bench.masks import build_mask
 from liteattn.bench.run import _positive
 from liteattn.kernels import default_block_sizes
-from liteattn.kernels.quant import quantize_qk
+from liteattn.kernels.quant import quantize_qk, quantize_v
+
+MODES = {"int8": dict(qk_dtype="int8"), "int8pv8": dict(qk_dtype="int8", pv_dtype="fp8")}
 
 
 def accuracy(out: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -58,26 +60,28 @@ def measure_shape(name: str, fractions, rounds: int, reps: int, clocks: bool = F
     acc = {}
     for label, keys in (("random", k), ("key offset", k + offset)):
         ref = liteattn.lite_attention(q, keys, v, enabled=False)[0]
-        out = liteattn.lite_attention(q, keys, v, enabled=False, qk_dtype="int8")[0]
-        acc[label] = accuracy(out, ref)
-    # Skip decisions after one call with detection, from a fresh state, 16 bits against int8.
+        for mode, kw in MODES.items():
+            out = liteattn.lite_attention(q, keys, v, enabled=False, **kw)[0]
+            acc[label if mode == "int8" else f"{label}, {mode}"] = accuracy(out, ref)
+    # Skip decisions after one call with detection, from a fresh state, 16 bits against each 8-bit mode.
     lq, lk, lv = local_inputs(shape, seed=1)
-    lists = {}
-    for qk_dtype in (None, "int8"):
-        _, state = liteattn.lite_attention(lq, lk, lv, None, threshold=-5.0, qk_dtype=qk_dtype)
-        lists[qk_dtype] = state.to_dense()
-    agree = (lists[None] == lists["int8"]).float().mean().item()
-    acc["decisions"] = {"agree": agree, "marked_16bit": 1.0 - lists[None].float().mean().item(),
-                        "marked_int8": 1.0 - lists["int8"].float().mean().item()}
+    lists = {"16bit": liteattn.lite_attention(lq, lk, lv, None, threshold=-5.0)[1].to_dense()}
+    for mode, kw in MODES.items():
+        lists[mode] = liteattn.lite_attention(lq, lk, lv, None, threshold=-5.0, **kw)[1].to_dense()
+    acc["decisions"] = {"agree": (lists["16bit"] == lists["int8"]).float().mean().item(),
+                        "agree_int8pv8": (lists["16bit"] == lists["int8pv8"]).float().mean().item(),
+                        **{f"marked_{m}": 1.0 - x.float().mean().item() for m, x in lists.items()}}
     del lq, lk, lv, lists
-    if acc["random"]["cos"] < 0.99 or acc["key offset"]["cos"] < 0.99:
-        raise SystemExit(f"{name}: int8 output far from 16 bits: {acc}")
+    if min(a["cos"] for key, a in acc.items() if key != "decisions") < 0.99:
+        raise SystemExit(f"{name}: an 8-bit output far from 16 bits: {acc}")
 
-    q_bhsd, k_bhsd = q.transpose(1, 2), k.transpose(1, 2)
+    q_bhsd, k_bhsd, v_bhsd = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     calls = {"cudnn": lambda: sdpa(q, k, v),
              "rounding_pass": lambda: quantize_qk(q_bhsd, k_bhsd, bm, bn),
-             "bf16_dense": lambda: liteattn.lite_attention(q, k, v, enabled=False),
-             "int8_dense": lambda: liteattn.lite_attention(q, k, v, enabled=False, qk_dtype="int8")}
+             "rounding_pass_v": lambda: quantize_v(v_bhsd, bn),
+             "bf16_dense": lambda: liteattn.lite_attention(q, k, v, enabled=False)}
+    for mode, kw in MODES.items():
+        calls[f"{mode}_dense"] = lambda kw=kw: liteattn.lite_attention(q, k, v, enabled=False, **kw)
     tiles = (b, h, -(-s // bm), -(-s // bn))
     skipped = {}
     for f in fractions:
@@ -85,8 +89,9 @@ def measure_shape(name: str, fractions, rounds: int, reps: int, clocks: bool = F
         state = SkipState.from_dense(mask, s, s, bm, bn)
         skipped[f"{f:g}"] = 1.0 - mask.float().mean().item()
         calls[f"bf16@{f:g}"] = lambda st=state: liteattn.lite_attention(q, k, v, st, threshold=float("-inf"))
-        calls[f"int8@{f:g}"] = lambda st=state: liteattn.lite_attention(q, k, v, st, threshold=float("-inf"),
-                                                                        qk_dtype="int8")
+        for mode, kw in MODES.items():
+            calls[f"{mode}@{f:g}"] = lambda st=state, kw=kw: liteattn.lite_attention(
+                q, k, v, st, threshold=float("-inf"), **kw)
     rows, times = rows_against_cudnn(calls, rounds, reps, clocks)
     return {"shape": list(shape), "tiles": [bm, bn], "accuracy": acc, "skipped": skipped, "ms": rows,
             "rounds": times}

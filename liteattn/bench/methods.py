@@ -86,11 +86,12 @@ def sdpa(inputs: Inputs, backend: str) -> Callable[[], torch.Tensor]:
     return call
 
 
-def liteattn_dense(inputs: Inputs, qk_dtype: str | None = None) -> Callable[[], torch.Tensor]:
+def liteattn_dense(inputs: Inputs, qk_dtype: str | None = None, pv_dtype: str | None = None
+                   ) -> Callable[[], torch.Tensor]:
     """Every tile, no detection (``enabled=False``): liteattn as a plain dense attention (``qk_dtype="int8"``: with
-    8-bit Q.K^T, its rounding pass included)."""
+    8-bit Q.K^T, its rounding pass included; ``pv_dtype="fp8"``: P.V in fp8 too, V's rounding included)."""
     def call() -> torch.Tensor:
-        return lite_attention(inputs.q, inputs.k, inputs.v, enabled=False, qk_dtype=qk_dtype)[0]
+        return lite_attention(inputs.q, inputs.k, inputs.v, enabled=False, qk_dtype=qk_dtype, pv_dtype=pv_dtype)[0]
 
     return call
 
@@ -127,8 +128,8 @@ def liteattn_detect(inputs: Inputs, fresh: bool = True) -> tuple[Callable[[], to
     return call, marked
 
 
-def liteattn_sparse(inputs: Inputs, mask: torch.Tensor,
-                    qk_dtype: str | None = None) -> tuple[Callable[[], torch.Tensor], SkipState]:
+def liteattn_sparse(inputs: Inputs, mask: torch.Tensor, qk_dtype: str | None = None,
+                    pv_dtype: str | None = None) -> tuple[Callable[[], torch.Tensor], SkipState]:
     """A state pre-seeded from ``mask`` and ``threshold=-inf``: exactly the mask's tiles are skipped.
 
     With ``-inf`` nothing is marked and the state is not rewritten, so every
@@ -138,7 +139,8 @@ def liteattn_sparse(inputs: Inputs, mask: torch.Tensor,
     state = SkipState.from_dense(mask, s, s, *inputs.block)
 
     def call() -> torch.Tensor:
-        return lite_attention(inputs.q, inputs.k, inputs.v, state, threshold=float("-inf"), qk_dtype=qk_dtype)[0]
+        return lite_attention(inputs.q, inputs.k, inputs.v, state, threshold=float("-inf"), qk_dtype=qk_dtype,
+                              pv_dtype=pv_dtype)[0]
 
     return call, state
 

@@ -15,7 +15,8 @@ __all__ = ["plot_rows"]
 
 _METHOD_COLORS = {"sdpa-cudnn": "black", "sdpa-flash": "tab:gray", "liteattn-dense": "tab:blue",
                   "liteattn-detect": "tab:cyan", "liteattn-detect-list": "tab:purple", "flex": "tab:orange", "liteattn-sparse": "tab:green",
-                  "liteattn-int8": "tab:red", "liteattn-int8-sparse": "tab:olive"}
+                  "liteattn-int8": "tab:red", "liteattn-int8-sparse": "tab:olive",
+                  "liteattn-int8-fp8pv": "tab:brown", "liteattn-int8-fp8pv-sparse": "tab:pink"}
 _PATTERN_STYLES = {"random": ("o", "-"), "random-uneven": ("D", "-."), "banded": ("s", "--"), "per-head": ("^", ":")}
 
 

@@ -78,11 +78,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("liteattn-sparse", True, "SkipState.from_dense(mask), threshold -inf: exactly the mask's tiles skipped"),
     Method("liteattn-int8", False, "liteattn-dense with qk_dtype='int8' (8-bit Q.K^T, the rounding pass included)"),
     Method("liteattn-int8-sparse", True, "liteattn-sparse with qk_dtype='int8'"),
+    Method("liteattn-int8-fp8pv", False, "liteattn-int8 with pv_dtype='fp8' (P.V in fp8 as well; V's rounding pass "
+           "included)"),
+    Method("liteattn-int8-fp8pv-sparse", True, "liteattn-sparse with qk_dtype='int8', pv_dtype='fp8'"),
 )}
 
-# The default run: every method but the 8-bit mode, which is opt-in (--methods ...,liteattn-int8 or 'all'): it is
-# faster than 16 bits dense at head_dim 128, and with tiles skipped only at large shapes (docs/benchmarks.md), and
-# its rows would lengthen every run by about half.
+# The default run: every method but the 8-bit modes, which are opt-in (--methods ...,liteattn-int8 or 'all'): they
+# are faster than 16 bits dense at head_dim 128, and with tiles skipped only at large shapes (docs/benchmarks.md),
+# and their rows would lengthen every run by about half each.
 DEFAULT_METHODS = tuple(name for name in METHODS if not name.startswith("liteattn-int8"))
 
 PATTERNS: dict[str, Pattern] = {p.name: p for p in (

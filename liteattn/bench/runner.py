@@ -24,7 +24,8 @@ from .masks import achieved_fraction, build_mask
 from .plot import plot_rows
 from .registry import Shape
 from .report import environment, format_checks, format_ratios, format_rows, write_json, write_text
-from .results import RATIO_TARGETS, Check, Row, compute_ratios, failed_row, judge_errors, run_status, timed_row
+from .results import (BF16_TOLERANCE, FP8_PV_TOLERANCE, RATIO_TARGETS, Check, Row, Tolerance, compute_ratios,
+                      failed_row, judge_errors, run_status, timed_row)
 from .timing import CaseTimer, release_flush_buffers, split_reps
 
 __all__ = ["BenchRun"]
@@ -72,11 +73,13 @@ class BenchRun:
             "sdpa-flash": lambda: (M.sdpa(inputs, "flash"), None),
             "liteattn-dense": lambda: (M.liteattn_dense(inputs), None),
             "liteattn-int8": lambda: (M.liteattn_dense(inputs, "int8"), None),
+            "liteattn-int8-fp8pv": lambda: (M.liteattn_dense(inputs, "int8", "fp8"), None),
             "liteattn-detect": lambda: _with_detect_check(*M.liteattn_detect(inputs)),
             "liteattn-detect-list": lambda: _with_detect_check(*M.liteattn_detect(inputs, fresh=False)),
         }
         cases = [_Case(shape, name, build) for name, build in dense.items() if name in self.selected]
-        sparse = [m for m in ("flex", "liteattn-sparse", "liteattn-int8-sparse") if m in self.selected]
+        sparse = [m for m in ("flex", "liteattn-sparse", "liteattn-int8-sparse", "liteattn-int8-fp8pv-sparse")
+                  if m in self.selected]
         gen = torch.Generator(device="cuda").manual_seed(c.seed + 1)
         for pattern in c.patterns if sparse else ():
             for fraction in c.fractions:
@@ -86,6 +89,8 @@ class BenchRun:
                     "liteattn-sparse": lambda mask=mask: _with_sparse_check(*M.liteattn_sparse(inputs, mask), mask),
                     "liteattn-int8-sparse": lambda mask=mask: _with_sparse_check(
                         *M.liteattn_sparse(inputs, mask, "int8"), mask),
+                    "liteattn-int8-fp8pv-sparse": lambda mask=mask: _with_sparse_check(
+                        *M.liteattn_sparse(inputs, mask, "int8", "fp8"), mask),
                 }
                 got = achieved_fraction(mask)
                 cases += [_Case(shape, name, builders[name], pattern.name, fraction, got) for name in sparse]
@@ -169,6 +174,11 @@ class BenchRun:
                 self._add_check(self._compare(name, f"liteattn-int8 vs {ref_name}",
                                               lambda: _quiet(M.liteattn_dense(inputs, "int8")).transpose(1, 2),
                                               reference))
+            if "liteattn-int8-fp8pv" in self.selected or "liteattn-int8-fp8pv-sparse" in self.selected:
+                self._add_check(self._compare(
+                    name, f"liteattn-int8-fp8pv vs {ref_name}",
+                    lambda: _quiet(M.liteattn_dense(inputs, "int8", "fp8")).transpose(1, 2), reference,
+                    tol=FP8_PV_TOLERANCE))
         del reference
         gen = torch.Generator(device="cuda").manual_seed(self.config.seed + 2)
         mask = build_mask("random", inputs.tiles, SPARSE_CHECK_FRACTION, generator=gen, device="cuda")
@@ -184,12 +194,12 @@ class BenchRun:
                                       lambda: _quiet(M.liteattn_sparse(inputs, mask)[0]).transpose(1, 2), flex_out))
 
     def _compare(self, shape: str, check_name: str, actual: Callable[[], torch.Tensor],
-                 reference: torch.Tensor) -> Check:
+                 reference: torch.Tensor, tol: Tolerance = BF16_TOLERANCE) -> Check:
         try:
             max_abs, rel_l2, ref_max = M.compare(actual(), reference)
         except Exception as exc:
             return Check(shape, check_name, "error", detail=_describe(exc))
-        status = "passed" if judge_errors(max_abs, rel_l2, ref_max) else "failed"
+        status = "passed" if judge_errors(max_abs, rel_l2, ref_max, tol) else "failed"
         return Check(shape, check_name, status, max_abs, rel_l2, ref_max)
 
     def _note(self, shape: str, note: str) -> None:

@@ -41,7 +41,8 @@ from .layer import CallRecord, count_fallback, input_fallback_reason
 from .report import AttentionCall, Summary
 
 __all__ = ["BLOCK_KEY", "NEVER_SKIP", "BlockIndexPatch", "Chunk", "GenerationTracker", "LiteAttentionOverride",
-           "QK_DTYPE_CHOICES", "block_of", "check_calibration_profile", "qk_dtype_from_input", "split_chunks",
+           "PV_DTYPE_CHOICES", "QK_DTYPE_CHOICES", "block_of", "check_calibration_profile", "pv_dtype_from_input",
+           "qk_dtype_from_input", "split_chunks",
            "step_from_sigmas", "threshold_from_input"]
 
 # The key under which a BlockIndexPatch passes its block's index down to the attention calls of that block.
@@ -55,6 +56,8 @@ SELF_ATTENTION_DONE_KEY = "liteattn_self_attention_done"
 NEVER_SKIP = -100.0
 # The node's score-precision choices (a ComfyUI combo holds strings) and the qk_dtype each stands for.
 QK_DTYPE_CHOICES = MappingProxyType({"16-bit": None, "int8": "int8"})
+# Its P.V-precision choices and the pv_dtype each stands for.
+PV_DTYPE_CHOICES = MappingProxyType({"16-bit": None, "fp8": "fp8"})
 # ComfyUI's cond_or_uncond entries: the index of the conditioning list in the guider, 0 positive, 1 negative.
 BRANCH_NAMES = {0: "cond", 1: "uncond"}
 # Relative tolerance for finding the current sigma in the schedule (the one ComfyUI's context windows use).
@@ -82,6 +85,14 @@ def qk_dtype_from_input(value) -> str | None:
     if not isinstance(value, str) or value not in QK_DTYPE_CHOICES:
         raise ValueError(f"qk_dtype: expected one of {list(QK_DTYPE_CHOICES)}, got {value!r}")
     return QK_DTYPE_CHOICES[value]
+
+
+def pv_dtype_from_input(value) -> str | None:
+    """The node's P.V-precision choice as a ``pv_dtype``: ``"16-bit"`` or ``"fp8"`` (P and V rounded to float8
+    e4m3, with int8 scores; :func:`liteattn.lite_attention`). Another value is named in the error."""
+    if not isinstance(value, str) or value not in PV_DTYPE_CHOICES:
+        raise ValueError(f"pv_dtype: expected one of {list(PV_DTYPE_CHOICES)}, got {value!r}")
+    return PV_DTYPE_CHOICES[value]
 
 
 def check_calibration_profile(path) -> None:
@@ -392,7 +403,8 @@ class LiteAttentionOverride:
         heads = call.get("heads")
         if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or q.shape[-1] % heads:
             return "heads"
-        return input_fallback_reason(self.config.backend, q.unflatten(-1, (heads, -1)), self.config.qk_dtype)
+        return input_fallback_reason(self.config.backend, q.unflatten(-1, (heads, -1)), self.config.qk_dtype,
+                                     self.config.pv_dtype)
 
     def _step_of(self, options: dict) -> int | None:
         """The step of this call, read once per model forward.
@@ -415,7 +427,8 @@ class LiteAttentionOverride:
         slot = self._slots.get((block, chunk.key))
         if slot is None:
             attention = LiteAttention(self.config.threshold_at(0), block_size=self.config.block_size,
-                                      backend=self.config.backend, qk_dtype=self.config.qk_dtype)
+                                      backend=self.config.backend, qk_dtype=self.config.qk_dtype,
+                                      pv_dtype=self.config.pv_dtype)
             slot = self._slots[(block, chunk.key)] = _Slot(block, self._label(chunk), attention, [])
         return slot
 
@@ -460,6 +473,7 @@ class LiteAttentionOverride:
         blocks = len({slot.block for slot in self._slots.values()})
         tiles = "default" if self.config.block_size is None else "x".join(map(str, self.config.block_size))
         scores = "" if self.config.qk_dtype is None else f", scores {self.config.qk_dtype}"
+        scores += "" if self.config.pv_dtype is None else f", P.V {self.config.pv_dtype}"
         header = (f"liteattn (ComfyUI): threshold {describe_threshold(self.config)}, dense_steps "
                   f"{self.config.dense_steps}, tiles {tiles}, backend {self.config.backend}{scores}, {blocks} blocks "
                   "seen")

@@ -98,6 +98,10 @@ class LiteAttentionConfig:
             :func:`liteattn.lite_attention`), as accurate as 16 bits, faster on large head_dim-128 models
             (docs/api.md); ``"fp8"`` with ``backend="torch"`` only.
             Default None: scores from q and k as they are.
+        pv_dtype (`str`, *optional*):
+            ``"fp8"``: P.V from P and V rounded to float8 e4m3 (:func:`liteattn.lite_attention`), with
+            ``qk_dtype="int8"``; on a GPU the Hopper kernel only. Faster again where calls run at the GPU's power
+            limit (docs/benchmarks.md). Default None: P.V in 16 bits.
     """
 
     threshold: float | tuple[float, ...] = -10.0
@@ -113,6 +117,7 @@ class LiteAttentionConfig:
     cuda_graph: bool = False
     skip_rule: str = "carry"
     qk_dtype: str | None = None
+    pv_dtype: str | None = None
 
     def __post_init__(self) -> None:
         # Frozen: the fields are normalised (lists to tuples, checked) once, here.
@@ -149,6 +154,7 @@ class LiteAttentionConfig:
         if self.qk_dtype is not None and self.skip_rule == "per_call":
             raise ValueError(f"qk_dtype: expected None with skip_rule='per_call' (skip-softmax computes Q.K^T in 16 "
                              f"bits), got {self.qk_dtype!r}")
+        V.validate_pv_dtype(self.pv_dtype, self.qk_dtype, self.backend, 64)  # head_dim checked at each call
         if self.profile is not None:
             self._resolve_profile()
 

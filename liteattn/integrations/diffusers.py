@@ -509,6 +509,7 @@ def _summary(patches: list[_Patch]) -> Summary:
     tiles = "default" if config.block_size is None else "x".join(map(str, config.block_size))
     header = (f"liteattn: threshold {describe_threshold(config)}, dense_steps {config.first_skipping_step}, "
               f"{'' if config.skip_rule == 'carry' else 'skip rule ' + config.skip_rule + ', '}"
-              f"{'' if config.qk_dtype is None else 'qk ' + config.qk_dtype + ', '}tiles {tiles}, "
+              f"{'' if config.qk_dtype is None else 'qk ' + config.qk_dtype + ', '}"
+              f"{'' if config.pv_dtype is None else 'pv ' + config.pv_dtype + ', '}tiles {tiles}, "
               f"backend {config.backend}, {sum(len(p.layers) for p in patches)} patched layers")
     return Summary(calls, forwards, dict(fallbacks), header)

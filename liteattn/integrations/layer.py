@@ -145,13 +145,14 @@ class KeyPaddingMasks:
         self._last = None
 
 
-def input_fallback_reason(backend: str, query: torch.Tensor, qk_dtype: str | None = None) -> str | None:
+def input_fallback_reason(backend: str, query: torch.Tensor, qk_dtype: str | None = None,
+                          pv_dtype: str | None = None) -> str | None:
     """Why liteattn cannot compute attention on ``query``'s dtype or head_dim under ``backend`` (and
-    ``qk_dtype``), or None.
+    ``qk_dtype``, ``pv_dtype``), or None.
 
-    The GPU kernel takes bf16/fp16 and head_dim a multiple of 16 up to 256, with 8-bit QK from 32; the
-    PyTorch path also takes fp32/fp64. ``"dtype"``, ``"head_dim"`` or ``"head_dim for 8-bit QK"``: the call
-    runs the model's own attention instead of failing.
+    The GPU kernel takes bf16/fp16 and head_dim a multiple of 16 up to 256, with 8-bit QK from 32 and fp8 P.V
+    at 64 and 128; the PyTorch path also takes fp32/fp64. ``"dtype"``, ``"head_dim"``, ``"head_dim for 8-bit
+    QK"`` or ``"head_dim for fp8 P.V"``: the call runs the model's own attention instead of failing.
     """
     if V.validate_backend(backend, query.device, TRITON_AVAILABLE) == "triton":
         if query.dtype not in V.KERNEL_DTYPES:
@@ -160,6 +161,8 @@ def input_fallback_reason(backend: str, query: torch.Tensor, qk_dtype: str | Non
             return "head_dim"
         if qk_dtype is not None and query.shape[-1] < 32:  # the int8 products run 32 channels deep
             return "head_dim for 8-bit QK"
+        if pv_dtype is not None and query.shape[-1] not in (64, 128):  # the Hopper kernel's head_dims
+            return "head_dim for fp8 P.V"
     elif query.dtype not in V.REFERENCE_DTYPES:
         return "dtype"
     return None
@@ -246,7 +249,8 @@ class LayerRuntime:
         state = self.contexts.get(context)
         if state is None:
             attention = LiteAttention(self.config.threshold_at(0), block_size=self.config.block_size,
-                                      backend=self.config.backend, qk_dtype=self.config.qk_dtype)
+                                      backend=self.config.backend, qk_dtype=self.config.qk_dtype,
+                                      pv_dtype=self.config.pv_dtype)
             state = self.contexts[context] = ContextState(attention, generation)
         elif generation is not None and state.generation != generation:
             if state.generation is not None:
@@ -341,7 +345,7 @@ class LayerRuntime:
             return None, "causal"
         if query.shape[1] != key.shape[1]:
             return None, "cross_attention"
-        reason = input_fallback_reason(self.config.backend, query, self.config.qk_dtype)
+        reason = input_fallback_reason(self.config.backend, query, self.config.qk_dtype, self.config.pv_dtype)
         if reason:
             return None, reason
         key_len = self.masks.key_length(attn_mask, key.shape[1])

@@ -96,7 +96,8 @@ class KernelCall:
     tile used; only with the full walk and without ``write_state`` (nothing is carried).
 
     ``qk8``: the scores come from Q and K rounded to int8, K smoothed, one scale per tile (``qk_dtype="int8"`` of
-    :mod:`liteattn.reference`); not with ``per_call``.
+    :mod:`liteattn.reference`); not with ``per_call``. ``pv8``: P.V from P and V rounded to float8 e4m3
+    (``pv_dtype="fp8"`` of the reference); only with ``qk8``.
     """
 
     q: torch.Tensor
@@ -117,6 +118,7 @@ class KernelCall:
     return_lse: bool
     per_call: bool = False
     qk8: bool = False
+    pv8: bool = False
 
     def __post_init__(self) -> None:
         if self.walk not in WALKS:
@@ -126,6 +128,8 @@ class KernelCall:
                              f"without write_state, got walk={self.walk!r}, write_state={self.write_state!r}")
         if self.qk8 and self.per_call:
             raise ValueError("qk8: skip-softmax computes Q.K^T in 16 bits; expected qk8=False with per_call=True")
+        if self.pv8 and not self.qk8:
+            raise ValueError("pv8: P.V in fp8 is built on the int8 Q.K^T path; expected qk8=True with pv8=True")
         if self.write_state and self.walk == FULL_WALK:
             raise ValueError("walk: the full walk writes no next state (a call that marks tiles walks the list); "
                              f"got walk={self.walk!r} with write_state=True")

@@ -29,7 +29,7 @@ import triton
 from . import portable
 from .common import (FULL_WALK, WALKS, KernelCall, device_capability, interpreting, l2_bytes, launch_order, prepare,
                      tma_ready)
-from .quant import QK8, quantize_qk
+from .quant import QK8, quantize_qk, quantize_v
 
 __all__ = ["BACKENDS", "WORK_ORDERS", "KernelSpec", "lite_attention_fwd", "longest_first", "portable_spec", "resolve",
            "sm90_module", "sm90_stages", "spec_for", "target_of"]
@@ -95,6 +95,7 @@ class KernelSpec:
     fp_fusion: bool = True
     per_call: bool = False
     qk8: bool = False
+    pv8: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -113,6 +114,9 @@ class KernelSpec:
         if not isinstance(self.qk8, bool) or (self.qk8 and self.per_call):
             raise ValueError(f"qk8: expected a bool, True only without per_call (skip-softmax computes Q.K^T in 16 "
                              f"bits), got qk8={self.qk8!r}, per_call={self.per_call!r}")
+        if not isinstance(self.pv8, bool) or (self.pv8 and (not self.qk8 or self.backend != "sm90")):
+            raise ValueError(f"pv8: expected a bool, True only for the sm90 kernel with qk8, got pv8={self.pv8!r}, "
+                             f"qk8={self.qk8!r}, backend={self.backend!r}")
         if self.backend == "triton":
             for name, neutral in _SM90_ONLY.items():
                 if getattr(self, name) != neutral:
@@ -148,15 +152,16 @@ def _sm90_block_m(per_call: bool) -> int:
 
 
 def sm90_stages(block_m: int, block_n: int, head_dim: int, smem_budget: int = 220 * 1024, max_stages: int = 4,
-                qk8: bool = False) -> int:
+                qk8: bool = False, pv8: bool = False) -> int:
     """K/V ring depth of the sm90 kernel: as many stages as fit in ``smem_budget`` bytes beside its two Q buffers,
     at least 2 and at most ``max_stages``. A program takes a whole SM (one per SM), so it may use the whole shared
     memory: 2 stages at 128 x 128 tiles and head_dim 128 (a third would need 256 KiB with the two Q buffers, more
     than an SM has), 4 at head_dim 64 (5 would fit; not measured). With ``qk8`` Q and K tiles take one byte per
-    value and the output is staged in a buffer of its own: 3 stages at 128 x 128 tiles and head_dim 128."""
+    value and the output is staged in a buffer of its own: 3 stages at 128 x 128 tiles and head_dim 128; 4 with V
+    in one byte as well (``pv8``)."""
     qk_bytes = 1 if qk8 else 2
     fixed = 2 * block_m * head_dim * qk_bytes + (block_m * head_dim * 2 if qk8 else 0)
-    return max(2, min(max_stages, (smem_budget - fixed) // (block_n * head_dim * (qk_bytes + 2))))
+    return max(2, min(max_stages, (smem_budget - fixed) // (block_n * head_dim * (qk_bytes + (1 if pv8 else 2)))))
 
 
 def _sm90_applies(target: tuple, dtype: torch.dtype, head_dim: int, block_m: int, block_n: int,
@@ -169,7 +174,7 @@ def _sm90_applies(target: tuple, dtype: torch.dtype, head_dim: int, block_m: int
 
 
 def _sm90_spec(head_dim: int, block_m: int, block_n: int, walk: str, per_call: bool = False,
-               qk8: bool = False) -> KernelSpec:
+               qk8: bool = False, pv8: bool = False) -> KernelSpec:
     """The sm90 kernel's settings, each as measured on an H200 (lab/kernel-notes.md, the version in brackets)."""
     full = walk == FULL_WALK
     return KernelSpec(
@@ -182,7 +187,7 @@ def _sm90_spec(head_dim: int, block_m: int, block_n: int, walk: str, per_call: b
         # dependent load of the order cost more than L2 misses. The full walk has no lists to sort.
         work_order=INDEX_ORDER if full else LONGEST_FIRST_PAST_HALF_L2,
         tma=True,
-        stages=sm90_stages(block_m, block_n, head_dim, qk8=qk8),
+        stages=sm90_stages(block_m, block_n, head_dim, qk8=qk8, pv8=pv8),
         # setmaxnreg (producer, consumer): the producer also compacts the finished items; the consumers get what
         # the producer's warpgroup gives up, 168 + (168 - producer) / 2. Measured: (40, 232); (24, 240) compiles
         # without spills too and was no faster (v9, v11).
@@ -202,6 +207,7 @@ def _sm90_spec(head_dim: int, block_m: int, block_n: int, walk: str, per_call: b
         lane_sums=not full,
         per_call=per_call,
         qk8=qk8,
+        pv8=pv8,
     )
 
 
@@ -231,9 +237,9 @@ def target_of(device: torch.device) -> tuple:
 
 @functools.lru_cache(maxsize=None)
 def resolve(target: tuple, dtype: torch.dtype, head_dim: int, block_m: int, block_n: int, walk: str,
-            per_call: bool = False, qk8: bool = False) -> KernelSpec:
+            per_call: bool = False, qk8: bool = False, pv8: bool = False) -> KernelSpec:
     """The spec of every call on ``target`` (:func:`target_of`) with this dtype, head_dim, tiles and walk (and the
-    skip-softmax rule with ``per_call``, 8-bit Q.K^T with ``qk8``).
+    skip-softmax rule with ``per_call``, 8-bit Q.K^T with ``qk8``, fp8 P.V with ``pv8``).
 
     Cached: a call pays one dictionary lookup. The sm90 kernel is chosen where it applies and this Triton can
     build it (:func:`sm90_module`, which warns once where it cannot); everything else runs the portable kernel.
@@ -241,7 +247,12 @@ def resolve(target: tuple, dtype: torch.dtype, head_dim: int, block_m: int, bloc
     if walk not in WALKS:
         raise ValueError(f"walk: expected one of {WALKS}, got {walk!r}")
     if _sm90_applies(target, dtype, head_dim, block_m, block_n, per_call) and sm90_module() is not None:
-        return _sm90_spec(head_dim, block_m, block_n, walk, per_call, qk8)
+        return _sm90_spec(head_dim, block_m, block_n, walk, per_call, qk8, pv8)
+    if pv8:
+        raise ValueError(f"pv_dtype='fp8': P.V in fp8 runs in the Hopper kernel (an sm90 GPU, fp16/bf16, head_dim 64 "
+                         f"or 128, 128-row query tiles, 64- or 128-key tiles with a Triton that builds it) and in "
+                         f"the PyTorch reference; this call (target {target}, {dtype}, head_dim {head_dim}, tiles "
+                         f"{block_m} x {block_n}) runs the portable kernel: use pv_dtype=None or backend='torch'")
     platform, capability = target
     return KernelSpec("triton", block_m, block_n, walk,
                       work_order=INDEX_ORDER if walk == FULL_WALK else LONGEST_FIRST,
@@ -252,7 +263,7 @@ def resolve(target: tuple, dtype: torch.dtype, head_dim: int, block_m: int, bloc
 def spec_for(call: KernelCall) -> KernelSpec:
     """:func:`resolve` for a call."""
     return resolve(target_of(call.q.device), call.q.dtype, call.q.shape[-1], call.block_m, call.block_n, call.walk,
-                   call.per_call, call.qk8)
+                   call.per_call, call.qk8, call.pv8)
 
 
 def longest_first(spec: KernelSpec, call: KernelCall) -> bool:
@@ -289,10 +300,10 @@ def _warn_portable(reason: str) -> None:
                   "instead (same results, slower on Hopper)", RuntimeWarning, stacklevel=5)
 
 
-# (Triton version, 8-bit QK) whose Gluon build of the sm90 kernel failed in this process: later such calls go
-# straight to the portable kernel instead of failing to compile again on every call; a release that cannot build
-# the integer products still runs the 16-bit kernel. A record of what happened, not a setting.
-_GLUON_BUILD_FAILED: dict[tuple[str, bool], str] = {}
+# (Triton version, 8-bit QK, fp8 P.V) whose Gluon build of the sm90 kernel failed in this process: later such calls
+# go straight to the portable kernel instead of failing to compile again on every call; a release that cannot build
+# the integer or fp8 products still runs the kernels without them. A record of what happened, not a setting.
+_GLUON_BUILD_FAILED: dict[tuple[str, bool, bool], str] = {}
 
 
 def _is_build_error(exc: BaseException) -> bool:
@@ -305,9 +316,14 @@ def _is_build_error(exc: BaseException) -> bool:
     return type(exc).__module__.startswith("triton.") and "CUDA" not in str(exc)
 
 
-def _launch_sm90(launch, qk8: bool) -> bool:
+def _mode_words(qk8: bool, pv8: bool) -> str:
+    return " with 8-bit QK and fp8 P.V" if pv8 else " with 8-bit QK" if qk8 else ""
+
+
+def _launch_sm90(launch, qk8: bool, pv8: bool = False) -> bool:
     """Run a Gluon launch; False where this Triton cannot build the kernel (one warning per process and mode; the
-    caller then runs the portable kernel on the untouched buffers)."""
+    caller then runs the portable kernel on the untouched buffers, or with ``pv8``, which only this kernel computes,
+    refuses the call)."""
     try:
         launch()
     except Exception as exc:  # noqa: BLE001 - narrowed by _is_build_error, everything else is raised
@@ -315,9 +331,10 @@ def _launch_sm90(launch, qk8: bool) -> bool:
             raise
         # Triton's compile errors start with the source location and excerpt; the reason is the last line.
         reason = ([line.strip() for line in str(exc).splitlines() if line.strip()] or [""])[-1][:300]
-        _GLUON_BUILD_FAILED[(triton.__version__, qk8)] = f"{type(exc).__name__}: {reason}"
-        _warn_portable(f"Triton {triton.__version__} failed to build it{' with 8-bit QK' if qk8 else ''} "
-                       f"({type(exc).__name__}: {reason})")
+        _GLUON_BUILD_FAILED[(triton.__version__, qk8, pv8)] = f"{type(exc).__name__}: {reason}"
+        if not pv8:
+            _warn_portable(f"Triton {triton.__version__} failed to build it{_mode_words(qk8, pv8)} "
+                           f"({type(exc).__name__}: {reason})")
         return False
     return True
 
@@ -334,8 +351,9 @@ def _checked(spec: KernelSpec, call: KernelCall) -> KernelSpec:
         raise ValueError(f"spec: built for tiles ({spec.block_m}, {spec.block_n}), the {spec.walk} walk and "
                          f"per_call={spec.per_call}, but the call has tiles ({call.block_m}, {call.block_n}), the "
                          f"{call.walk} walk and per_call={call.per_call}")
-    if spec.qk8 != call.qk8:
-        raise ValueError(f"spec: built with qk8={spec.qk8}, but the call has qk8={call.qk8}")
+    if (spec.qk8, spec.pv8) != (call.qk8, call.pv8):
+        raise ValueError(f"spec: built with qk8={spec.qk8}, pv8={spec.pv8}, but the call has qk8={call.qk8}, "
+                         f"pv8={call.pv8}")
     return spec
 
 
@@ -345,25 +363,36 @@ def lite_attention_fwd(call: KernelCall, spec: KernelSpec | None = None) -> tupl
 
     ``spec``: None runs the call's resolved spec (:func:`spec_for`); a given one (internal: development scripts and
     tests) must match the call's tiles and walk. An sm90 spec that cannot run here (this Triton failed to build the
-    Gluon kernel before, or an output TMA cannot address) runs :func:`portable_spec` instead.
+    Gluon kernel before, or an output TMA cannot address) runs :func:`portable_spec` instead, except with ``pv8``:
+    the portable kernel has no fp8 P.V, and a call that asked for it is refused (ValueError), not computed in 16
+    bits under its name.
     """
     spec = spec_for(call) if spec is None else _checked(spec, call)
     buffers = prepare(call)
-    rounded = quantize_qk(buffers.q, buffers.k, spec.block_m, spec.block_n) if spec.qk8 else None
+    rounded = None
+    if spec.qk8:
+        v8 = quantize_v(buffers.v, spec.block_n) if spec.pv8 else None
+        rounded = quantize_qk(buffers.q, buffers.k, spec.block_m, spec.block_n, v8)
     if spec.tma:
         triton.set_allocator(_tma_allocator)  # the portable kernel's device-side descriptors need scratch memory
     if spec.backend == "sm90":
-        module = sm90_module() if (triton.__version__, spec.qk8) not in _GLUON_BUILD_FAILED else None
+        module = sm90_module() if (triton.__version__, spec.qk8, spec.pv8) not in _GLUON_BUILD_FAILED else None
         # A dense tensor torch allocates is always TMA-ready at the sm90 kernel's head_dims; the check keeps a
         # hand-made stride from reaching a tensor map.
         if module is not None and tma_ready(buffers.out):
             order = launch_order(call, longest_first(spec, call))
-            if _launch_sm90(lambda: module.launch(spec, call, buffers, order, rounded), spec.qk8):
+            if _launch_sm90(lambda: module.launch(spec, call, buffers, order, rounded), spec.qk8, spec.pv8):
                 if rounded is not None:  # the query tiles the Hopper kernel left to 16 bits (non-finite tokens)
                     fallback = portable_spec(spec)
                     portable.launch(fallback, call, buffers, launch_order(call, longest_first(fallback, call)),
                                     rounded, only_sixteen=True)
                 return _unsmoothed(call, buffers, rounded)
+        if spec.pv8:
+            why = _GLUON_BUILD_FAILED.get((triton.__version__, spec.qk8, spec.pv8))
+            why = (f"Triton {triton.__version__} failed to build it ({why})" if why is not None
+                   else "the output cannot take the kernel's TMA store")
+            raise ValueError(f"pv_dtype='fp8': P.V in fp8 runs in the Hopper kernel only, which cannot run this call: "
+                             f"{why}; use pv_dtype=None")
         spec = portable_spec(spec)
     portable.launch(spec, call, buffers, launch_order(call, longest_first(spec, call)), rounded)
     return _unsmoothed(call, buffers, rounded)

@@ -21,11 +21,12 @@ def lite_attention_op(
     q_protect: torch.Tensor, k_protect: torch.Tensor,
     scale: float, threshold: float, block_m: int, block_n: int,
     full_walk: bool, write_state: bool, return_lse: bool, per_call: bool = False, qk8: bool = False,
+    pv8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return lite_attention_fwd(KernelCall(q, k, v, kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect,
                                          k_protect, scale, threshold, block_m, block_n,
                                          FULL_WALK if full_walk else LIST_WALK, write_state, return_lse, per_call,
-                                         qk8))
+                                         qk8, pv8))
 
 
 def run_forward(call: KernelCall) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +46,7 @@ def run_forward(call: KernelCall) -> tuple[torch.Tensor, torch.Tensor]:
         return lite_attention_op(call.q, call.k, call.v, call.kv_num_blocks, call.kv_indices, call.next_num_blocks,
                                  call.next_indices, call.q_protect, call.k_protect, call.scale, call.threshold,
                                  call.block_m, call.block_n, call.walk == FULL_WALK, call.write_state,
-                                 call.return_lse, call.per_call, call.qk8)
+                                 call.return_lse, call.per_call, call.qk8, call.pv8)
     result = lite_attention_fwd(call)
     if call.per_call and not call.next_num_blocks.is_inference():  # the used-tile counts were written
         torch.autograd.graph.increment_version(call.next_num_blocks)
@@ -58,7 +59,8 @@ def run_forward(call: KernelCall) -> tuple[torch.Tensor, torch.Tensor]:
 
 @lite_attention_op.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, next_num_blocks, next_indices, q_protect, k_protect,
-      scale, threshold, block_m, block_n, full_walk, write_state, return_lse, per_call=False, qk8=False):
+      scale, threshold, block_m, block_n, full_walk, write_state, return_lse, per_call=False, qk8=False,
+      pv8=False):
     bsz, nheads, seq_q, _ = q.shape
     lse_shape = (bsz, nheads, seq_q) if return_lse else (0,)
     return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)

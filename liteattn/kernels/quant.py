@@ -1,4 +1,5 @@
-"""8-bit Q and K for the kernels' ``qk_dtype="int8"`` mode, rounded as :mod:`liteattn.reference` specifies.
+"""8-bit Q and K for the kernels' ``qk_dtype="int8"`` mode, and V for ``pv_dtype="fp8"``, rounded as
+:mod:`liteattn.reference` specifies.
 
 Why a separate pass before the attention kernel: smoothing K needs its mean over every key token, which no single
 program of the attention kernel sees; and one scale per tile must be known before a tile's integer product is
@@ -25,6 +26,11 @@ What the attention kernels receive, per the reference's rules a-d:
 
 ``mu`` is a float32 sum in another order than the reference's, so a smoothed key that lands within an ulp of a
 rounding tie may round to the neighbouring integer; everything else is bit for bit the reference's.
+
+V (:func:`quantize_v`, rules e and g of the reference) is three more kernels: per-chunk channel maxima, the scales
+(IEEE division, as the reference divides), and one program per key tile writing e4m3 transposed (:class:`V8`). A
+kv-head whose V holds a non-finite value sets ``sixteen`` for all its query tiles, which then compute without
+8-bit arithmetic: its non-finite outputs are dense attention's.
 """
 from __future__ import annotations
 
@@ -34,9 +40,11 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["QK8", "quantize_qk"]
+__all__ = ["QK8", "V8", "quantize_qk", "quantize_v"]
 
 QMAX = tl.constexpr(127.0)
+# The largest float8 e4m3 value: V rounds into [-FP8_MAX, FP8_MAX] per channel, and P is scaled up to it.
+FP8_MAX = tl.constexpr(448.0)
 _KEYS_PER_CHUNK = 512  # keys summed by one program of the mean pass
 # Elements a rounding program holds at once (16 rows at head_dim 128, 32 at 64): few registers per thread, so enough
 # programs share an SM to hide the loads (on an H200 the fastest at head_dim 128, equal to 4096 at head_dim 64:
@@ -54,6 +62,25 @@ class QK8:
     k_scale: torch.Tensor
     shift: torch.Tensor
     sixteen: torch.Tensor
+    v8: "V8 | None" = None
+
+
+@dataclass(frozen=True)
+class V8:
+    """V rounded to float8 e4m3 for an fp8 P.V product (:func:`quantize_v`).
+
+    - ``vt`` ``(B, H_kv, D, KT * block_n)`` float8 e4m3: V transposed (an fp8 wgmma reads its B operand only
+      K-major, and the keys are P.V's K), ``v / v_scale`` per channel, zero past ``S_k`` and for a non-finite
+      value. Within each group of 32 keys the keys are stored in the order :func:`_pv8_key` gives, the order in
+      which an fp8 product's A operand takes P's columns from the registers of the score product's accumulator,
+      so the kernel hands P over without moving it between threads;
+    - ``v_scale`` ``(B, H_kv, D)`` float32: the channel's absmax over the finite values / 448 (1 for zeros);
+    - ``bad`` ``(B * H_kv,)`` int8: 1 for a kv-head with a non-finite value (its query tiles compute in 16 bits).
+    """
+
+    vt: torch.Tensor
+    v_scale: torch.Tensor
+    bad: torch.Tensor
 
 
 @triton.jit
@@ -179,7 +206,98 @@ def _round_queries(Q, MU, HEAD_BAD, Q8, Q_SCALE, SHIFT, SIXTEEN, stride_b, strid
         tl.store(SHIFT + bh.to(tl.int64) * S_Q + rows, shift, mask=valid)
 
 
-def quantize_qk(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int) -> QK8:
+@triton.jit
+def _value_absmax(V, AMAX, BAD, stride_b, stride_h, stride_s, H_KV, S_K, D, CHUNKS,
+                  BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, KEYS_PER_CHUNK: tl.constexpr):
+    """Per (batch * kv-head, chunk of keys): each channel's absmax over the finite values, and whether one is not.
+    Accumulates elementwise and reduces across rows once, as :func:`_key_sums`."""
+    bh = tl.program_id(0)
+    chunk = tl.program_id(1)
+    amax = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_S], dtype=tl.int32)
+    for r in range(0, KEYS_PER_CHUNK, BLOCK_S):
+        x, rows, cols, valid, finite = _tile(V, bh, chunk * KEYS_PER_CHUNK + r, stride_b, stride_h, stride_s, H_KV,
+                                             S_K, D, BLOCK_S, BLOCK_D)
+        a = tl.abs(x)
+        amax = tl.maximum(amax, tl.where(a < float("inf"), a, 0.0))  # NaN compares false
+        bad = bad | (valid & ~finite).to(tl.int32)
+    out = bh.to(tl.int64) * CHUNKS + chunk
+    tl.store(AMAX + out * BLOCK_D + tl.arange(0, BLOCK_D), tl.max(amax, 0))
+    tl.store(BAD + out, tl.max(bad, 0))
+
+
+@triton.jit
+def _value_scales(AMAX, BAD, V_SCALE, V_BAD, CHUNKS, D, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per (batch * kv-head): each channel's scale, absmax / 448 with IEEE division as the reference divides (1 for
+    a channel of zeros), and whether a value is not finite, from the chunks' maxima."""
+    bh = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    top = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_C], dtype=tl.int32)
+    for c in range(0, CHUNKS, BLOCK_C):
+        chunk = c + tl.arange(0, BLOCK_C)
+        inside = chunk < CHUNKS
+        at = bh.to(tl.int64) * CHUNKS + chunk
+        top = tl.maximum(top, tl.load(AMAX + at[:, None] * BLOCK_D + cols[None, :], mask=inside[:, None], other=0.0))
+        bad = bad | tl.load(BAD + at, mask=inside, other=0)
+    top1 = tl.max(top, 0)
+    scale = tl.where(top1 > 0, tl.math.div_rn(top1, FP8_MAX), 1.0)
+    tl.store(V_SCALE + bh.to(tl.int64) * D + cols, scale, mask=cols < D)
+    tl.store(V_BAD + bh, tl.max(bad, 0).to(tl.int8))
+
+
+@triton.jit
+def _pv8_key(a):
+    """The key stored at position ``a`` of a group of 32 (:class:`V8`). An fp8 product's A operand holds, per
+    thread, 4 consecutive columns ``4 q .. 4 q + 3`` (and 16 further on); the score accumulator holds columns
+    ``2 q, 2 q + 1`` of each 8. So position ``16 h + 4 q + 2 u + e`` takes key ``16 h + 8 u + 2 q + e``."""
+    r = a % 32
+    return a - r + (r // 16) * 16 + ((r % 4) // 2) * 8 + ((r % 16) // 4) * 2 + r % 2
+
+
+@triton.jit
+def _round_values(V, V_SCALE, VT, stride_b, stride_h, stride_s, H_KV, S_K, D, S_PAD,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One key tile of V: each channel divided by its scale, rounded to e4m3 and stored transposed, keys in
+    :func:`_pv8_key`'s order."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    pos = tl.arange(0, BLOCK_N)
+    keys = tile * BLOCK_N + _pv8_key(pos)
+    cols = tl.arange(0, BLOCK_D)
+    valid = keys < S_K
+    ptr = (V + (bh // H_KV).to(tl.int64) * stride_b + (bh % H_KV).to(tl.int64) * stride_h
+           + keys[:, None].to(tl.int64) * stride_s + cols[None, :])
+    x = tl.load(ptr, mask=valid[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+    scale = tl.load(V_SCALE + bh.to(tl.int64) * D + cols, mask=cols < D, other=1.0)
+    y = tl.where(tl.abs(x) < float("inf"), tl.math.div_rn(x, scale[None, :]), 0.0)
+    y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+    out = VT + bh.to(tl.int64) * D * S_PAD + cols[None, :].to(tl.int64) * S_PAD + (tile * BLOCK_N + pos)[:, None]
+    tl.store(out, y.to(tl.float8e4nv), mask=(cols < D)[None, :])
+
+
+def quantize_v(v: torch.Tensor, block_n: int) -> V8:
+    """``v`` ``(B, H_kv, S_k, D)`` (unit stride along D) rounded for an fp8 P.V product with ``block_n``-key tiles
+    (:class:`V8`)."""
+    bsz, kv_heads, seq_k, dim = v.shape
+    kt = -(-seq_k // block_n)
+    block_d = triton.next_power_of_2(dim)
+    dev = v.device
+    chunks = -(-seq_k // _KEYS_PER_CHUNK)
+    amax = torch.empty(bsz * kv_heads, chunks, block_d, device=dev)
+    bad = torch.empty(bsz * kv_heads, chunks, dtype=torch.int32, device=dev)
+    _value_absmax[(bsz * kv_heads, chunks)](v, amax, bad, v.stride(0), v.stride(1), v.stride(2), kv_heads, seq_k, dim,
+                                            chunks, BLOCK_S=32, BLOCK_D=block_d, KEYS_PER_CHUNK=_KEYS_PER_CHUNK)
+    v_scale = torch.empty(bsz, kv_heads, dim, device=dev)
+    v_bad = torch.empty(bsz * kv_heads, dtype=torch.int8, device=dev)
+    _value_scales[(bsz * kv_heads,)](amax, bad, v_scale, v_bad, chunks, dim, BLOCK_C=8, BLOCK_D=block_d)
+    vt = torch.empty(bsz, kv_heads, dim, kt * block_n, dtype=torch.float8_e4m3fn, device=dev)
+    _round_values[(kt, bsz * kv_heads)](v, v_scale, vt, v.stride(0), v.stride(1), v.stride(2), kv_heads, seq_k, dim,
+                                        kt * block_n, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8)
+    return V8(vt, v_scale, v_bad)
+
+
+def quantize_qk(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, v8: V8 | None = None) -> QK8:
     """``q`` ``(B, H, S_q, D)`` and ``k`` ``(B, H_kv, S_k, D)`` (unit stride along D) rounded for the int8 kernels,
     with one scale per ``block_m`` query rows and per ``block_n`` keys (the skip state's tiles)."""
     bsz, heads, seq_q, dim = q.shape
@@ -196,10 +314,13 @@ def quantize_qk(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int) ->
     mu = torch.empty(bsz * kv_heads, block_d, device=dev)
     head_bad = torch.empty(bsz * kv_heads, dtype=torch.int8, device=dev)
     _key_means[(bsz * kv_heads,)](sums, counts, bad, mu, head_bad, chunks, BLOCK_C=8, BLOCK_D=block_d)
+    if v8 is not None:  # a non-finite value of V: its kv-head's query tiles compute in 16 bits (P.V as well)
+        head_bad = head_bad | v8.bad
     out = QK8(torch.empty(bsz, heads, seq_q, dim, dtype=torch.int8, device=dev),
               torch.empty(bsz, kv_heads, seq_k, dim, dtype=torch.int8, device=dev),
               torch.empty(bsz, heads, qt, device=dev), torch.empty(bsz, kv_heads, kt, device=dev),
-              torch.empty(bsz, heads, seq_q, device=dev), torch.empty(bsz, heads, qt, dtype=torch.int8, device=dev))
+              torch.empty(bsz, heads, seq_q, device=dev), torch.empty(bsz, heads, qt, dtype=torch.int8, device=dev),
+              v8)
     rows = min(max(_CHUNK_ELEMENTS // block_d, 1), block_m, block_n)
     _round_keys[(kt, bsz * kv_heads)](k, mu, out.k8, out.k_scale, k.stride(0), k.stride(1), k.stride(2), kv_heads,
                                       seq_k, dim, kt, BLOCK_N=block_n, BLOCK_D=block_d, ROWS=rows)

@@ -24,7 +24,10 @@ keeps three partitions alive over many work items (query tile x batch*head):
 With ``QK8`` (``qk_dtype="int8"``) Q and K arrive rounded to int8 (:mod:`.quant`): Q·Kᵀ is an integer wgmma whose
 int32 scores, read as floats (:func:`_tile_scores`), are scaled by the query and key tiles' scales, the output
 leaves through a bf16 buffer of its own, and the producer passes over query tiles flagged to compute in 16 bits,
-which the launcher leaves to the portable kernel.
+which the launcher leaves to the portable kernel. With ``PV8`` (``pv_dtype="fp8"``, with ``QK8``) V arrives rounded to
+float8 e4m3 and transposed (:func:`.quant.quantize_v`), P is scaled to e4m3's range through the exp2's bias and
+reaches the fp8 P·V wgmma from the score registers without shuffles (:func:`_p_operand`), and each output channel is
+multiplied by V's scale once per item.
 
 Ordering within a consumer partition: its four warps issue the detection atomics and the two halves of the output
 store, but one thread arrives on ``flags_bars`` and ``q_empty``; Triton precedes every ``mbarrier.arrive`` of a
@@ -39,6 +42,7 @@ row-max tree, lane sums, work order, program count) is :mod:`liteattn.kernels.di
 from __future__ import annotations
 
 import functools
+import math
 from types import MappingProxyType
 
 import torch
@@ -57,10 +61,11 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ._gluon import tma_load, tma_store
 from .common import FULL_WALK, LOG2E, KernelCall, LaunchBuffers, sm_count
-from .quant import QK8
+from .quant import FP8_MAX, QK8
 
 __all__ = ["compile_offline", "launch"]
 
+LOG2_FP8_MAX = gl.constexpr(math.log2(FP8_MAX.value))  # P's scale with PV8, as a bias of its exp2
 # With QK8, Q·Kᵀ accumulates onto the int32 bits of 1.5 * 2^23 (_score_init, _tile_scores).
 QK8_OFFSET = gl.constexpr(12582912.0)
 QK8_OFFSET_BITS = gl.constexpr(0x4B400000)
@@ -169,10 +174,12 @@ def _mask_columns(s, j, SEQ_K, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
 @gluon.jit
 def _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, threshold, SEQ_K, KT,
             BLOCK_N: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, TREE_MAX: gl.constexpr,
-            QK8: gl.constexpr, s_layout: gl.constexpr):
+            QK8: gl.constexpr, PV8: gl.constexpr, s_layout: gl.constexpr):
     """Online-softmax step on one raw score tile (the ``t``-th visited, key tile ``j``): mask, detection bits,
     new max, P in fp32, row scale. With ``QK8`` the raw scores carry :data:`QK8_OFFSET` (:func:`_tile_scores`),
-    taken off the row maxima and folded into each row's exp2 bias."""
+    taken off the row maxima and folded into each row's exp2 bias. With ``PV8`` P is scaled by 448
+    (:data:`.quant.FP8_MAX`, through the same bias: no multiply) to use the e4m3 range; the row sums carry the
+    same factor, so it cancels."""
     if RAGGED_K:
         if j == KT - 1:  # only the last key tile has columns past SEQ_K
             if QK8:
@@ -201,11 +208,54 @@ def _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, thres
     # later finite score counts as in dense attention.
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
     bias = m_use
+    if PV8:
+        bias = m_use - LOG2_FP8_MAX
     if QK8:
-        bias = gl.fma(gl.full_like(m_use, QK8_OFFSET), qk_scale, m_use)
+        bias = gl.fma(gl.full_like(m_use, QK8_OFFSET), qk_scale, bias)
     p = gl.exp2(s * qk_scale - gl.expand_dims(bias, 1))
     alpha = gl.exp2(m_i - m_use)
     return p, alpha, m_new, bits
+
+
+@gluon.jit
+def _p_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, PV8: gl.constexpr):
+    """P as the A operand of P·V, from the score product's accumulator registers: a conversion in place; with
+    ``PV8`` in fp16, which :func:`_fp8_operand` rounds to e4m3 where the product is issued.
+
+    Why the order and the fp16 step: the fp8 operand takes 4 consecutive columns per thread where the accumulator
+    holds pairs 8 apart, so P's columns are renamed to the order in which :func:`.quant.quantize_v` stores the keys
+    of V, which makes the layout change a renaming of registers (checked at compile time), no shuffles between
+    threads. And P crosses a loop iteration before its product: carried as single bytes, Triton takes every
+    register apart and packs it again (about 200 more instructions per tile); fp16 pairs cross as whole registers."""
+    if PV8:
+        ROWS: gl.constexpr = p.shape[0]
+        N: gl.constexpr = p.shape[1]
+        # Column 32 b + 16 h + 8 u + 2 q + e goes to position 32 b + 16 h + 4 q + 2 u + e.
+        p16 = gl.reshape(p.to(gl.float16), [ROWS, N // 32, 2, 2, 4, 2])
+        p16 = gl.reshape(gl.permute(p16, [0, 1, 2, 4, 3, 5]), [ROWS, N])
+        op = gl.convert_layout(p16, p_layout, assert_trivial=True)
+    else:
+        op = gl.convert_layout(p.to(dtype), p_layout)
+    return op
+
+
+@gluon.jit
+def _fp8_operand(p_op, PV8: gl.constexpr):
+    """:func:`_p_operand`'s P for the product: with ``PV8`` four fp16 columns rounded to e4m3 into one operand
+    register (two paired conversions and a move)."""
+    if PV8:
+        p_op = gl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f16x2 lo, $1; cvt.rn.satfinite.e4m3x2.f16x2 hi, $2; "
+            "mov.b32 $0, {lo, hi}; }", "=r,r,r", [p_op], dtype=gl.float8e4nv, is_pure=True, pack=4)
+    return p_op
+
+
+@gluon.jit
+def _v_operand(v_buf, PV8: gl.constexpr):
+    """A V stage as P·V's B operand: ``(keys, D)`` as stored, or with ``PV8`` the transposed fp8 tile viewed so."""
+    if PV8:
+        v_buf = v_buf.permute((1, 0))
+    return v_buf
 
 
 @gluon.jit
@@ -271,7 +321,7 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
                   full_row, flag_words, row_valid, acc, m_i, qk_scale, k_scales, threshold, SEQ_K, KT,
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr,
                   TURN: gl.constexpr, PINGPONG: gl.constexpr, TREE_MAX: gl.constexpr, LANE_SUMS: gl.constexpr,
-                  QK8: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+                  QK8: gl.constexpr, PV8: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
     """One consumer's rows over a query tile's ``n_active`` (> 0) listed key tiles; returns acc, m, l.
 
     Q·Kᵀ of tile t is issued before the softmax of tile t runs behind P·V of tile t-1 (FA3's
@@ -281,7 +331,7 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
     (:func:`_tile_scores`), ``qk_scale`` includes the query tile's scale and ``k_scales`` points at the kv-head's."""
     ROWS: gl.constexpr = q_rows.shape[0]
     dtype: gl.constexpr = v_bufs.dtype
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4 if PV8 else 2)
     s_init = _score_init(ROWS, BLOCK_N, QK8, s_layout)
     bits = gl.zeros([ROWS], gl.int32, layout=gl.SliceLayout(1, s_layout))
     # Tile 0: no P·V to overlap yet.
@@ -299,9 +349,10 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
     s = warpgroup_mma_wait(0, deps=(s_tok, ))
     mbarrier.arrive(k_empty.index(stage), count=1)
     p, alpha, m_i, bits = _scores(_tile_scores(s, QK8), 0, j, m_i, bits, row_valid, flag_words, n_active, tile_scale,
-                                  threshold, SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, TREE_MAX, QK8, s_layout)
+                                  threshold, SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, TREE_MAX, QK8, PV8,
+                                  s_layout)
     l_part = _lane_sums(p, LANE_SUMS)
-    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    p_op = _p_operand(p, dtype, p_layout, PV8)
     for t in range(1, n_active):
         gt = g + t
         stage = gt % STAGES
@@ -315,23 +366,23 @@ def _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, tu
         mbarrier.wait(k_ready.index(stage), (gt // STAGES) & 1)
         s_tok = warpgroup_mma(q_rows, k_bufs.index(stage).permute((1, 0)), s_init, use_acc=QK8, is_async=True)
         mbarrier.wait(v_ready.index(prev), ((gt - 1) // STAGES) & 1)
-        o_tok = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+        o_tok = warpgroup_mma(_fp8_operand(p_op, PV8), _v_operand(v_bufs.index(prev), PV8), acc, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn_bars.index(1 - TURN), count=1)
         s = warpgroup_mma_wait(1, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(stage), count=1)
         p, alpha, m_i, bits = _scores(_tile_scores(s, QK8), t, j, m_i, bits, row_valid, flag_words, n_active,
                                       tile_scale, threshold, SEQ_K, KT, BLOCK_N, RAGGED_K, WRITE_STATE, TREE_MAX,
-                                      QK8, s_layout)
+                                      QK8, PV8, s_layout)
         l_part = _rescaled_sums(l_part, alpha, _lane_sums(p, LANE_SUMS), LANE_SUMS)
         acc, p_op = warpgroup_mma_wait(0, deps=(o_tok, p_op))
         mbarrier.arrive(v_empty.index(prev), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        p_op = _p_operand(p, dtype, p_layout, PV8)
     last_g = g + n_active - 1
     last = last_g % STAGES
     mbarrier.wait(v_ready.index(last), (last_g // STAGES) & 1)
-    o_tok = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
+    o_tok = warpgroup_mma(_fp8_operand(p_op, PV8), _v_operand(v_bufs.index(last), PV8), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(o_tok, ))
     mbarrier.arrive(v_empty.index(last), count=1)
     return acc, m_i, _row_sums(l_part, gl.SliceLayout(1, s_layout), LANE_SUMS)
@@ -542,8 +593,10 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, 
               k_empty, v_empty, flags_bars, COUNTER, ORDER, KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT,
               FLAGS, SIXTEEN, NW, H, GROUP, QT, KT, n_items,
               ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
-              FULL_WALK: gl.constexpr, WRITE_STATE: gl.constexpr, USE_ORDER: gl.constexpr, QK8: gl.constexpr):
-    """Q of each item (two buffers), then its K/V tiles into the ring; then the previous item's compaction."""
+              FULL_WALK: gl.constexpr, WRITE_STATE: gl.constexpr, USE_ORDER: gl.constexpr, QK8: gl.constexpr,
+              PV8: gl.constexpr):
+    """Q of each item (two buffers), then its K/V tiles into the ring (V transposed with ``PV8``); then the
+    previous item's compaction."""
     id_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     g = 0  # tiles issued so far by this program: ring position and phase
     i = 0  # items so far
@@ -578,8 +631,12 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, 
             phase = (g // STAGES) & 1
             _copy_when_free(k_desc, [b, hk, j * BLOCK_N, 0], k_ready.index(stage), k_empty.index(stage),
                             k_bufs.index(stage).reshape([1, 1, BLOCK_N, BLOCK_D]), phase)
-            _copy_when_free(v_desc, [b, hk, j * BLOCK_N, 0], v_ready.index(stage), v_empty.index(stage),
-                            v_bufs.index(stage).reshape([1, 1, BLOCK_N, BLOCK_D]), phase)
+            if PV8:
+                _copy_when_free(v_desc, [b, hk, 0, j * BLOCK_N], v_ready.index(stage), v_empty.index(stage),
+                                v_bufs.index(stage).reshape([1, 1, BLOCK_D, BLOCK_N]), phase)
+            else:
+                _copy_when_free(v_desc, [b, hk, j * BLOCK_N, 0], v_ready.index(stage), v_empty.index(stage),
+                                v_bufs.index(stage).reshape([1, 1, BLOCK_N, BLOCK_D]), phase)
             g += 1
             if WRITE_STATE:
                 if (t >= STAGES - 1) & (i > 0) & (c < prev_n):
@@ -613,11 +670,11 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, 
 @gluon.jit
 def _consumer(o_desc, q_bufs, o_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
               turn_bars, flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, NEXT_COUNT, Q_PROT, K_PROT, Q_SCALE,
-              K_SCALE, H, GROUP, SEQ_Q, SEQ_K, QT, KT, n_items, qk_scale, threshold,
+              K_SCALE, V_SCALE, H, GROUP, SEQ_Q, SEQ_K, QT, KT, n_items, qk_scale, threshold,
               ROWS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
               FULL_WALK: gl.constexpr, RAGGED_K: gl.constexpr, WRITE_STATE: gl.constexpr, RETURN_LSE: gl.constexpr,
               USE_ORDER: gl.constexpr, TURN: gl.constexpr, PINGPONG: gl.constexpr, TREE_MAX: gl.constexpr,
-              LANE_SUMS: gl.constexpr, PER_CALL: gl.constexpr, QK8: gl.constexpr):
+              LANE_SUMS: gl.constexpr, PER_CALL: gl.constexpr, QK8: gl.constexpr, PV8: gl.constexpr):
     """Rows ``TURN * ROWS`` to ``(TURN + 1) * ROWS`` of every item's query tile
     (:func:`_attend_tiles`, ring and turn phases counted over the whole program), then
     their output and LSE. With ``PER_CALL`` (:func:`_attend_tiles_per_call`) these rows are one query tile of the
@@ -627,9 +684,9 @@ def _consumer(o_desc, q_bufs, o_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                        instr_shape=[16, BLOCK_N, 32 if QK8 else 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, BLOCK_D, 16])
+                                                       instr_shape=[16, BLOCK_D, 32 if PV8 else 16])
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    dtype: gl.constexpr = v_bufs.dtype
+    dtype: gl.constexpr = o_desc.dtype
     id_layout: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
     g = 0
     i = 0
@@ -668,12 +725,18 @@ def _consumer(o_desc, q_bufs, o_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs
             acc, m_i, l_i = _attend_tiles(q_rows, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, turn_bars, g,
                                           idx_ptr, n_active, full_row, flag_words, row_valid, acc, m_i,
                                           scale, k_scales, threshold, SEQ_K, KT, BLOCK_N, STAGES, RAGGED_K,
-                                          WRITE_STATE, TURN, PINGPONG, TREE_MAX, LANE_SUMS, QK8, s_layout, o_layout)
+                                          WRITE_STATE, TURN, PINGPONG, TREE_MAX, LANE_SUMS, QK8, PV8, s_layout,
+                                          o_layout)
         if WRITE_STATE:  # this consumer's detection atomics for the item are issued
             _flag_nonfinite(flag_words, NW, l_i, row_valid)
             mbarrier.arrive(flags_bars.index(i % 2), count=1)
 
         out, lse = _normalize(acc, m_i, l_i, o_layout)
+        if PV8:  # P carried a factor 448 into its sums; each channel of V its scale
+            lse = lse - LOG2_FP8_MAX * 0.6931471805599453
+            cols = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, o_layout))
+            v_scale = gl.load(V_SCALE + (b * (H // GROUP) + hk).to(gl.int64) * BLOCK_D + cols)
+            out = out * gl.expand_dims(v_scale, 0)
         if QK8:
             o_rows = o_bufs.index(TURN)
         else:
@@ -695,7 +758,8 @@ def _consumer(o_desc, q_bufs, o_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs
 @gluon.jit
 def _lite_attention_fwd_sm90_persistent(
     q_desc, k_desc, v_desc, o_desc, LSE,
-    KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, ORDER, FLAGS, NW, COUNTER, Q_SCALE, K_SCALE, SIXTEEN,
+    KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT, K_PROT, ORDER, FLAGS, NW, COUNTER, Q_SCALE, K_SCALE, V_SCALE,
+    SIXTEEN,
     H, GROUP, SEQ_Q, SEQ_K, QT, KT, n_items,
     qk_scale, threshold,
     BLOCK_D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
@@ -703,14 +767,21 @@ def _lite_attention_fwd_sm90_persistent(
     RAGGED_K: gl.constexpr, USE_ORDER: gl.constexpr, PINGPONG: gl.constexpr, TREE_MAX: gl.constexpr,
     LANE_SUMS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PER_CALL: gl.constexpr = False, QK8: gl.constexpr = False,
+    PV8: gl.constexpr = False,
 ):
-    dtype: gl.constexpr = v_desc.dtype
+    dtype: gl.constexpr = o_desc.dtype
+    v_dtype: gl.constexpr = v_desc.dtype  # float8 e4m3 with PV8 (V rounded and transposed by the launcher)
     qk_dtype: gl.constexpr = q_desc.dtype  # int8 with QK8 (Q and K rounded by the launcher)
     ROWS: gl.constexpr = BLOCK_M // 2
     NUM_WARPS: gl.constexpr = ROWS // 16
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_D], qk_dtype)
     k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_D], qk_dtype)
-    v_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_D], dtype)
+    if PV8:
+        v_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_D, BLOCK_N], v_dtype)
+        v_bufs = gl.allocate_shared_memory(v_dtype, [STAGES, BLOCK_D, BLOCK_N], v_layout)
+    else:
+        v_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_D], v_dtype)
+        v_bufs = gl.allocate_shared_memory(v_dtype, [STAGES, BLOCK_N, BLOCK_D], v_layout)
     # Two Q buffers of two halves (one per consumer); a half also stages that consumer's output, or with QK8 (int8
     # rows) a buffer of its own does.
     q_bufs = gl.allocate_shared_memory(qk_dtype, [4, ROWS, BLOCK_D], q_layout)
@@ -720,7 +791,6 @@ def _lite_attention_fwd_sm90_persistent(
     else:
         o_bufs = q_bufs
     k_bufs = gl.allocate_shared_memory(qk_dtype, [STAGES, BLOCK_N, BLOCK_D], k_layout)
-    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, BLOCK_D], v_layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     flags_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -745,22 +815,25 @@ def _lite_attention_fwd_sm90_persistent(
     gl.warp_specialize([
         (_consumer, (o_desc, q_bufs, o_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty,
                      v_empty, turn_bars, flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, NEXT_COUNT, Q_PROT,
-                     K_PROT, Q_SCALE, K_SCALE, H, GROUP, SEQ_Q, SEQ_K, QT, KT, n_items, qk_scale, threshold, ROWS,
+                     K_PROT, Q_SCALE, K_SCALE, V_SCALE, H, GROUP, SEQ_Q, SEQ_K, QT, KT, n_items, qk_scale, threshold,
+                     ROWS,
                      BLOCK_N, BLOCK_D, STAGES, FULL_WALK, RAGGED_K, WRITE_STATE, RETURN_LSE, USE_ORDER, 0, PINGPONG,
-                     TREE_MAX, LANE_SUMS, PER_CALL, QK8)),
+                     TREE_MAX, LANE_SUMS, PER_CALL, QK8, PV8)),
         (_consumer, (o_desc, q_bufs, o_bufs, q_ready, q_empty, item_ids, k_bufs, v_bufs, k_ready, v_ready, k_empty,
                      v_empty, turn_bars, flags_bars, ORDER, KV_COUNT, KV_IDX, FLAGS, NW, LSE, NEXT_COUNT, Q_PROT,
-                     K_PROT, Q_SCALE, K_SCALE, H, GROUP, SEQ_Q, SEQ_K, QT, KT, n_items, qk_scale, threshold, ROWS,
+                     K_PROT, Q_SCALE, K_SCALE, V_SCALE, H, GROUP, SEQ_Q, SEQ_K, QT, KT, n_items, qk_scale, threshold,
+                     ROWS,
                      BLOCK_N, BLOCK_D, STAGES, FULL_WALK, RAGGED_K, WRITE_STATE, RETURN_LSE, USE_ORDER, 1, PINGPONG,
-                     TREE_MAX, LANE_SUMS, PER_CALL, QK8)),
+                     TREE_MAX, LANE_SUMS, PER_CALL, QK8, PV8)),
         (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, item_ids, k_ready, v_ready,
                      k_empty, v_empty, flags_bars, COUNTER, ORDER, KV_COUNT, KV_IDX, NEXT_COUNT, NEXT_IDX, Q_PROT,
                      K_PROT, FLAGS, SIXTEEN, NW, H, GROUP, QT, KT, n_items, ROWS, BLOCK_N, BLOCK_D, STAGES, FULL_WALK,
-                     WRITE_STATE, USE_ORDER, QK8)),
+                     WRITE_STATE, USE_ORDER, QK8, PV8)),
     ], [NUM_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-_GL_DTYPES = MappingProxyType({torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.int8: gl.int8})
+_GL_DTYPES = MappingProxyType({torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.int8: gl.int8,
+                                torch.float8_e4m3fn: gl.float8e4nv})
 
 
 @functools.lru_cache(maxsize=None)
@@ -770,10 +843,11 @@ def _tile_layout(rows: int, dim: int, dtype: torch.dtype) -> gl.NVMMASharedLayou
     return gl.NVMMASharedLayout.get_default_for([1, 1, rows, dim], _GL_DTYPES[dtype])
 
 
-def _descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
-    """Rank-4 ``(B, H, S, D)`` descriptor over any TMA-ready strides; one tile is ``rows`` x D of one head."""
-    block = [1, 1, rows, x.shape[-1]]
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), block, _tile_layout(rows, x.shape[-1], x.dtype))
+def _descriptor(x: torch.Tensor, rows: int, cols: int | None = None) -> TensorDescriptor:
+    """Rank-4 ``(B, H, S, D)`` descriptor over any TMA-ready strides; one tile is ``rows`` x D of one head (``rows``
+    x ``cols`` of a transposed V, whose last dimension is the keys)."""
+    cols = x.shape[-1] if cols is None else cols
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, cols], _tile_layout(rows, cols, x.dtype))
 
 
 
@@ -791,6 +865,8 @@ def launch(spec, call: KernelCall, buffers: LaunchBuffers, order: torch.Tensor |
         raise ValueError(f"qk8: expected the rounded Q and K exactly when spec.qk8 (spec.qk8={spec.qk8}), got "
                          f"{type(qk8).__name__}")
     q_in, k_in = (qk8.q8, qk8.k8) if qk8 is not None else (q, k)
+    if spec.pv8 != (qk8 is not None and qk8.v8 is not None):
+        raise ValueError(f"qk8: expected V rounded exactly when spec.pv8 (spec.pv8={spec.pv8})")
     bsz, nheads, seq_q, dim = q.shape
     seq_k = k.shape[2]
     rows, item_rows = _rows(spec)
@@ -798,13 +874,15 @@ def launch(spec, call: KernelCall, buffers: LaunchBuffers, order: torch.Tensor |
     n_items = bsz * nheads * items_per_head
     programs = sm_count(q.device) if spec.max_programs is None else spec.max_programs
     _lite_attention_fwd_sm90_persistent[(min(n_items, programs),)](
-        q_desc=_descriptor(q_in, rows), k_desc=_descriptor(k_in, spec.block_n), v_desc=_descriptor(v, spec.block_n),
+        q_desc=_descriptor(q_in, rows), k_desc=_descriptor(k_in, spec.block_n),
+        v_desc=_descriptor(qk8.v8.vt, dim, spec.block_n) if spec.pv8 else _descriptor(v, spec.block_n),
         o_desc=_descriptor(out, rows), LSE=buffers.lse,
         KV_COUNT=call.kv_num_blocks, KV_IDX=call.kv_indices, NEXT_COUNT=call.next_num_blocks,
         NEXT_IDX=call.next_indices, Q_PROT=call.q_protect, K_PROT=call.k_protect,
         ORDER=call.kv_num_blocks if order is None else order,  # a placeholder the kernel does not read
         FLAGS=flags, NW=buffers.n_words, COUNTER=flags[flags.numel() - 1:],
         Q_SCALE=qk8.q_scale if qk8 else flags, K_SCALE=qk8.k_scale if qk8 else flags,  # placeholders without qk8
+        V_SCALE=qk8.v8.v_scale if spec.pv8 else flags,
         SIXTEEN=qk8.sixteen if qk8 else call.q_protect,
         H=nheads, GROUP=nheads // k.shape[1], SEQ_Q=seq_q, SEQ_K=seq_k, QT=items_per_head, KT=buffers.kt,
         n_items=n_items, qk_scale=call.scale * LOG2E, threshold=call.threshold,
@@ -812,7 +890,7 @@ def launch(spec, call: KernelCall, buffers: LaunchBuffers, order: torch.Tensor |
         FULL_WALK=spec.walk == FULL_WALK, WRITE_STATE=call.write_state, RETURN_LSE=call.return_lse,
         RAGGED_K=seq_k % spec.block_n != 0, USE_ORDER=order is not None, PINGPONG=spec.pingpong,
         TREE_MAX=spec.tree_max, LANE_SUMS=spec.lane_sums,
-        PRODUCER_REGS=spec.regs[0], CONSUMER_REGS=spec.regs[1], PER_CALL=spec.per_call, QK8=spec.qk8,
+        PRODUCER_REGS=spec.regs[0], CONSUMER_REGS=spec.regs[1], PER_CALL=spec.per_call, QK8=spec.qk8, PV8=spec.pv8,
         num_warps=item_rows // 32, maxnreg=spec.max_regs, enable_fp_fusion=spec.fp_fusion,
     )
 
@@ -841,13 +919,15 @@ def compile_offline(spec, *, head_dim: int, write_state: bool = True, return_lse
     x = torch.empty(1, 1, 256, head_dim, dtype=torch_dtype)
     x_qk = torch.empty(1, 1, 256, head_dim, dtype=torch.int8) if spec.qk8 else x
     rows, item_rows = _rows(spec)
-    descs = {"q_desc": _descriptor(x_qk, rows), "k_desc": _descriptor(x_qk, spec.block_n),
-             "v_desc": _descriptor(x, spec.block_n), "o_desc": _descriptor(x, rows)}
+    v_desc = (_descriptor(torch.empty(1, 1, head_dim, 256, dtype=torch.float8_e4m3fn), head_dim, spec.block_n)
+              if spec.pv8 else _descriptor(x, spec.block_n))
+    descs = {"q_desc": _descriptor(x_qk, rows), "k_desc": _descriptor(x_qk, spec.block_n), "v_desc": v_desc,
+             "o_desc": _descriptor(x, rows)}
     constexprs = dict(BLOCK_D=head_dim, BLOCK_M=item_rows, BLOCK_N=spec.block_n, STAGES=spec.stages,
                       FULL_WALK=spec.walk == FULL_WALK, WRITE_STATE=write_state, RETURN_LSE=return_lse,
                       RAGGED_K=ragged, USE_ORDER=use_order, PINGPONG=spec.pingpong, TREE_MAX=spec.tree_max,
                       LANE_SUMS=spec.lane_sums, PRODUCER_REGS=spec.regs[0], CONSUMER_REGS=spec.regs[1],
-                      PER_CALL=spec.per_call, QK8=spec.qk8)
+                      PER_CALL=spec.per_call, QK8=spec.qk8, PV8=spec.pv8)
     types = {name: mangle_type(desc) for name, desc in descs.items()}
     return compile_sm90a(_lite_attention_fwd_sm90_persistent, constexprs, types, num_warps=item_rows // 32,
                          max_regs=spec.max_regs, fp_fusion=spec.fp_fusion)
@@ -857,7 +937,7 @@ def compile_offline(spec, *, head_dim: int, write_state: bool = True, return_lse
 POINTER_TYPES = MappingProxyType({"LSE": "*fp32", "KV_COUNT": "*i32", "KV_IDX": "*i16", "NEXT_COUNT": "*i32",
                                   "NEXT_IDX": "*i16", "Q_PROT": "*i8", "K_PROT": "*i8", "ORDER": "*i32",
                                   "FLAGS": "*i32", "COUNTER": "*i32", "Q_SCALE": "*fp32", "K_SCALE": "*fp32",
-                                  "SIXTEEN": "*i8", "qk_scale": "fp32", "threshold": "fp32"})
+                                  "V_SCALE": "*fp32", "SIXTEEN": "*i8", "qk_scale": "fp32", "threshold": "fp32"})
 
 
 def compile_sm90a(fn, constexprs: dict, types: dict, *, num_warps: int, max_regs: int, fp_fusion: bool):

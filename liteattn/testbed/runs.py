@@ -80,12 +80,12 @@ def generate(testbed, prompts: torch.Tensor, seeds: list[int], *, frames: int, s
              guidance: float, threshold: float | None, dense_steps: int, block_size=None, cuda_graph: bool = True,
              warmup: int = 2, kernel_times: bool = True, mask_layers: tuple[int, ...] = (),
              show_progress: bool = False, desc: str = "sampling", profile=None,
-             qk_dtype: str | None = None) -> Generation:
+             qk_dtype: str | None = None, pv_dtype: str | None = None) -> Generation:
     """Generate ``prompts`` with per-prompt ``seeds``; ``threshold=None`` runs every step dense.
 
     ``profile``: a calibration profile (a path or a :class:`liteattn.calibration.Profile`) instead of
     ``threshold`` and ``dense_steps``: per-layer thresholds and its own dense first steps. ``qk_dtype``: liteattn's
-    8-bit Q.K^T in the skipping steps (:func:`liteattn.lite_attention`).
+    8-bit Q.K^T in the skipping steps, and ``pv_dtype`` its fp8 P.V (:func:`liteattn.lite_attention`).
 
     ``warmup`` generations (GPU only) come first, running 5 steps past the first
     skipping step (with a profile, past its last step range's start): enough to
@@ -103,10 +103,10 @@ def generate(testbed, prompts: torch.Tensor, seeds: list[int], *, frames: int, s
         if threshold is not None:
             raise ValueError("threshold: expected None with a profile (the profile sets the thresholds), got "
                              f"{threshold!r}")
-        options = dict(profile=profile, block_size=block_size, qk_dtype=qk_dtype)
+        options = dict(profile=profile, block_size=block_size, qk_dtype=qk_dtype, pv_dtype=pv_dtype)
     else:
         options = dict(threshold=threshold if sparse else -10.0, dense_steps=dense_steps if sparse else steps,
-                       block_size=block_size, qk_dtype=qk_dtype)
+                       block_size=block_size, qk_dtype=qk_dtype, pv_dtype=pv_dtype)
     sample = dict(prompts=prompts, frames=frames, size=size, guidance=guidance, seed=list(seeds))
     transformer = testbed.transformer
     handle = apply(transformer, timing=not on_gpu, cuda_graph=cuda_graph and on_gpu, **options)

@@ -22,7 +22,7 @@ from liteattn import LiteAttention
 from liteattn.integrations import LiteAttentionConfig
 from liteattn.integrations.comfyui import (
     BLOCK_KEY, NEVER_SKIP, BlockIndexPatch, Chunk, GenerationTracker, LiteAttentionOverride, block_of,
-    check_calibration_profile, qk_dtype_from_input, split_chunks, step_from_sigmas, threshold_from_input,
+    check_calibration_profile, pv_dtype_from_input, qk_dtype_from_input, split_chunks, step_from_sigmas, threshold_from_input,
 )
 
 S, H, D = 64, 2, 16
@@ -101,6 +101,17 @@ def test_qk_dtype_from_input(value, expected):
 def test_qk_dtype_from_input_refuses(value):
     with pytest.raises(ValueError, match=r"^qk_dtype: expected one of \['16-bit', 'int8'\], got "):
         qk_dtype_from_input(value)
+
+
+@pytest.mark.parametrize("value, expected", [("16-bit", None), ("fp8", "fp8")])
+def test_pv_dtype_from_input(value, expected):
+    assert pv_dtype_from_input(value) == expected
+
+
+@pytest.mark.parametrize("value", ["int8", "FP8", "", None, 8])
+def test_pv_dtype_from_input_refuses(value):
+    with pytest.raises(ValueError, match=r"^pv_dtype: expected one of \['16-bit', 'fp8'\], got "):
+        pv_dtype_from_input(value)
 
 
 def test_calibration_profile(tmp_path):
@@ -264,12 +275,13 @@ def test_batched_and_split_cfg_match_liteattention(local_qkv, gen):
     assert expected_sparsity[0] != expected_sparsity[1]  # and the two branches differ
 
 
-def test_int8_scores_are_liteattentions(local_qkv, gen):
-    """With ``qk_dtype="int8"`` each state's calls are LiteAttention's with 8-bit scores, bit for bit, and the
-    summary says which scores ran."""
+@pytest.mark.parametrize("pv_dtype", [None, "fp8"])
+def test_int8_scores_are_liteattentions(local_qkv, gen, pv_dtype):
+    """With ``qk_dtype="int8"`` (and ``pv_dtype="fp8"``) each state's calls are LiteAttention's with 8-bit scores
+    (and P.V), bit for bit, and the summary says which precisions ran."""
     steps = _steps(local_qkv, gen, branches=1)
-    override, func = LiteAttentionOverride(_config(qk_dtype="int8")), CountingAttention()
-    attention = LiteAttention(THRESHOLD, block_size=TILES, backend="torch", qk_dtype="int8")
+    override, func = LiteAttentionOverride(_config(qk_dtype="int8", pv_dtype=pv_dtype)), CountingAttention()
+    attention = LiteAttention(THRESHOLD, block_size=TILES, backend="torch", qk_dtype="int8", pv_dtype=pv_dtype)
     sixteen = LiteAttention(THRESHOLD, block_size=TILES, backend="torch")
     for step, qkvs in enumerate(steps):
         out = _call(override, func, *qkvs[0], _options(step))
@@ -279,7 +291,8 @@ def test_int8_scores_are_liteattentions(local_qkv, gen):
         assert not torch.equal(out, other)  # the scores did change precision
     assert func.calls == 0
     assert _sparsity(override, "cond") == attention.history and attention.history[-1] > 0.1
-    assert "backend torch, scores int8, 1 blocks seen" in str(override.summary())
+    mode = "scores int8" + ("" if pv_dtype is None else ", P.V fp8")
+    assert f"backend torch, {mode}, 1 blocks seen" in str(override.summary())
 
 
 def test_cfg_batching_may_change_between_steps(local_qkv, gen):

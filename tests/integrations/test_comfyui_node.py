@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from liteattn.integrations import LiteAttentionConfig
-from liteattn.integrations.comfyui import NEVER_SKIP, qk_dtype_from_input, threshold_from_input
+from liteattn.integrations.comfyui import NEVER_SKIP, pv_dtype_from_input, qk_dtype_from_input, threshold_from_input
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_FOLDER = REPO / "comfyui_liteattn"
@@ -47,7 +47,7 @@ def test_node_inputs():
     assert node.RETURN_TYPES == ("MODEL",) and callable(getattr(node(), node.FUNCTION))
     inputs = node.INPUT_TYPES()
     assert list(inputs["required"]) == ["model", "threshold", "dense_steps"]
-    assert list(inputs["optional"]) == ["calibration_profile", "qk_dtype"]
+    assert list(inputs["optional"]) == ["calibration_profile", "qk_dtype", "pv_dtype"]
     kind, threshold = inputs["required"]["threshold"]
     assert kind == "FLOAT" and threshold["min"] == NEVER_SKIP and threshold["max"] < 0
     assert threshold_from_input(threshold["min"]) == -math.inf  # the widget can say "never skip"
@@ -59,6 +59,9 @@ def test_node_inputs():
     choices, qk_dtype = inputs["optional"]["qk_dtype"]
     assert [qk_dtype_from_input(c) for c in choices] == [None, "int8"]  # a combo: every choice means a setting
     assert qk_dtype_from_input(qk_dtype["default"]) is None  # 16-bit scores unless chosen
+    choices, pv_dtype = inputs["optional"]["pv_dtype"]
+    assert [pv_dtype_from_input(c) for c in choices] == [None, "fp8"]
+    assert pv_dtype_from_input(pv_dtype["default"]) is None
     for _, options in list(inputs["required"].values()) + list(inputs["optional"].values()):
         assert options["tooltip"]
 
@@ -76,15 +79,15 @@ def test_node_metadata():
 
 
 @pytest.mark.skipif(not COMFYUI, reason="LITEATTN_COMFYUI (a ComfyUI source folder) is not set")
-@pytest.mark.parametrize("qk_dtype", ["16-bit", "int8"])
-def test_node_in_comfyui(tmp_path, qk_dtype):
+@pytest.mark.parametrize("qk_dtype,pv_dtype", [("16-bit", "16-bit"), ("int8", "16-bit"), ("int8", "fp8")])
+def test_node_in_comfyui(tmp_path, qk_dtype, pv_dtype):
     pytest.importorskip("diffusers")  # the testbed is a diffusers model
     if not (Path(COMFYUI) / "comfy" / "ldm" / "wan" / "model.py").is_file():
         pytest.skip(f"LITEATTN_COMFYUI={COMFYUI} is not a ComfyUI source folder")
     report_path = tmp_path / "report.json"
     result = subprocess.run(
         [sys.executable, str(TOOL), "--comfyui", COMFYUI, "--frames", "2", "--steps", "4", "--dense-steps", "1",
-         "--qk-dtype", qk_dtype, "--json", str(report_path)], capture_output=True, text=True, timeout=1200)
+         "--qk-dtype", qk_dtype, "--pv-dtype", pv_dtype, "--json", str(report_path)], capture_output=True, text=True, timeout=1200)
     if result.returncode == CANNOT_IMPORT:
         pytest.skip(result.stderr.strip().splitlines()[-1])
     assert report_path.is_file(), result.stdout[-4000:] + result.stderr[-4000:]
