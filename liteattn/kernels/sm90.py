@@ -187,10 +187,10 @@ def _scores(s, t, j, m_i, bits, row_valid, flag_words, n_active, qk_scale, thres
             else:
                 cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
                 s = gl.where(gl.expand_dims(cols < SEQ_K, 0), s, float("-inf"))
+    row_max = _row_max(s, TREE_MAX, s_layout)
     if QK8:
-        tile_max = (_row_max(s, TREE_MAX, s_layout) - QK8_OFFSET) * qk_scale  # exact before the scale (one binade)
-    else:
-        tile_max = _row_max(s, TREE_MAX, s_layout) * qk_scale
+        row_max = row_max - QK8_OFFSET  # exact before the scale (one binade)
+    tile_max = row_max * qk_scale
     if WRITE_STATE:
         # Per row, bit (t % 32) says "this tile is not negligible for me"; merged across rows in memory
         # once per 32 tiles (lab/kernel-notes.md, v5). Only a finite margin below the threshold finds the tile
