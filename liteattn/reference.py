@@ -172,15 +172,18 @@ def check_pv_dtype(pv_dtype, qk_dtype):
     return pv_dtype
 
 
+def _nonfinite_heads(v: torch.Tensor) -> torch.Tensor:
+    """Rule g's kv-heads: ``[B, H_kv]``, True where V (B, H_kv, S_k, D) holds a non-finite value."""
+    return ~v.isfinite().flatten(2).all(-1)
+
+
 def _rounded_v(v: torch.Tensor) -> torch.Tensor:
     """V (B, H_kv, S_k, D) as fp8 P.V reads it (rules e, g): rounded to e4m3 per channel and scaled back, or
     unrounded for a kv-head holding a non-finite value."""
-    finite = v.isfinite()
-    absmax = torch.where(finite, v.abs(), 0.0).amax(2, keepdim=True)  # [B, H_kv, 1, D]
+    absmax = torch.where(v.isfinite(), v.abs(), 0.0).amax(2, keepdim=True)  # [B, H_kv, 1, D]
     scale = torch.where(absmax > 0, absmax / _FP8_MAX, torch.ones_like(absmax))
     rounded = (v / scale).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn).to(v.dtype) * scale
-    bad_head = ~finite.flatten(2).all(-1)  # [B, H_kv]
-    return torch.where(bad_head[..., None, None], v, rounded)
+    return torch.where(_nonfinite_heads(v)[..., None, None], v, rounded)
 
 
 def _rounded_p(p: torch.Tensor) -> torch.Tensor:
@@ -304,7 +307,7 @@ def lite_attention_reference(
     vs = _tiles((_rounded_v(vf) if v8 else vf).repeat_interleave(group, 1), bn)
     v_bad = None
     if v8:  # rule g: a kv-head with a non-finite value of V computes P.V from the unrounded P
-        v_bad = (~vf.isfinite().flatten(2).all(-1)).repeat_interleave(group, 1)[..., None, None]  # [B, H, 1, 1]
+        v_bad = _nonfinite_heads(vf).repeat_interleave(group, 1)[..., None, None]  # [B, H, 1, 1]
     row_valid = (torch.arange(qt * bm, device=dev) < seq_q).view(qt, bm)  # [QT, BM]
     col_valid = (torch.arange(kt * bn, device=dev) < seq_k).view(kt, bn)  # [KT, BN]
     q_prot = tile_protection(must_do, seq_q, bm, dev).bool()  # [QT]

@@ -78,21 +78,24 @@ def threshold_from_input(value) -> float:
     return -math.inf if value <= NEVER_SKIP else float(value)
 
 
+def _choice(argument: str, choices, value):
+    """A combo input's value as the setting it stands for. A workflow saved with another value names it in the
+    error instead of running with a setting it did not choose."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{argument}: expected one of {list(choices)}, got {value!r}")
+    return choices[value]
+
+
 def qk_dtype_from_input(value) -> str | None:
     """The node's score-precision choice as a ``qk_dtype``: ``"16-bit"`` (scores from q and k as they are) or
-    ``"int8"`` (8-bit Q·Kᵀ, :func:`liteattn.lite_attention`). A workflow saved with another value names it in the
-    error instead of running with a setting it did not choose."""
-    if not isinstance(value, str) or value not in QK_DTYPE_CHOICES:
-        raise ValueError(f"qk_dtype: expected one of {list(QK_DTYPE_CHOICES)}, got {value!r}")
-    return QK_DTYPE_CHOICES[value]
+    ``"int8"`` (8-bit Q·Kᵀ, :func:`liteattn.lite_attention`)."""
+    return _choice("qk_dtype", QK_DTYPE_CHOICES, value)
 
 
 def pv_dtype_from_input(value) -> str | None:
     """The node's P.V-precision choice as a ``pv_dtype``: ``"16-bit"`` or ``"fp8"`` (P and V rounded to float8
-    e4m3, with int8 scores; :func:`liteattn.lite_attention`). Another value is named in the error."""
-    if not isinstance(value, str) or value not in PV_DTYPE_CHOICES:
-        raise ValueError(f"pv_dtype: expected one of {list(PV_DTYPE_CHOICES)}, got {value!r}")
-    return PV_DTYPE_CHOICES[value]
+    e4m3, with int8 scores; :func:`liteattn.lite_attention`)."""
+    return _choice("pv_dtype", PV_DTYPE_CHOICES, value)
 
 
 def check_calibration_profile(path) -> None:

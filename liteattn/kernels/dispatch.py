@@ -316,10 +316,6 @@ def _is_build_error(exc: BaseException) -> bool:
     return type(exc).__module__.startswith("triton.") and "CUDA" not in str(exc)
 
 
-def _mode_words(qk8: bool, pv8: bool) -> str:
-    return " with 8-bit QK and fp8 P.V" if pv8 else " with 8-bit QK" if qk8 else ""
-
-
 def _launch_sm90(launch, qk8: bool, pv8: bool = False) -> bool:
     """Run a Gluon launch; False where this Triton cannot build the kernel (one warning per process and mode; the
     caller then runs the portable kernel on the untouched buffers, or with ``pv8``, which only this kernel computes,
@@ -333,7 +329,7 @@ def _launch_sm90(launch, qk8: bool, pv8: bool = False) -> bool:
         reason = ([line.strip() for line in str(exc).splitlines() if line.strip()] or [""])[-1][:300]
         _GLUON_BUILD_FAILED[(triton.__version__, qk8, pv8)] = f"{type(exc).__name__}: {reason}"
         if not pv8:
-            _warn_portable(f"Triton {triton.__version__} failed to build it{_mode_words(qk8, pv8)} "
+            _warn_portable(f"Triton {triton.__version__} failed to build it{' with 8-bit QK' if qk8 else ''} "
                            f"({type(exc).__name__}: {reason})")
         return False
     return True
